@@ -1,0 +1,57 @@
+"""Where helios keeps what it builds (converted checkpoints, trained heads, traces), and atomic writes.
+
+Nothing here downloads: the cache only holds what helios derives from installed packages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """`$HELIOS_CACHE_DIR`, else `~/.cache/helios`; created on demand."""
+    root = Path(os.environ.get("HELIOS_CACHE_DIR", Path.home() / ".cache" / "helios")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def atomic_dir(final_path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it to `final_path` only if the block succeeds.
+
+    A crash or exception leaves no partial `final_path` behind (the temporary directory is removed).
+    """
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.tmp-", dir=final_path.parent))
+    try:
+        yield tmp
+        if final_path.exists():
+            shutil.rmtree(final_path)
+        os.replace(tmp, final_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(final_path: Path, mode: str = "wb") -> Iterator:
+    """Open a temporary sibling file for writing; `os.replace` it onto `final_path` on success."""
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final_path.name}.tmp-", dir=final_path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, final_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
