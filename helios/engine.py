@@ -193,7 +193,8 @@ class EarlyExitEngine:
         self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
         self._rotary_takes_layer_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.eager_masks = self.config._attn_implementation == "eager"
-        if exit_heads is None and load_tuned_heads:
+        is_prefix = tuple(loaded.layer_indices or range(self.depth)) == tuple(range(self.depth))
+        if exit_heads is None and load_tuned_heads and is_prefix:  # heads are trained per prefix layer count
             from helios.exits import load_exit_heads
 
             exit_heads = load_exit_heads(loaded.checkpoint, device=self.device, dtype=loaded.dtype)

@@ -230,6 +230,7 @@ class LoadedModel:
     full_weight_bytes: int
     device: torch.device
     dtype: torch.dtype
+    layer_indices: tuple[int, ...] = ()  # which of the full model's layers are loaded (a prefix unless chosen)
 
     @property
     def config(self) -> Any:
@@ -242,10 +243,11 @@ def text_config(config: Any) -> Any:
 
 
 def resident_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers actually allocated, counting tied tensors once."""
+    """Bytes of parameters actually allocated, counting tied tensors once (buffers such as rotary tables, a few
+    hundred bytes, are not weights and are left out)."""
     seen: set[int] = set()
     total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in model.parameters():
         if tensor.device.type == "meta" or tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
@@ -279,8 +281,13 @@ def load_candidate(
     dtype: str | torch.dtype = "float32",
     attn_implementation: str = "sdpa",
     progress: bool = True,
+    layers: list[int] | tuple[int, ...] | None = None,
 ) -> LoadedModel:
-    """Load candidate `name` with only its first `depth` decoder layers materialised (all of them when None)."""
+    """Load candidate `name` with only its first `depth` decoder layers materialised (all of them when None).
+
+    `layers` instead names an arbitrary increasing set of layer indices to keep (a non-prefix depth profile, e.g.
+    ShortGPT's: drop the most redundant layers). Layers past the last kept one are never materialised.
+    """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {list(DTYPES)}")
@@ -292,6 +299,13 @@ def load_candidate(
     config = AutoConfig.from_pretrained(checkpoint)
     decoder_config = text_config(config)
     num_layers = int(decoder_config.num_hidden_layers)
+    if layers is not None:
+        layers = tuple(int(j) for j in layers)
+        if depth is not None:
+            raise ValueError("give either depth (a prefix) or layers (explicit layer indices), not both")
+        if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= num_layers:
+            raise ValueError(f"layers must be strictly increasing indices in [0, {num_layers - 1}]; got {list(layers)}")
+        depth = layers[-1] + 1
     depth = num_layers if depth is None else depth
     if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= num_layers:
         raise ValueError(f"depth must be an integer in [1, {num_layers}] for {name!r} ({num_layers} layers); got {depth!r}")
@@ -302,15 +316,35 @@ def load_candidate(
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint, config=config, dtype=dtype, attn_implementation=attn_implementation
     )
+    if layers is not None and len(layers) < depth:
+        _keep_layers(model, layers)
     model.to(device).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(
-        name=name, checkpoint=checkpoint, model=model, tokenizer=tokenizer, depth=depth, num_layers=num_layers,
-        weight_bytes=resident_weight_bytes(model), full_weight_bytes=full_weight_bytes, device=device, dtype=dtype,
+        name=name, checkpoint=checkpoint, model=model, tokenizer=tokenizer, depth=len(_layer_list(model)),
+        num_layers=num_layers, weight_bytes=resident_weight_bytes(model), full_weight_bytes=full_weight_bytes,
+        device=device, dtype=dtype, layer_indices=tuple(layers) if layers is not None else tuple(range(depth)),
     )
+
+
+def _keep_layers(model: PreTrainedModel, layers: tuple[int, ...]) -> None:
+    """Keep only `layers` of the loaded stack, renumbered 0..n-1 (attention modules key their KV by layer_idx)."""
+    decoder = model.get_decoder()
+    decoder_config = text_config(model.config)
+    kept = [decoder.layers[j] for j in layers]
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    decoder.layers = torch.nn.ModuleList(kept)
+    old_depth = int(decoder_config.num_hidden_layers)
+    for key, value in list(vars(decoder_config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == old_depth and key != "architectures":
+            setattr(decoder_config, key, type(value)(value[j] for j in layers))
+    decoder_config.num_hidden_layers = len(kept)
 
 
 def _truncate_config(decoder_config: Any, depth: int) -> None:
