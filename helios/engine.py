@@ -39,6 +39,13 @@ import torch.nn.functional as F
 from helios.models import LoadedModel, load_candidate, text_config
 
 CRITERIA = ("none", "max_prob", "margin", "cosine")
+# Work counters of one generate call (see GenerationResult.cost_features).
+COST_FEATURES = (
+    "prefill_calls", "prefill_token_layers", "prefill_attention", "steps", "step_rows", "layer_calls",
+    "layer_rows", "attention_row_positions", "head_calls", "head_rows", "decision_head_calls", "decision_head_rows",
+    "decision_cosine_calls", "decision_cosine_rows", "exit_head_calls", "exit_head_rows", "propagate_calls",
+    "propagate_rows", "compactions",
+)
 Criterion = Literal["none", "max_prob", "margin", "cosine"]
 
 
@@ -90,6 +97,9 @@ class GenerationResult:
     exit_decision_s: float  # measured only when `measure_decisions=True`, else 0
     exit_decision_macs: int  # multiply-adds spent on exit decisions (analytic)
     decode_macs: int  # multiply-adds of decoding (layers + heads + decisions, analytic; attention excluded)
+    # Counts of the work the call did, by kind (layer calls, row-evaluations, head rows, ...): what the calibrated
+    # cost model (helios.costmodel) regresses time on, and what replay reconstructs from traces.
+    cost_features: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def generated_tokens(self) -> int:
@@ -219,8 +229,13 @@ class EarlyExitEngine:
         return {"layer": per_layer, "head": head, "hidden": hidden}
 
     def logits(self, hidden: torch.Tensor, exit_layer: int | None = None) -> torch.Tensor:
-        """Vocabulary logits from a hidden state after `exit_layer` layers (None: the last loaded layer)."""
-        if exit_layer is not None and exit_layer < self.depth and self.exit_heads is not None:
+        """Vocabulary logits from a hidden state after `exit_layer` layers.
+
+        A tuned head exists per layer count of the full model, so it also serves the last layer of a prefix
+        truncation (a model loaded to k < L layers exits at k through head k); the full model's last layer and
+        `exit_layer=None` use the shared norm + head alone.
+        """
+        if exit_layer is not None and exit_layer < self.loaded.num_layers and self.exit_heads is not None:
             hidden = self.exit_heads.transform(exit_layer, hidden)
         logits = self.head(self.norm(hidden))
         if self.softcap is not None:
@@ -311,7 +326,14 @@ class EarlyExitEngine:
         stop_at_eos: bool = True,
         measure_decisions: bool = False,
         sync_every: int = 16,
+        forced_tokens: list[list[int]] | None = None,
     ) -> GenerationResult:
+        """Greedy decoding of `max_new_tokens` per prompt (fewer when EOS comes first and `stop_at_eos`).
+
+        `forced_tokens` (teacher forcing): per prompt, the continuation to feed back instead of the engine's own
+        predictions; the predictions and their exit layers are still what is returned. Replay traces are recorded
+        this way, and it is how live runs are compared with them token for token.
+        """
         if not prompts:
             raise ValueError("generate needs at least one prompt")
         if prompts and isinstance(prompts[0], str):
@@ -324,6 +346,10 @@ class EarlyExitEngine:
             raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
         exit_config.validate(self.depth)
         compact = (self.device.type == "cpu") if compact is None else compact
+        if forced_tokens is not None:
+            if len(forced_tokens) != len(prompts) or any(len(f) < max_new_tokens - 1 for f in forced_tokens):
+                raise ValueError("forced_tokens needs one continuation of >= max_new_tokens - 1 tokens per prompt")
+            forced = torch.tensor([list(f[: max_new_tokens - 1]) + [0] for f in forced_tokens], device=self.device)
         max_context = int(getattr(self.config, "max_position_embeddings", 1 << 30))
         prompt_len = max(len(p) for p in prompts)
         if prompt_len + max_new_tokens > max_context:
@@ -355,7 +381,7 @@ class EarlyExitEngine:
         cache.write_pos = 0
         for i in range(self.depth):
             hidden = self._run_layer(i, hidden, None, masks, pos_emb, position_ids, cache)
-        token = self.logits(hidden[:, -1]).argmax(-1)
+        token = self.logits(hidden[:, -1], self.depth).argmax(-1)
         out_tokens = torch.full((batch, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         out_exit = torch.full((batch, max_new_tokens), self.depth, dtype=torch.long, device=device)
         out_tokens[:, 0] = token
@@ -364,6 +390,10 @@ class EarlyExitEngine:
         clock.mark()
 
         exit_points = set(exit_config.exit_points) if exit_config.enabled else set()
+        feats = dict.fromkeys(COST_FEATURES, 0.0)
+        feats["prefill_calls"] = 1.0
+        feats["prefill_token_layers"] = float(batch * prompt_len * self.depth)
+        feats["prefill_attention"] = float(batch * prompt_len * prompt_len * self.depth)
         layer_evals = 0
         layer_evals_full = 0
         decision_macs = 0
@@ -373,8 +403,11 @@ class EarlyExitEngine:
             pos = prompt_len + step - 1  # cache index of the token being fed
             valid[:, pos] = True
             step_positions = position_ids[:, -1:] + step
-            hidden = self.embed(token[:, None])
+            feed = token if forced_tokens is None else torch.where(finished, token, forced[:, step - 1])
+            hidden = self.embed(feed[:, None])
             pos_emb = self._position_embeddings(hidden, step_positions)
+            feats["steps"] += 1
+            feats["step_rows"] += batch
             masks = self._masks(valid, pos, 1, dtype)
             cache.write_pos = pos
             rows: torch.Tensor | None = None
@@ -390,11 +423,16 @@ class EarlyExitEngine:
             for i in range(self.depth):
                 for p_rows, p_hidden in pending:
                     self._propagate_kv(i, p_hidden, p_rows, pos_emb, cache, masks, step_positions)
+                    feats["propagate_calls"] += 1
+                    feats["propagate_rows"] += int(p_rows.numel())
                 if active_rows == 0:
                     continue  # every row has exited: only the propagated K/V of deeper layers remain to write
                 before = hidden
                 hidden = self._run_layer(i, hidden, rows, masks, pos_emb, step_positions, cache)
                 layer_evals += active_rows
+                feats["layer_calls"] += 1
+                feats["layer_rows"] += active_rows
+                feats["attention_row_positions"] += active_rows * (pos + 1)
                 if not compact and exit_points:
                     hidden = torch.where(exited[:, None, None], frozen, hidden)
                 layer_count = i + 1
@@ -403,6 +441,9 @@ class EarlyExitEngine:
                 t0 = time.perf_counter() if measure_decisions else 0.0
                 exits, exit_logits, macs = self._decide(exit_config, hidden, before, layer_count)
                 decision_macs += macs * active_rows
+                kind = "cosine" if exit_config.criterion == "cosine" else "head"
+                feats[f"decision_{kind}_calls"] += 1
+                feats[f"decision_{kind}_rows"] += active_rows
                 if measure_decisions:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
@@ -414,8 +455,11 @@ class EarlyExitEngine:
                     leaving = row_ids[exits]
                     if exit_logits is None:
                         exit_logits = self.logits(hidden[exits][:, -1], layer_count)
+                        feats["exit_head_calls"] += 1
+                        feats["exit_head_rows"] += int(exits.sum())
                     else:
                         exit_logits = exit_logits[exits]
+                    feats["compactions"] += 1
                     next_token[leaving] = exit_logits.argmax(-1)
                     out_exit[leaving, step] = layer_count
                     pending.append((leaving, hidden[exits]))
@@ -426,12 +470,16 @@ class EarlyExitEngine:
                     newly = exits & ~exited & ~finished
                     if exit_logits is None:
                         exit_logits = self.logits(hidden[:, -1], layer_count)
+                        feats["exit_head_calls"] += 1
+                        feats["exit_head_rows"] += batch
                     next_token = torch.where(newly, exit_logits.argmax(-1), next_token)
                     out_exit[:, step] = torch.where(newly, layer_count, out_exit[:, step])
                     exited = exited | newly
                     frozen = torch.where(newly[:, None, None], hidden, frozen)
             if active_rows > 0:
-                last_tokens = self.logits(hidden[:, -1]).argmax(-1)
+                last_tokens = self.logits(hidden[:, -1], self.depth).argmax(-1)
+                feats["head_calls"] += 1
+                feats["head_rows"] += active_rows
                 if compact:
                     next_token[torch.arange(batch, device=device) if rows is None else rows] = last_tokens
                 else:
@@ -478,6 +526,7 @@ class EarlyExitEngine:
             exit_decision_s=decision_s,
             exit_decision_macs=decision_macs,
             decode_macs=decode_macs,
+            cost_features=feats,
         )
 
     def _decide(self, exit_config: ExitConfig, hidden, before, layer_count: int):
