@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -63,12 +64,12 @@ GGUF_CANDIDATES: dict[str, GgufSource] = {
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-llama": dict(
         model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
         initializer_range=0.2,
     ),
     "tiny-gemma3": dict(
         model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=512, sliding_window=8,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=2048, sliding_window=8,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2, tie_word_embeddings=True,
         query_pre_attn_scalar=16, initializer_range=0.2,
     ),
@@ -196,7 +197,9 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
 
 
 def _ensure_tiny_checkpoint(name: str) -> Path:
-    final = cache_dir() / "checkpoints" / name
+    # The spec's hash is in the folder name, so editing a tiny config never reuses a stale cached checkpoint.
+    spec_hash = hashlib.sha256(json.dumps([TINY_CONFIGS[name], TINY_SEED], sort_keys=True).encode()).hexdigest()[:8]
+    final = cache_dir() / "checkpoints" / f"{name}-{spec_hash}"
     if (final / "config.json").exists():
         return final
     tokenizer = byte_tokenizer()

@@ -402,6 +402,25 @@ class Workload:
             )
         return requests
 
+    def pool(self, per_source: int) -> list[Request]:
+        """`per_source` requests of every source this workload uses, seeded apart from the epochs: what a replay
+        trace records, and what the replay backend samples from by the epoch's mixture."""
+        if per_source < 1:
+            raise ValueError(f"per_source must be >= 1; got {per_source}")
+        requests = []
+        for index, name in enumerate(self.sources):
+            rng = np.random.default_rng([self.seed, 1_000_003, index])
+            chat = name.startswith(CHAT_PREFIX)
+            for k in range(per_source):
+                item = self._sources[name].draw(rng)
+                requests.append(
+                    Request(
+                        request_id=f"pool-{name}-{k}", source=name, prompt=item.chat_message if chat else item.prompt,
+                        reference=item.reference, arrival_s=0.0, epoch=-1, chat=chat,
+                    )
+                )
+        return requests
+
     def __len__(self) -> int:
         return self.episode_epochs
 

@@ -169,5 +169,5 @@ def test_bad_input_is_rejected_with_valid_values() -> None:
         engine.generate(["hi"], 4, ExitConfig("entropy", 0.5, (2,)))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="positive integer"):
         engine.generate(["hi"], 0)
-    with pytest.raises(ValueError, match="context window of 512"):
-        engine.generate(["hi"], 600)
+    with pytest.raises(ValueError, match="context window of 2048"):
+        engine.generate(["hi"], 2100)

@@ -1,0 +1,216 @@
+"""Record a replay trace: run a candidate at full depth on a pool of requests and capture its exit dynamics.
+
+    python scripts/profile.py candidate=smollm2-135m workload=drift3       # the Hydra entry point around this
+
+1. Full-depth greedy outputs (the engine, exits off): the reference every setting is compared with.
+2. One teacher-forced forward pass per request over prompt + output, hidden states of every layer captured:
+   per layer, the exit head's token, max probability, top-1 minus top-2 margin, and cos(h_l, h_{l-1}).
+3. The cost model, calibrated on this hardware at several depths (helios.costmodel), and the power figure that
+   turns busy seconds into (estimated) joules.
+"""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from helios.costmodel import CostModel, calibrate
+from helios.energy import EnergyMeter
+from helios.engine import EarlyExitEngine
+from helios.models import estimate_weight_bytes, text_config
+from helios.traces import Trace
+
+
+@torch.inference_mode()
+def layer_signals(engine: EarlyExitEngine, prompt: list[int], generated: list[int]) -> dict[str, np.ndarray]:
+    """Per generated position and layer count 1..L: exit-head token, max prob, margin, cos(h_l, h_{l-1})."""
+    model, depth = engine.model, engine.depth
+    captured: list[torch.Tensor] = []
+    last_layer = engine.layers[depth - 1]
+    handle = last_layer.register_forward_hook(
+        lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output)
+    )
+    try:
+        ids = torch.tensor([prompt + generated[:-1]], device=engine.device)
+        states = model(ids, output_hidden_states=True, use_cache=False).hidden_states
+    finally:
+        handle.remove()
+    # HF's last hidden state is after the final norm; the hook gives the pre-norm one the engine works with.
+    hidden = [*states[:depth], captured[0]]
+    span = slice(len(prompt) - 1, len(prompt) - 1 + len(generated))
+    n = len(generated)
+    pred = np.zeros((n, depth), dtype=np.int64)
+    max_prob = np.zeros((n, depth), dtype=np.float32)
+    margin = np.zeros((n, depth), dtype=np.float32)
+    cosine = np.zeros((n, depth), dtype=np.float32)
+    for layer in range(1, depth + 1):
+        h = hidden[layer][0, span]
+        logits = engine.logits(h, layer)  # tuned head of this layer when the engine has one
+        probs = torch.softmax(logits.float(), dim=-1)
+        top2 = probs.topk(2, dim=-1)
+        pred[:, layer - 1] = top2.indices[:, 0].cpu().numpy()
+        max_prob[:, layer - 1] = top2.values[:, 0].cpu().numpy()
+        margin[:, layer - 1] = (top2.values[:, 0] - top2.values[:, 1]).cpu().numpy()
+        cosine[:, layer - 1] = F.cosine_similarity(h, hidden[layer - 1][0, span], dim=-1).float().cpu().numpy()
+    return {"pred": pred, "max_prob": max_prob, "margin": margin, "cosine": cosine}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def record_trace(
+    engine: EarlyExitEngine,
+    prompts: Sequence[list[int]],
+    sources: Sequence[str],
+    *,
+    new_tokens: int,
+    batch_size: int,
+    calibration_engines: Sequence[EarlyExitEngine],
+    meter: EnergyMeter,
+    model_power_w: float,
+    extra_meta: dict | None = None,
+    progress: bool = True,
+    calibration_runs: int = 16,
+) -> Trace:
+    """Everything a replay of this candidate needs (see module docstring). `engine` must be at full depth."""
+    loaded = engine.loaded
+    if loaded.depth != loaded.num_layers:
+        raise ValueError(f"record traces at full depth ({loaded.num_layers}), not {loaded.depth}")
+    outputs: list[list[int]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"{loaded.name}: full-depth outputs", disable=not progress):
+        batch = [list(p) for p in prompts[start : start + batch_size]]
+        outputs += engine.generate(batch, new_tokens, stop_at_eos=False).tokens
+    columns: dict[str, list] = {k: [] for k in ("request_id", "source", "position", "prompt_len", "full_token")}
+    signals: dict[str, list[np.ndarray]] = {k: [] for k in ("pred", "max_prob", "margin", "cosine")}
+    for rid, (prompt, generated, source) in enumerate(
+        tqdm(list(zip(prompts, outputs, sources)), desc=f"{loaded.name}: layer signals", disable=not progress)
+    ):
+        layer_data = layer_signals(engine, list(prompt), generated)
+        for key, value in layer_data.items():
+            signals[key].append(value)
+        n = len(generated)
+        columns["request_id"] += [rid] * n
+        columns["source"] += [source] * n
+        columns["position"] += list(range(n))
+        columns["prompt_len"] += [len(prompt)] * n
+        columns["full_token"] += generated
+
+    meter.start()
+    cost_model, records = calibrate(calibration_engines, prompts, runs_per_engine=calibration_runs, progress=progress)
+    reading = meter.stop()
+    busy_s = sum(r["prefill_s"] + r["decode_s"] for r in records)
+    if reading.source in ("nvml", "rapl"):
+        power_w, energy_source = reading.energy_j / max(busy_s, 1e-9), f"replay:{reading.source}"
+    else:
+        power_w, energy_source = model_power_w, "model"
+
+    config = text_config(loaded.model.config)
+    elem = torch.tensor([], dtype=loaded.dtype).element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    meta = {
+        "candidate": loaded.name,
+        "checkpoint": loaded.checkpoint,
+        "num_layers": loaded.num_layers,
+        "heads": "tuned" if engine.exit_heads is not None else "shared",
+        "device": engine.device.type,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "new_tokens": new_tokens,
+        "eos_ids": engine.eos_ids,
+        "prompts": [list(map(int, p)) for p in prompts],
+        "cost_model": cost_model.to_dict(),
+        "power_w": power_w,
+        "energy_source": energy_source,
+        "weight_bytes_by_depth": {
+            str(d): estimate_weight_bytes(loaded.model.config, d, elem) for d in range(1, loaded.num_layers + 1)
+        },
+        "kv_bytes_per_token_layer": 2 * int(config.num_key_value_heads) * int(head_dim) * elem,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "helios_commit": _git_commit(),
+        **(extra_meta or {}),
+    }
+    return Trace(
+        meta=meta,
+        request_id=np.array(columns["request_id"], dtype=np.int64),
+        source=np.array(columns["source"], dtype=object),
+        position=np.array(columns["position"], dtype=np.int32),
+        prompt_len=np.array(columns["prompt_len"], dtype=np.int32),
+        full_token=np.array(columns["full_token"], dtype=np.int64),
+        **{k: np.concatenate(v) for k, v in signals.items()},
+    )
+
+
+__all__ = ["CostModel", "layer_signals", "record_trace"]
+
+
+def trace_path(candidate: str, workload_cfg: dict, per_source: int, new_tokens: int, out_dir: Path | None = None) -> Path:
+    """Where the trace of (candidate, workload, pool size, tokens) lives: a content hash keeps variants apart."""
+    import hashlib
+    import json
+
+    from helios.paths import cache_dir
+
+    key = json.dumps({"workload": workload_cfg, "per_source": per_source, "new_tokens": new_tokens}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    safe = candidate.replace("/", "--")
+    return (out_dir or cache_dir() / "traces") / f"{safe}-{digest}.parquet"
+
+
+def ensure_trace(
+    candidate: str,
+    workload_cfg: dict,
+    *,
+    depths: Sequence[int] = (),
+    per_source: int = 16,
+    new_tokens: int = 24,
+    batch_size: int = 8,
+    energy_cfg: dict | None = None,
+    out_dir: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    calibration_runs: int = 16,
+) -> Path:
+    """The cached trace of `candidate` on `workload_cfg`, recorded on first use (atomically)."""
+    from helios.energy import meter_from_config
+    from helios.models import load_candidate
+    from helios.traces import write_trace
+    from helios.workloads import encode_requests, workload_from_config
+
+    path = trace_path(candidate, workload_cfg, per_source, new_tokens, out_dir)
+    if path.exists() and not force:
+        return path
+    workload = workload_from_config(workload_cfg)  # validates before any model loads
+    requests = workload.pool(per_source)
+    full = load_candidate(candidate, progress=progress)
+    engine = EarlyExitEngine(full)
+    prompts = encode_requests(requests, full.tokenizer)
+    depth_set = sorted({d for d in depths if 1 <= d < full.num_layers})
+    calibration = [engine] + [EarlyExitEngine(load_candidate(candidate, d)) for d in depth_set[:2]]
+    energy_cfg = dict(energy_cfg or {"kind": "auto"})
+    meter = meter_from_config(energy_cfg, device=engine.device.type)
+    model_cfg = dict(energy_cfg.get("model") or {})
+    model_power_w = float(model_cfg.get("watts_per_core", 6.0)) * torch.get_num_threads() + float(
+        model_cfg.get("static_w", 0.0)
+    )
+    trace = record_trace(
+        engine, prompts, [r.source for r in requests], new_tokens=new_tokens, batch_size=batch_size,
+        calibration_engines=calibration, meter=meter, model_power_w=model_power_w,
+        extra_meta={"workload": workload_cfg, "request_names": [r.request_id for r in requests],
+                    "references": [r.reference for r in requests], "per_source": per_source},
+        progress=progress, calibration_runs=calibration_runs,
+    )
+    write_trace(trace, path)
+    return path

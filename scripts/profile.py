@@ -1,0 +1,52 @@
+"""Record replay traces (helios.profiling) for the configured candidates on a workload.
+
+    python scripts/profile.py                                   # every candidate of conf/candidates/offline.yaml
+    python scripts/profile.py candidate=smollm2-135m workload=drift3 per_source=8 force=true
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file's name shadows the standard library's `profile` (which cProfile, imported by torch, needs): take the
+# scripts folder off the import path before anything else is imported, and put the repo root on it.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from helios.profiling import ensure_trace  # noqa: E402
+from helios.traces import read_trace  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="profile")
+def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(int(cfg.threads))
+    entries = OmegaConf.to_container(cfg.candidates.shortlist, resolve=True)
+    names = [e["name"] for e in entries]
+    if cfg.candidate is not None:
+        if cfg.candidate not in names:
+            entries = [{"name": cfg.candidate, "depths": []}]
+        else:
+            entries = [e for e in entries if e["name"] == cfg.candidate]
+    workload_cfg = OmegaConf.to_container(cfg.workload, resolve=True)
+    energy_cfg = OmegaConf.to_container(cfg.energy, resolve=True)
+    for entry in entries:
+        path = ensure_trace(
+            entry["name"], workload_cfg, depths=entry.get("depths", []), per_source=int(cfg.per_source),
+            new_tokens=int(cfg.new_tokens), batch_size=int(cfg.batch_size), energy_cfg=energy_cfg,
+            out_dir=Path(cfg.out_dir) if cfg.out_dir else None, force=bool(cfg.force),
+        )
+        trace = read_trace(path)
+        cost = trace.meta["cost_model"]
+        print(f"{entry['name']}: {len(trace.full_token)} tokens of {len(trace.requests())} requests -> {path}\n"
+              f"  cost model held-out median rel. error {cost['calibration_rel_error']:.3f}; "
+              f"energy {trace.meta['energy_source']} at {trace.meta['power_w']:.1f} W (estimate)")
+
+
+if __name__ == "__main__":
+    main()

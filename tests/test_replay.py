@@ -1,0 +1,171 @@
+"""Traces, cost model and replay: the engine's own counters and teacher-forced runs are the references."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helios.costmodel import CostModel, simulate_features
+from helios.engine import EarlyExitEngine, ExitConfig
+from helios.profiling import ensure_trace
+from helios.replay import Replayer, Setting
+from helios.traces import SCHEMA_VERSION, TraceError, read_trace, write_trace
+from tests.conftest import load_cached
+
+WORKLOAD = {
+    "seed": 0, "episode_epochs": 2, "arrival": {"kind": "closed", "batch_size": 4},
+    "phases": [{"epochs": 2, "mixture": {"qa": 0.5, "code": 0.5}}],
+}
+SETTINGS = [
+    ExitConfig(),
+    ExitConfig("max_prob", 0.05, (2, 4)),
+    ExitConfig("cosine", 0.6, (1, 3, 5)),
+    ExitConfig("margin", 0.02, (3,)),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_trace(tmp_path_factory):
+    out = tmp_path_factory.mktemp("traces")
+    path = ensure_trace("tiny-llama", WORKLOAD, depths=[3], per_source=3, new_tokens=10, batch_size=4, out_dir=out,
+                        progress=False, calibration_runs=6)
+    return path
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("exit_config", SETTINGS)
+def test_simulated_features_equal_engine_counters(name, exit_config) -> None:
+    """The cost model's reconstruction of work from exit layers alone == what the engine counted while running."""
+    engine = EarlyExitEngine(load_cached(name), load_tuned_heads=False)
+    prompts = engine.encode(["hello world, a prompt", "short", "a much longer prompt with many words in it"])
+    result = engine.generate(prompts, 12, exit_config, stop_at_eos=False)
+    prefill, decode = simulate_features(result.exit_layers, engine.depth, exit_config, max(result.prompt_tokens))
+    assert {**prefill, **decode} == {k: result.cost_features[k] for k in {**prefill, **decode}}
+
+
+def test_vectorised_batch_features_equal_reference_loop(tiny_trace) -> None:
+    replayer = Replayer(read_trace(tiny_trace))
+    rng = np.random.default_rng(0)
+    for exit_config in SETTINGS:
+        depth = 6
+        points = list(exit_config.exit_points) if exit_config.enabled else []
+        choices = np.array(points + [depth])
+        exits = rng.choice(choices, size=(5, 9))
+        exits[:, 0] = depth
+        setting = Setting(depth, exit_config, 5)
+        got = replayer.batch_features(exits, setting, prompt_len=7)
+        want = simulate_features(exits.tolist(), depth, exit_config, 7)
+        assert got == want
+
+
+def test_cost_model_prices_features_linearly() -> None:
+    model = CostModel({"prefill_calls": 0.5, "prefill_token_layers": 0.001}, {"steps": 0.01, "layer_rows": 0.002},
+                      device="cpu", dtype="float32", threads=2)
+    assert model.prefill_s({"prefill_calls": 1, "prefill_token_layers": 100}) == pytest.approx(0.6)
+    assert model.decode_s({"steps": 10, "layer_rows": 50, "unknown": 3}) == pytest.approx(0.2)
+
+
+def test_trace_round_trip_and_metadata(tiny_trace) -> None:
+    trace = read_trace(tiny_trace)
+    assert trace.meta["candidate"] == "tiny-llama" and trace.num_layers == 6
+    assert trace.pred.shape == (len(trace.full_token), 6)
+    assert len(trace.requests()) == 6 and set(trace.source) == {"qa", "code"}
+    # The trace's last layer is the full-depth output itself.
+    np.testing.assert_array_equal(trace.pred[:, -1], trace.full_token)
+    weights = trace.meta["weight_bytes_by_depth"]
+    assert weights["6"] == load_cached("tiny-llama").weight_bytes and weights["3"] == load_cached("tiny-llama", 3).weight_bytes
+
+
+def test_replay_truncation_matches_live_teacher_forced_exactly(tiny_trace) -> None:
+    """With exits off, a replayed depth-k run predicts exactly what the engine loaded to k predicts, teacher-forced."""
+    trace = read_trace(tiny_trace)
+    replayer = Replayer(trace)
+    ids = trace.requests()
+    for depth in (2, 4, 6):
+        engine = EarlyExitEngine(load_cached("tiny-llama", depth), load_tuned_heads=False)
+        replay = replayer.run(ids, Setting(depth, ExitConfig(), 3))
+        prompts = [trace.meta["prompts"][r] for r in ids]
+        forced = [trace.full_token[trace.request_id == r].tolist() for r in ids]
+        live = []
+        for start in range(0, len(ids), 3):
+            live += engine.generate(prompts[start:start + 3], 10, stop_at_eos=False, forced_tokens=forced[start:start + 3]).tokens
+        assert replay.tokens == live
+        matches = sum(a == b for row, ref in zip(live, forced) for a, b in zip(row, ref))
+        assert replay.fidelity == pytest.approx(matches / sum(map(len, forced)))
+
+
+@pytest.mark.parametrize("exit_config", [ExitConfig("max_prob", 0.05, (2,)), ExitConfig("cosine", 0.6, (3,))])
+def test_replay_single_exit_point_matches_live_teacher_forced(tiny_trace, exit_config) -> None:
+    """With one exit point e, layers <= e never see propagated K/V, so replay's decisions are exact."""
+    trace = read_trace(tiny_trace)
+    replayer = Replayer(trace)
+    ids = trace.requests()
+    engine = EarlyExitEngine(load_cached("tiny-llama"), load_tuned_heads=False)
+    replay = replayer.run(ids, Setting(6, exit_config, 3))
+    prompts = [trace.meta["prompts"][r] for r in ids]
+    forced = [trace.full_token[trace.request_id == r].tolist() for r in ids]
+    live_tokens, live_exits = [], []
+    for start in range(0, len(ids), 3):
+        run = engine.generate(prompts[start:start + 3], 10, exit_config, stop_at_eos=False,
+                              forced_tokens=forced[start:start + 3])
+        live_tokens += run.tokens
+        live_exits += run.exit_layers
+    assert replay.exit_layers == live_exits
+    assert any(e < 6 for row in live_exits for e in row[1:]), "the setting must exit somewhere to test anything"
+    early = [(a, b) for r_tok, l_tok, l_exit in zip(replay.tokens, live_tokens, live_exits)
+             for a, b, e in zip(r_tok, l_tok, l_exit) if e < 6]
+    assert all(a == b for a, b in early)
+
+
+def test_replay_latency_accounts_for_queueing(tiny_trace) -> None:
+    replayer = Replayer(read_trace(tiny_trace))
+    result = replayer.run(replayer.trace.requests(), Setting(6, ExitConfig(), 2))
+    assert len(result.prefill_s) == 3
+    first_batch_end = result.prefill_s[0] + result.decode_s[0]
+    assert result.e2e_s[0] == result.e2e_s[1] == pytest.approx(first_batch_end)
+    assert result.ttft_s[2] == pytest.approx(first_batch_end + result.prefill_s[1])
+    assert result.tokens_per_s == pytest.approx(result.generated_tokens / result.busy_s)
+    assert result.energy_source == "model" and result.energy_j == pytest.approx(replayer.power_w * result.busy_s)
+
+
+def test_bad_settings_are_rejected(tiny_trace) -> None:
+    replayer = Replayer(read_trace(tiny_trace))
+    with pytest.raises(ValueError, match=r"\[1, 6\]"):
+        replayer.run([0], Setting(7))
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        replayer.run([0], Setting(6, ExitConfig("max_prob", 1.5, (2,))))
+
+
+def test_missing_truncated_foreign_and_old_traces_fail_clearly(tiny_trace, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="profile.py"):
+        read_trace(tmp_path / "nope.parquet")
+    data = tiny_trace.read_bytes()
+    truncated = tmp_path / "cut.parquet"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TraceError, match="truncated or foreign"):
+        read_trace(truncated)
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1, 2, 3]}), foreign)
+    with pytest.raises(TraceError, match="not a helios trace"):
+        read_trace(foreign)
+    old = tmp_path / "old.parquet"
+    table = pq.read_table(tiny_trace)
+    meta = json.loads(table.schema.metadata[b"helios.trace"])
+    meta["version"] = SCHEMA_VERSION + 1
+    pq.write_table(table.replace_schema_metadata({b"helios.trace": json.dumps(meta).encode()}), old)
+    with pytest.raises(TraceError, match="version"):
+        read_trace(old)
+
+
+def test_failed_write_leaves_nothing_behind(tiny_trace, tmp_path, monkeypatch) -> None:
+    trace = read_trace(tiny_trace)
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", explode)
+    with pytest.raises(OSError):
+        write_trace(trace, tmp_path / "t.parquet")
+    assert list(tmp_path.iterdir()) == []
