@@ -123,8 +123,9 @@ def _fit(rows: list[dict[str, float]], seconds: list[float], names: Sequence[str
     return {n: float(c / s) for n, c, s in zip(names, coef, scale)}
 
 
-def calibration_settings(depth: int, seed: int, count: int, max_batch: int) -> list[tuple[int, ExitConfig, int]]:
-    """Varied (batch size, exit config, prompt tokens) so every counter moves independently of the others."""
+def calibration_settings(depth: int, seed: int, count: int, max_batch: int) -> list[tuple[int, ExitConfig, float]]:
+    """Varied (batch size, exit config, fraction of each prompt kept) so every counter moves independently of the
+    others, over the context lengths the workload really has (the fit must interpolate, not extrapolate)."""
     rng = random.Random(seed)
     settings = []
     for i in range(count):
@@ -133,7 +134,7 @@ def calibration_settings(depth: int, seed: int, count: int, max_batch: int) -> l
         points = tuple(sorted(rng.sample(range(1, depth), k=min(depth - 1, rng.randint(1, 3))))) if depth > 1 else ()
         threshold = rng.choice([0.2, 0.5, 0.8, 0.95]) if criterion != "cosine" else rng.choice([0.5, 0.8, 0.95, 0.99])
         config = ExitConfig(criterion, threshold, points) if criterion != "none" and points else ExitConfig()
-        settings.append((batch, config, rng.choice([16, 32, 48])))
+        settings.append((batch, config, rng.choice([0.25, 0.5, 1.0])))
     return settings
 
 
@@ -161,8 +162,11 @@ def calibrate(
     random.Random(seed).shuffle(jobs)  # interleave depths and settings against machine drift
     engines[0].generate([list(prompts[0])], 2)  # warm-up
     records = []
-    for engine, (batch, config, prompt_tokens) in tqdm(jobs, desc="calibrating cost model", disable=not progress):
-        batch_prompts = [list(prompts[i % len(prompts)])[:prompt_tokens] for i in range(batch)]
+    for n, (engine, (batch, config, keep)) in enumerate(
+        tqdm(jobs, desc="calibrating cost model", disable=not progress)
+    ):
+        chosen = [list(prompts[(n * max_batch + i) % len(prompts)]) for i in range(batch)]
+        batch_prompts = [p[len(p) - max(1, int(len(p) * keep)) :] for p in chosen]
         result = engine.generate(batch_prompts, new_tokens, config, stop_at_eos=False)
         records.append({"depth": engine.depth, "batch_size": batch, "features": result.cost_features,
                         "prefill_s": result.prefill_s, "decode_s": result.decode_s})

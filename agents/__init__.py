@@ -1,0 +1,28 @@
+"""helios agents: one small file each, one interface (agents.base.Agent); `make_agent(name, n_arms, **hyper)`."""
+
+from __future__ import annotations
+
+from agents.base import Agent
+from agents.cusum_ucb import CusumUCB
+from agents.d_ucb import DiscountedUCB
+from agents.epsilon_greedy import EpsilonGreedy
+from agents.exp3 import EXP3
+from agents.lin_ucb import LinUCB
+from agents.static import Static
+from agents.sw_ucb import SlidingWindowUCB
+from agents.thompson import GaussianThompson
+from agents.ucb import UCB1
+
+AGENTS: dict[str, type[Agent]] = {
+    cls.name: cls
+    for cls in (UCB1, GaussianThompson, EpsilonGreedy, EXP3, SlidingWindowUCB, DiscountedUCB, CusumUCB, LinUCB, Static)
+}
+
+
+def make_agent(name: str, n_arms: int, seed: int = 0, **hyperparameters) -> Agent:
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}; valid: {sorted(AGENTS)}")
+    return AGENTS[name](n_arms=n_arms, seed=seed, **hyperparameters)
+
+
+__all__ = ["AGENTS", "Agent", "make_agent"]
