@@ -7,6 +7,7 @@ from agents.cusum_ucb import CusumUCB
 from agents.d_ucb import DiscountedUCB
 from agents.epsilon_greedy import EpsilonGreedy
 from agents.exp3 import EXP3
+from agents.helios import HeliosController
 from agents.lin_ucb import LinUCB
 from agents.static import Static
 from agents.sw_ucb import SlidingWindowUCB
@@ -15,7 +16,8 @@ from agents.ucb import UCB1
 
 AGENTS: dict[str, type[Agent]] = {
     cls.name: cls
-    for cls in (UCB1, GaussianThompson, EpsilonGreedy, EXP3, SlidingWindowUCB, DiscountedUCB, CusumUCB, LinUCB, Static)
+    for cls in (UCB1, GaussianThompson, EpsilonGreedy, EXP3, SlidingWindowUCB, DiscountedUCB, CusumUCB, LinUCB, Static,
+                HeliosController)
 }
 
 

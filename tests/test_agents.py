@@ -13,6 +13,18 @@ HYPER = {"exp3": {"gamma": 0.05, "reward_min": -0.5, "reward_max": 1.5}, "sw_ucb
          "thompson": {"sigma": 0.2}, "d_ucb": {"discount": 0.99}}
 
 
+def toy_arm_table(n_arms: int) -> list[dict]:
+    return [{"index": i, "label": f"m{i % 2}@{2 + i // 2}", "candidate": f"m{i % 2}", "depth": 2 + i // 2,
+             "num_layers": 2 + (n_arms - 1) // 2, "exit": "none", "criterion": "none", "batch_size": 4,
+             "feasible": True} for i in range(n_arms)]
+
+
+def build(name: str, n_arms: int, seed: int = 0, **hyper):
+    if name == "helios":
+        hyper["arm_table"] = toy_arm_table(n_arms)
+    return make_agent(name, n_arms, seed=seed, **hyper)
+
+
 def run(agent, means_at, steps: int, noise: float = 0.2, seed: int = 0, context=None):
     rng = np.random.default_rng(seed)
     actions, rewards = [], []
@@ -69,7 +81,7 @@ def test_lin_ucb_uses_context() -> None:
 
 @pytest.mark.parametrize("name", sorted(AGENTS))
 def test_masked_arms_are_never_selected(name) -> None:
-    agent = make_agent(name, 6, seed=0, **({"arm": 4} if name == "static" else HYPER.get(name, {})))
+    agent = build(name, 6, seed=0, **({"arm": 4} if name == "static" else HYPER.get(name, {})))
     rng = np.random.default_rng(0)
     for _ in range(300):
         mask = rng.random(6) < 0.6
@@ -85,9 +97,9 @@ def test_masked_arms_are_never_selected(name) -> None:
 def test_state_dict_round_trip_through_json(name) -> None:
     """A restored agent makes the same choices as the original from the same point on (resume without drift)."""
     hyper = {"arm": 1} if name == "static" else HYPER.get(name, {})
-    original = make_agent(name, 4, seed=5, **hyper)
+    original = build(name, 4, seed=5, **hyper)
     run(original, lambda t, obs: MEANS[:4], 200, context=lambda t: np.array([t % 3, 1.0]))
-    restored = make_agent(name, 4, seed=99, **hyper)
+    restored = build(name, 4, seed=99, **hyper)
     restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
     a, _ = run(original, lambda t, obs: MEANS[:4], 100, seed=11, context=lambda t: np.array([t % 3, 1.0]))
     b, _ = run(restored, lambda t, obs: MEANS[:4], 100, seed=11, context=lambda t: np.array([t % 3, 1.0]))
@@ -126,3 +138,28 @@ def test_invalid_hyperparameters(name, hyper, match) -> None:
 def test_unknown_agent_lists_choices() -> None:
     with pytest.raises(ValueError, match="ucb"):
         make_agent("ucb2", 3)
+
+
+def test_helios_controller_profiles_then_loads_the_covering_depth() -> None:
+    """Two candidates of 8 layers, depths 4/6/8, exits on. Profiled histograms (4 buckets of 2 layers):
+    A = [0.5, 0.3, 0.1, 0.1] -> 80% of tokens exit within 4 layers -> load 4; B = [0.1, 0.2, 0.5, 0.2] -> 80% by
+    layer 6 -> load 6. Accuracy ties (within tolerance), A served better when profiled -> A at depth 4."""
+    table = [{"index": i, "label": f"{c}@{d}", "candidate": c, "depth": d, "num_layers": 8, "exit": "max_prob",
+              "criterion": "max_prob", "batch_size": 4, "feasible": True}
+             for i, (c, d) in enumerate((c, d) for c in "AB" for d in (4, 6, 8))]
+    agent = make_agent("helios", 6, arm_table=table, profile_epochs=1, coverage=0.74, patience=2, reassess_every=50)
+    histograms = {"A": [0.5, 0.3, 0.1, 0.1], "B": [0.1, 0.2, 0.5, 0.2]}
+    profiled = []
+    for _ in range(2):
+        action = agent.select()
+        profiled.append(table[action]["label"])
+        candidate = table[action]["candidate"]
+        agent.update(action, 1.0 if candidate == "A" else 0.5,
+                     info={"exit_histogram": histograms[candidate], "metrics": {"accuracy": 0.8}})
+    assert profiled == ["A@8", "B@8"]  # the deepest arm of each candidate
+    assert table[agent.select()]["label"] == "A@4"
+    # A confidence breach (force-exited share 0.9 > 0.5 in depth 4's bucket) for `patience` epochs re-profiles.
+    for _ in range(2):
+        action = agent.select()
+        agent.update(action, 1.0, info={"exit_histogram": [0.05, 0.9, 0.05, 0.0], "metrics": {"accuracy": 0.8}})
+    assert table[agent.select()]["label"] == "A@8"
