@@ -1,6 +1,6 @@
 """Record a replay trace: run a candidate at full depth on a pool of requests and capture its exit dynamics.
 
-    python scripts/profile.py candidate=smollm2-135m workload=drift3       # the Hydra entry point around this
+    python scripts/profile_traces.py candidate=smollm2-135m workload=drift3       # the Hydra entry point around this
 
 1. Full-depth greedy outputs (the engine, exits off): the reference every setting is compared with.
 2. One teacher-forced forward pass per request over prompt + output, hidden states of every layer captured:
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -198,7 +199,15 @@ def ensure_trace(
     engine = EarlyExitEngine(full)
     prompts = encode_requests(requests, full.tokenizer)
     depth_set = sorted({d for d in depths if 1 <= d < full.num_layers})
-    calibration = [engine] + [EarlyExitEngine(load_candidate(candidate, d)) for d in depth_set[:2]]
+    # Load times, taken after the first load has warmed the checkpoint files (as a model switch in a running server
+    # finds them): the replay environment prices model/depth switches with them (envs/backends.py).
+    calibration, load_timings = [engine], []
+    for depth in depth_set[:2] or [full.num_layers]:
+        start = time.perf_counter()
+        loaded = load_candidate(candidate, depth, progress=progress)
+        load_timings.append({"depth": depth, "weight_bytes": loaded.weight_bytes, "load_s": time.perf_counter() - start})
+        if depth < full.num_layers:
+            calibration.append(EarlyExitEngine(loaded))
     energy_cfg = dict(energy_cfg or {"kind": "auto"})
     meter = meter_from_config(energy_cfg, device=engine.device.type)
     model_cfg = dict(energy_cfg.get("model") or {})
@@ -209,7 +218,8 @@ def ensure_trace(
         engine, prompts, [r.source for r in requests], new_tokens=new_tokens, batch_size=batch_size,
         calibration_engines=calibration, meter=meter, model_power_w=model_power_w,
         extra_meta={"workload": workload_cfg, "request_names": [r.request_id for r in requests],
-                    "references": [r.reference for r in requests], "per_source": per_source},
+                    "references": [r.reference for r in requests], "per_source": per_source,
+                    "load_timings": load_timings},
         progress=progress, calibration_runs=calibration_runs,
     )
     write_trace(trace, path)

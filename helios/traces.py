@@ -1,6 +1,6 @@
 """Replay traces: what a candidate does on a workload, recorded once at full depth, enough to price any setting later.
 
-    python scripts/profile.py candidate=smollm2-135m workload=drift3     # records a trace (see scripts/profile.py)
+    python scripts/profile_traces.py candidate=smollm2-135m workload=drift3     # records a trace (see scripts/profile_traces.py)
 
 One Parquet file per (candidate, workload). One row per generated token (teacher-forced on the candidate's own
 full-depth greedy output), with, at every layer count l = 1..L: the exit head's predicted token, its max
@@ -89,7 +89,7 @@ def _fixed(values: np.ndarray, width: int) -> pa.Array:
 def read_trace(path: str | Path) -> Trace:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no trace at {path}; record one with: python scripts/profile.py (see its docstring)")
+        raise FileNotFoundError(f"no trace at {path}; record one with: python scripts/profile_traces.py (see its docstring)")
     with path.open("rb") as handle:
         head = handle.read(4)
         handle.seek(max(0, path.stat().st_size - 4))
@@ -107,7 +107,7 @@ def read_trace(path: str | Path) -> Trace:
     if meta.get("schema") != SCHEMA_NAME or meta.get("version") != SCHEMA_VERSION:
         raise TraceError(
             f"{path}: trace schema {meta.get('schema')!r} version {meta.get('version')!r}; this helios reads "
-            f"{SCHEMA_NAME!r} version {SCHEMA_VERSION}. Re-record it with scripts/profile.py"
+            f"{SCHEMA_NAME!r} version {SCHEMA_VERSION}. Re-record it with scripts/profile_traces.py"
         )
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:

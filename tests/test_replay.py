@@ -139,7 +139,7 @@ def test_bad_settings_are_rejected(tiny_trace) -> None:
 
 
 def test_missing_truncated_foreign_and_old_traces_fail_clearly(tiny_trace, tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="profile.py"):
+    with pytest.raises(FileNotFoundError, match="profile_traces.py"):
         read_trace(tmp_path / "nope.parquet")
     data = tiny_trace.read_bytes()
     truncated = tmp_path / "cut.parquet"

@@ -1,7 +1,10 @@
 """Record replay traces (helios.profiling) for the configured candidates on a workload.
 
-    python scripts/profile.py                                   # every candidate of conf/candidates/offline.yaml
-    python scripts/profile.py candidate=smollm2-135m workload=drift3 per_source=8 force=true
+    python scripts/profile_traces.py                            # every candidate of conf/candidates/offline.yaml
+    python scripts/profile_traces.py candidate=smollm2-135m workload=drift3 per_source=8 force=true
+
+(Issue 3 called this scripts/profile.py; a script of that name in scripts/ shadows the standard library's `profile`,
+which torch imports through cProfile, and breaks every script in the folder.)
 """
 
 from __future__ import annotations
@@ -9,11 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file's name shadows the standard library's `profile` (which cProfile, imported by torch, needs): take the
-# scripts folder off the import path before anything else is imported, and put the repo root on it.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
@@ -23,7 +22,7 @@ from helios.profiling import ensure_trace  # noqa: E402
 from helios.traces import read_trace  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="profile")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="profile_traces")
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
     entries = OmegaConf.to_container(cfg.candidates.shortlist, resolve=True)

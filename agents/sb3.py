@@ -1,0 +1,118 @@
+"""stable-baselines3 agents (PPO, A2C, DQN; MaskablePPO from sb3-contrib) on the same environment.
+
+    python scripts/train.py agent=ppo env=replay episodes=20
+    python scripts/train.py agent=maskable_ppo env=replay episodes=20
+
+Schulman et al. 2017 (PPO), Mnih et al. 2016 (A2C), Mnih et al. 2015 (DQN), Huang & Ontañón 2020 (invalid action
+masking, MaskablePPO). SB3 owns its training loop, so these agents train through `model.learn`; a callback records
+every epoch in the same metrics.jsonl format as the bandits, so runs compare line for line. Only MaskablePPO sees the
+action mask; the others learn from the env's penalty for a masked (infeasible) arm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ALGORITHMS = ("ppo", "a2c", "dqn", "maskable_ppo")
+# Hyper-parameters forwarded to the SB3 constructor, with their valid ranges (checked before any model loads).
+RANGES: dict[str, tuple[float, float]] = {
+    "learning_rate": (0.0, 1.0), "gamma": (0.0, 1.0), "ent_coef": (0.0, 10.0), "exploration_fraction": (0.0, 1.0),
+}
+INT_KEYS = ("n_steps", "batch_size", "learning_starts", "buffer_size", "train_freq", "target_update_interval")
+
+
+def validate_sb3_config(name: str, hyper: dict[str, Any]) -> None:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown stable-baselines3 agent {name!r}; valid: {list(ALGORITHMS)}")
+    for key, value in hyper.items():
+        if key in RANGES:
+            low, high = RANGES[key]
+            if not (low < float(value) <= high):
+                raise ValueError(f"{name}.{key} must be in ({low}, {high}]; got {value!r}")
+        elif key in INT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}.{key} must be a positive integer; got {value!r}")
+        elif key not in ("policy", "net_arch"):
+            raise ValueError(f"unknown hyper-parameter {key!r} for {name}; valid: "
+                             f"{sorted([*RANGES, *INT_KEYS, 'policy', 'net_arch'])}")
+
+
+def build_model(name: str, env, hyper: dict[str, Any], seed: int):
+    hyper = dict(hyper)
+    policy = hyper.pop("policy", "MlpPolicy")
+    net_arch = hyper.pop("net_arch", None)
+    kwargs = {"policy_kwargs": {"net_arch": list(net_arch)}} if net_arch else {}
+    if name == "maskable_ppo":
+        from sb3_contrib import MaskablePPO
+
+        return MaskablePPO(policy, env, seed=seed, verbose=0, **hyper, **kwargs)
+    import stable_baselines3 as sb3
+
+    cls = {"ppo": sb3.PPO, "a2c": sb3.A2C, "dqn": sb3.DQN}[name]
+    return cls(policy, env, seed=seed, verbose=0, **hyper, **kwargs)
+
+
+def train_sb3(cfg, backend: str, run_dir: Path, make_env: Callable) -> None:
+    """Train with model.learn, logging each epoch like the bandit loop; save the model and a JSON policy stub."""
+    from omegaconf import OmegaConf
+    from stable_baselines3.common.callbacks import BaseCallback
+    from tqdm.auto import tqdm
+
+    from helios.paths import atomic_file
+
+    hyper = OmegaConf.to_container(cfg.agent, resolve=True)
+    name = hyper.pop("name")
+    env = make_env(cfg, backend)
+    base_env = env.unwrapped
+    labels = [a["label"] for a in base_env.arm_table]
+    total = int(cfg.episodes) * base_env.episode_epochs
+    model = build_model(name, env, hyper, int(cfg.seed))
+    metrics_path = run_dir / "metrics.jsonl"
+    progress = tqdm(total=total, desc=f"{name} on {backend}", unit="epoch")
+
+    class Record(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.handle = metrics_path.open("a")
+            self.epoch = 0
+
+        def _on_step(self) -> bool:
+            info = self.locals["infos"][0]
+            action = int(np.asarray(self.locals["actions"]).reshape(-1)[0])
+            record = {"epoch": self.epoch, "episode": self.epoch // base_env.episode_epochs, "phase": info["phase"],
+                      "action": action, "arm": labels[action], "reward": float(self.locals["rewards"][0]),
+                      "batch_size": int(info["batch_size"]), "masked_action": bool(info["masked_action"]),
+                      "switch_s": float(info["switch_s"]), "metrics": info["metrics"],
+                      "reward_terms": info["reward_terms"], "penalties": info["penalties"]}
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.epoch += 1
+            progress.update(1)
+            return True
+
+        def _on_training_end(self) -> None:
+            self.handle.close()
+
+    model.learn(total_timesteps=total, callback=Record())
+    progress.close()
+    model.save(str(run_dir / f"{name}_model.zip"))
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    policy = {"schema": "helios.policy/v1", "agent": name, "kind": "stable-baselines3", "arm_table": base_env.arm_table,
+              "observation_names": list(getattr(base_env, "observation_names", [])),
+              "hyperparameters": hyper, "model_zip": f"{name}_model.zip",
+              "note": "the SB3 .zip is converted to ONNX + JSON by scripts/export.py (no pickle at load time)"}
+    with atomic_file(run_dir / "policy.json", "w") as handle:
+        json.dump(policy, handle, indent=1)
+    summary = {"agent": name, "backend": backend, "slo": cfg.slo.name, "seed": int(cfg.seed), "epochs": len(records),
+               "mean_reward": float(np.mean([r["reward"] for r in records])),
+               "mean_reward_last_episode": float(np.mean([r["reward"] for r in records[-base_env.episode_epochs:]]))}
+    with atomic_file(run_dir / "summary.json", "w") as handle:
+        json.dump(summary, handle, indent=1)
+    env.close()
+    print(json.dumps(summary, indent=1))
