@@ -244,7 +244,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
             run = eng.generate(prompts8, args.new_tokens, config, stop_at_eos=False, measure_decisions=True)
             if criterion != "none":
                 decision_fractions.setdefault(criterion, []).append(run.exit_decision_s / max(run.decode_s, 1e-12))
-            for batch in (8,) if args.quick else (8, 1):
+            for batch in args.grid_batches:
                 prompts = batches[batch]
                 fns = {"full": helios_fn(engine, prompts, args.new_tokens),
                        "point": helios_fn(eng, prompts, args.new_tokens, config)}
@@ -315,8 +315,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--depths", default="10,15,20,25")
+    parser.add_argument("--grid-batches", default="8", help="batch sizes at which exit-grid points are timed")
     args = parser.parse_args()
     args.depths = [int(x) for x in args.depths.split(",")]
+    args.grid_batches = [int(x) for x in args.grid_batches.split(",")]
     if args.quick:
         args.new_tokens, args.rounds, args.models = min(args.new_tokens, 16), 3, args.models
     torch.set_num_threads(args.threads)

@@ -359,6 +359,44 @@ def _truncate_config(decoder_config: Any, depth: int) -> None:
     decoder_config.num_hidden_layers = depth
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryProfile:
+    """What a candidate costs in memory at each depth, from its config alone (no weights are read)."""
+
+    name: str
+    num_layers: int
+    weight_bytes_by_depth: dict[int, int]  # depth k -> resident parameter bytes of the model truncated to k
+    kv_bytes_per_token_layer: int  # K and V of one token in one layer
+
+
+def memory_profile(name: str, *, dtype: str | torch.dtype = "float32", progress: bool = True) -> MemoryProfile:
+    """Weight bytes per depth and K/V bytes per token per layer of candidate `name` (what a memory budget needs to
+    size batches), computed the way traces record them (helios.profiling)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {list(DTYPES)}")
+        dtype = DTYPES[dtype]
+    config = AutoConfig.from_pretrained(resolve_checkpoint(name, progress=progress))
+    decoder_config = text_config(config)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    head_dim = getattr(decoder_config, "head_dim", None) or decoder_config.hidden_size // decoder_config.num_attention_heads
+    num_layers = int(decoder_config.num_hidden_layers)
+    return MemoryProfile(
+        name=name,
+        num_layers=num_layers,
+        weight_bytes_by_depth={d: estimate_weight_bytes(config, d, elem) for d in range(1, num_layers + 1)},
+        kv_bytes_per_token_layer=2 * int(decoder_config.num_key_value_heads) * int(head_dim) * elem,
+    )
+
+
+def load_tokenizer(name: str, *, progress: bool = True) -> PreTrainedTokenizerBase:
+    """The tokenizer of candidate `name` alone (as `load_candidate` sets it up), e.g. to decode replayed tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(name, progress=progress))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name")

@@ -180,8 +180,8 @@ def main(cfg: DictConfig) -> None:
 
     env = make_env(cfg, backend)
     base_env = env.unwrapped
-    arm_labels = [f"{a['candidate']}@{a['depth']}/{a['exit']}" for a in base_env.arm_table]
-    n_arms = env.action_space.n
+    arm_labels = [a["label"] for a in base_env.arm_table]
+    n_arms = int(env.action_space.n)
     hyper = agent_hyperparameters(cfg)
     if cfg.agent.name == "helios":
         hyper["arm_table"] = base_env.arm_table

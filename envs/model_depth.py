@@ -1,0 +1,614 @@
+"""The ModelDepth environment: choose which early-exit LLM, at which depth and exit setting, serves each epoch.
+
+    /work/main/.venv/bin/python -m envs.model_depth                      # default replay env, one random episode
+    /work/main/.venv/bin/python -m envs.model_depth --backend live --candidates tiny --steps 3
+
+    import gymnasium, envs                                              # `import envs` registers the ids
+    env = gymnasium.make("helios/ModelDepthReplay-v0", slo="throughput")
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample(mask=info["action_mask"]))
+
+One step, start to end: the workload's next epoch of requests -> env.step(arm) -> the backend serves them with the
+arm (live: helios.engine on the truncated model; replay: the recorded trace) -> telemetry of the epoch (throughput,
+latency, energy, accuracy, exit layers) -> SLO reward against the reference run (helios.slo) -> observation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from envs import ENV_IDS
+from envs.backends import (
+    NO_SWITCH,
+    Arm,
+    Backend,
+    CandidateSpec,
+    EpochOutcome,
+    ExitSpec,
+    ServingSpec,
+    SwitchCost,
+    epoch_metrics,
+    mix_reference,
+)
+from helios.slo import METRICS, SLO, slo_from_config
+from helios.workloads import SOURCE_NAMES, workload_from_config
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+BACKENDS: tuple[str, ...] = ("live", "replay")
+# Keys of conf/env/*.yaml, i.e. the constructor's configuration arguments.
+COMMON_KEYS: tuple[str, ...] = (
+    "candidates", "reference", "exits", "workload", "slo", "energy", "memory_budget_mib", "context_tokens",
+    "max_batch_size", "new_tokens", "accuracy_metric", "histogram_bins", "on_masked_action", "masked_action_penalty",
+)
+REPLAY_KEYS: tuple[str, ...] = ("per_source", "variants", "trace_dir", "traces", "build_traces")
+OBS_RATIO_MAX = 16.0  # observation ratios are clipped to [0, OBS_RATIO_MAX]
+ACCURACY_EPS = 1e-3  # (acc + eps) / (ref + eps) in the observation, so that 0 / 0 reads 1
+
+
+class MaskedActionError(ValueError):
+    """An arm masked as infeasible was chosen while `on_masked_action="raise"`."""
+
+
+class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
+    """
+    ## Description
+
+    An LLM server with a fixed memory budget serves a drifting workload (code, then prose, then questions, ...), one
+    epoch of requests per step. Before each epoch the agent picks an *arm*: a candidate model, how many of its
+    layers to load (its depth), and an early-exit setting. Truncated models leave memory for bigger batches (the
+    throughput gain of HELIOS, arXiv 2504.10724) but may lose accuracy; which arm is best changes as the workload
+    drifts. Two backends share this class: `live` (`helios/ModelDepth-v0`) serves every epoch with real early-exit
+    inference, `replay` (`helios/ModelDepthReplay-v0`) prices the same from recorded traces, fast enough for
+    training.
+
+    ## Action Space
+
+    `Discrete(n_arms)`: index into the arm table (`env.arm_table`, one dict per arm), built from the config as
+    candidates x depths x exit settings (an exit setting with no exit point inside a depth is left out there).
+
+    | field        | meaning                                                                          |
+    |--------------|----------------------------------------------------------------------------------|
+    | candidate    | model name (helios.models)                                                       |
+    | depth        | decoder layers loaded (a prefix of the model)                                    |
+    | exit         | `none`, or criterion >= threshold at exit points (fractions of the loaded depth) |
+    | batch_size   | sequences that fit the budget: (budget - weights) // (K/V per sequence), capped  |
+    | feasible     | batch_size >= 1; infeasible arms are masked                                      |
+
+    `env.action_masks()` and `info["action_mask"]` (bool, one per arm) mark the feasible arms. A masked action is
+    refused (`on_masked_action="penalty"`, the default): nothing is served that epoch, the loaded arm stays, the
+    reward is `-masked_action_penalty`. With `on_masked_action="raise"` it raises MaskedActionError. An index
+    outside the table raises ValueError.
+
+    ## Observation Space
+
+    `Box(0, high, (n_obs,), float32)`; `env.observation_names` names every entry. Ratios are to the reference
+    run's value for the epoch's workload mix, clipped to [0, 16].
+
+    | entries            | meaning                                                                       |
+    |--------------------|-------------------------------------------------------------------------------|
+    | exit_hist_0..B-1   | share of the last epoch's tokens by exit layer / candidate layers, B buckets  |
+    | throughput_ratio   | tokens/s (switching included)                                                 |
+    | latency_ratio      | p95 end-to-end latency                                                        |
+    | energy_ratio       | joules per token                                                              |
+    | accuracy_ratio     | (accuracy + 1e-3) / (reference + 1e-3)                                        |
+    | switch_ratio       | seconds spent switching arm / reference p95 latency                           |
+    | queue_ratio        | requests waiting for the next epoch / a nominal epoch's                       |
+    | mix_<source>       | source mixture of the next epoch's requests (helios.workloads.SOURCE_NAMES)   |
+    | arm_<candidate>    | one-hot: candidate loaded now                                                 |
+    | arm_depth_fraction | loaded depth / candidate layers                                               |
+    | arm_exit_<k>       | one-hot: exit setting in use                                                  |
+    | arm_batch_fraction | batch size / max_batch_size                                                   |
+    | episode_progress   | epochs served / episode length                                                |
+
+    After `reset` the telemetry entries are 0 and no arm is loaded (all arm entries 0): the first step pays a cold
+    load. The queue and mixture describe the requests the next action will serve (a server sees its queue).
+
+    ## Rewards
+
+    `helios.slo` (`conf/slo/*.yaml`: throughput, latency, energy, accuracy, balanced): for each weighted metric,
+    normalised weight x log2(score), score = how many times better than the reference (the reference candidate at
+    full depth, no exits, measured per workload source when the episode is reset, mixed by the epoch's source
+    weights); minus a penalty per violated constraint. `info` carries every component: `metrics`, `reference`,
+    `scores`, `reward_terms`, `penalties`. Switching arm costs its real time and energy (`info["switch_s"]`; see
+    envs/backends.py), which lowers that epoch's throughput and raises its latency and energy.
+
+    ## Starting State
+
+    Nothing loaded; epoch 0 of the workload. Replay draws one of `variants` request samples per episode from the
+    seeded `np_random`; live serves the workload's own requests.
+
+    ## Episode End
+
+    Terminates after `workload.episode_epochs` steps (drift3: 30), when the workload's schedule (and its drift)
+    has played out; never truncates by itself.
+
+    ## Arguments
+
+    `gymnasium.make(id, **kwargs)`; an argument left None takes its value from `conf/env/<backend>.yaml`. Group
+    arguments take a config name (`slo="latency"` reads conf/slo/latency.yaml) or the config itself.
+
+    | argument              | meaning                                                                      |
+    |-----------------------|------------------------------------------------------------------------------|
+    | backend               | "live" or "replay" (set by the registered id)                                |
+    | candidates            | conf/candidates name, or a list of {name, depths}                            |
+    | reference             | candidate whose full-depth run normalises metrics (None: the first)          |
+    | exits                 | list of {criterion, threshold, exit_fractions}                               |
+    | workload              | conf/workload name or config (helios.workloads)                              |
+    | slo                   | conf/slo name or config (helios.slo)                                         |
+    | energy                | conf/energy name or config (live meter; replay uses the trace's power figure)|
+    | memory_budget_mib     | memory for resident weights + K/V cache                                      |
+    | context_tokens        | K/V reserved per sequence (prompt + generated tokens)                        |
+    | max_batch_size        | cap on any arm's batch size                                                  |
+    | new_tokens            | tokens generated per request                                                 |
+    | accuracy_metric       | rouge_l, exact_match or contains_answer (helios.metrics) vs the references   |
+    | histogram_bins        | exit-layer histogram buckets                                                 |
+    | on_masked_action      | "penalty" or "raise"                                                         |
+    | masked_action_penalty | reward of a refused (masked) action, negated                                 |
+    | per_source            | replay: trace requests per workload source                                   |
+    | variants              | replay: request samples tabulated (one drawn per episode)                    |
+    | trace_dir             | replay: where traces are cached (None: ~/.cache/helios/traces)               |
+    | traces                | replay: {candidate: trace path}, used as given (a missing file is an error)  |
+    | build_traces          | replay: record missing traces on first use (False: a missing trace errors)   |
+
+    Replay defaults (conf/env/replay.yaml): SmolLM2-135M and Gemma-3-270M, both shipped in PyPI packages (no
+    training on first use). The first construction records their traces once, cached under trace_dir: about 6
+    CPU-minutes (10 minutes of wall clock on a shared 2-core machine; peak memory 4.4 GB); later constructions
+    take about 4 s. Tests use the tiny candidates.
+
+    ## Version History
+
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+
+    def __init__(
+        self,
+        backend: Literal["live", "replay"] = "replay",
+        *,
+        candidates: str | Sequence[Mapping[str, Any]] | None = None,
+        reference: str | None = None,
+        exits: Sequence[Mapping[str, Any]] | None = None,
+        workload: str | Mapping[str, Any] | None = None,
+        slo: str | Mapping[str, Any] | None = None,
+        energy: str | Mapping[str, Any] | None = None,
+        memory_budget_mib: float | None = None,
+        context_tokens: int | None = None,
+        max_batch_size: int | None = None,
+        new_tokens: int | None = None,
+        accuracy_metric: str | None = None,
+        histogram_bins: int | None = None,
+        on_masked_action: Literal["penalty", "raise"] | None = None,
+        masked_action_penalty: float | None = None,
+        per_source: int | None = None,
+        variants: int | None = None,
+        trace_dir: str | Path | None = None,
+        traces: Mapping[str, str | Path] | None = None,
+        build_traces: bool | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"unknown render_mode {render_mode!r}; valid: {self.metadata['render_modes']} or None")
+        # The configuration arguments the caller set; the others (None) come from conf/env/<backend>.yaml.
+        given = {k: v for k, v in locals().items() if k in COMMON_KEYS + REPLAY_KEYS and v is not None}
+        if backend == "live" and set(given) & set(REPLAY_KEYS):
+            raise ValueError(f"argument(s) {sorted(set(given) & set(REPLAY_KEYS))} apply to the replay backend only")
+        cfg = {**env_config(backend), **given}
+        self.backend_kind = backend
+        self.render_mode = render_mode
+
+        # Everything is validated before any trace is recorded or any model is loaded.
+        self.slo: SLO = slo_from_config(_group("slo", cfg["slo"]))
+        self.serving = _serving_spec(cfg)
+        self.on_masked_action = _choice("on_masked_action", cfg["on_masked_action"], ("penalty", "raise"))
+        self.masked_action_penalty = _number("masked_action_penalty", cfg["masked_action_penalty"], minimum=0.0)
+        self.backend: Backend = _make_backend(backend, self.serving, cfg)
+        self.arms: tuple[Arm, ...] = self.backend.arms
+        self._mask = np.array([arm.feasible for arm in self.arms], dtype=bool)
+
+        workload = self.serving.workload
+        self.episode_epochs = workload.episode_epochs
+        self._phases = [workload.phase_at(e) for e in range(self.episode_epochs)]
+        self._mixtures = [workload.mixture_at(e) for e in range(self.episode_epochs)]
+        # The queue the next action serves: request count (relative to a nominal epoch) and source mixture; a
+        # zero row after the last epoch.
+        counts = [len(workload.epoch(e)) for e in range(self.episode_epochs)]
+        self._queue = np.zeros((self.episode_epochs + 1, 1 + len(SOURCE_NAMES)), dtype=np.float32)
+        for e in range(self.episode_epochs):
+            self._queue[e, 0] = min(counts[e] / self.serving.reference_requests, OBS_RATIO_MAX)
+            self._queue[e, 1:] = workload.features(e)
+        candidates = [c.name for c in self.serving.candidates]
+        self._arm_features = np.zeros((len(self.arms) + 1, len(candidates) + len(self.serving.exits) + 2), np.float32)
+        for arm in self.arms:  # row a + 1 is arm a; row 0 is "nothing loaded"
+            row = self._arm_features[arm.index + 1]
+            row[arm.candidate_index] = 1.0
+            row[len(candidates)] = arm.depth / arm.num_layers
+            row[len(candidates) + 1 + arm.exit_index] = 1.0
+            row[-1] = arm.batch_size / self.serving.max_batch_size
+        bins = self.serving.histogram_bins
+        self.observation_names: tuple[str, ...] = (
+            *(f"exit_hist_{j}" for j in range(bins)),
+            "throughput_ratio", "latency_ratio", "energy_ratio", "accuracy_ratio", "switch_ratio", "queue_ratio",
+            *(f"mix_{s}" for s in SOURCE_NAMES), *(f"arm_{c}" for c in candidates), "arm_depth_fraction",
+            *(f"arm_exit_{k}" for k in range(len(self.serving.exits))), "arm_batch_fraction", "episode_progress",
+        )
+        high = [OBS_RATIO_MAX if name.endswith("_ratio") else 1.0 for name in self.observation_names]
+        self.observation_space = spaces.Box(0.0, np.array(high, dtype=np.float32), dtype=np.float32)
+        queue_start = self.observation_names.index("queue_ratio")
+        self._queue_slot = slice(queue_start, queue_start + self._queue.shape[1])
+        self.action_space = spaces.Discrete(len(self.arms))
+
+        self._references: list[dict[str, float]] | None = None  # per epoch, set on the first reset
+        self._epoch = 0
+        self._loaded: int | None = None
+        self._last: dict[str, Any] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------ the table
+
+    @property
+    def arm_table(self) -> list[dict[str, Any]]:
+        """One dict per action index: candidate, depth, exit setting, memory, batch size, feasibility."""
+        return [arm.to_dict() for arm in self.arms]
+
+    @property
+    def reference_arm_index(self) -> int | None:
+        """The arm that is the reference run (reference candidate, full depth, no exits), if it is in the table."""
+        for arm in self.arms:
+            if (arm.candidate == self.serving.reference and arm.depth == arm.num_layers
+                    and arm.exit_config.criterion == "none"):
+                return arm.index
+        return None
+
+    def evaluate_arms(self) -> np.ndarray:
+        """Replay only: the reward each arm would earn on the coming epoch if it were already loaded (no switch
+        cost), -inf for masked arms. What oracle baselines and regret need; live cannot know it without serving."""
+        if not hasattr(self.backend, "peek"):
+            raise NotImplementedError("evaluate_arms needs the replay backend (live would have to serve every arm)")
+        if self._references is None or self._epoch >= self.episode_epochs:
+            raise RuntimeError("evaluate_arms needs a reset episode with epochs left")
+        reference = self._references[self._epoch]
+        rewards = np.full(len(self.arms), -np.inf)
+        for index in np.flatnonzero(self._mask):
+            outcome = self.backend.peek(self._epoch, int(index))
+            values = epoch_metrics(outcome, NO_SWITCH) or reference
+            rewards[index] = self.slo.evaluate(values, reference).total
+        return rewards
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the episode stands (epoch, loaded arm, RNG, backend position): enough to resume a run."""
+        return {"epoch": self._epoch, "loaded": self._loaded, "np_random": self.np_random.bit_generator.state,
+                "backend": self.backend.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()` after `reset()` (which measures or loads the reference run first)."""
+        if self._references is None:
+            raise RuntimeError("call reset() before load_state_dict()")
+        self._epoch = int(state["epoch"])
+        self._loaded = None if state["loaded"] is None else int(state["loaded"])
+        self.np_random.bit_generator.state = state["np_random"]
+        self.backend.load_state_dict(state["backend"])
+
+    def action_masks(self) -> np.ndarray:
+        """True for the arms that fit the memory budget (the name sb3-contrib's MaskablePPO looks for)."""
+        return self._mask.copy()
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        if self._references is None:  # live measures its reference run here, once per environment
+            profile = self.backend.reference_profile()
+            self._references = [mix_reference(profile, mixture) for mixture in self._mixtures]
+        self.backend.begin_episode(self.np_random)
+        self._epoch = 0
+        self._loaded = None
+        self._last = None
+        obs = np.zeros(self.observation_space.shape, dtype=np.float32)
+        obs[self._queue_slot] = self._queue[0]
+        return obs, {"epoch": 0, "phase": self._phases[0], "action_mask": self._mask.copy(),
+                     "reference": dict(self._references[0])}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        arm_index = self._check_action(action)
+        epoch = self._epoch
+        reference = self._references[epoch]  # type: ignore[index]
+        if self._mask[arm_index]:
+            outcome, switch = self.backend.serve(epoch, arm_index)  # engine (live) or trace (replay)
+            values = epoch_metrics(outcome, switch) or reference  # an epoch without requests scores neutral
+            reward = self.slo.evaluate(values, reference)
+            self._loaded = arm_index
+            total, terms, scores, penalties = reward.total, reward.terms, reward.scores, reward.penalties
+        else:
+            if self.on_masked_action == "raise":
+                raise MaskedActionError(f"action {arm_index} ({self.arms[arm_index].label}) is masked: it does not "
+                                        f"fit the memory budget of {self.serving.memory_budget_bytes / 2**20:g} MiB")
+            outcome, switch = None, None
+            values = dict.fromkeys(METRICS, 0.0)
+            total, terms, scores = -self.masked_action_penalty, {}, {}
+            penalties = {"masked_action": self.masked_action_penalty}
+        self._epoch = epoch + 1
+        obs = self._observe(outcome, values, reference, switch)
+        info = {
+            "epoch": epoch, "phase": self._phases[epoch], "arm": arm_index, "arm_label": self.arms[arm_index].label,
+            "batch_size": self.arms[arm_index].batch_size, "masked_action": outcome is None,
+            "switch": "none" if switch is None else switch.kind, "switch_s": 0.0 if switch is None else switch.seconds,
+            "switch_energy_j": 0.0 if switch is None else switch.energy_j,
+            "requests": 0 if outcome is None else outcome.requests, "tokens": 0 if outcome is None else outcome.tokens,
+            "engine_s": 0.0 if outcome is None else outcome.engine_s,
+            "metrics": dict(values), "reference": dict(reference), "scores": dict(scores),
+            "reward_terms": dict(terms), "penalties": dict(penalties), "action_mask": self._mask.copy(),
+            "exit_histogram": (np.zeros(self.serving.histogram_bins) if outcome is None else outcome.histogram).tolist(),
+        }
+        self._last = info
+        return obs, float(total), self._epoch >= self.episode_epochs, False, info
+
+    def _check_action(self, action: Any) -> int:
+        if self._references is None:
+            raise RuntimeError("call reset() before step()")
+        if self._epoch >= self.episode_epochs:
+            raise RuntimeError(f"the episode ended after {self.episode_epochs} epochs; call reset()")
+        if isinstance(action, np.ndarray) and action.size == 1:
+            action = action.reshape(())[()]
+        if isinstance(action, (bool, np.bool_)) or not isinstance(action, (int, np.integer)):
+            raise ValueError(f"action must be an integer arm index; got {action!r} ({type(action).__name__})")
+        index = int(action)
+        if not 0 <= index < len(self.arms):
+            raise ValueError(f"action {index} is out of range: valid arm indices are 0..{len(self.arms) - 1}")
+        return index
+
+    def _observe(self, outcome: EpochOutcome | None, values: Mapping[str, float], reference: Mapping[str, float],
+                 switch: SwitchCost | None) -> np.ndarray:
+        if outcome is None:  # refused: nothing served, the loaded arm stays
+            hist = np.zeros(self.serving.histogram_bins, np.float32)
+            ratios = [0.0] * 5
+        else:
+            hist = outcome.histogram
+            ratios = [
+                min(ratio, OBS_RATIO_MAX)  # all terms are >= 0; plain floats keep this numpy-light (hot path)
+                for ratio in (
+                    values["throughput_tok_s"] / reference["throughput_tok_s"],
+                    values["latency_p95_s"] / reference["latency_p95_s"],
+                    values["energy_j_per_tok"] / reference["energy_j_per_tok"],
+                    (values["accuracy"] + ACCURACY_EPS) / (reference["accuracy"] + ACCURACY_EPS),
+                    switch.seconds / reference["latency_p95_s"],  # type: ignore[union-attr]
+                )
+            ]
+        telemetry = np.array(ratios, dtype=np.float32)
+        loaded = 0 if self._loaded is None else self._loaded + 1
+        progress = np.array([self._epoch / self.episode_epochs], dtype=np.float32)
+        return np.concatenate((hist, telemetry, self._queue[self._epoch], self._arm_features[loaded], progress))
+
+    # ------------------------------------------------------------------------------------------ the rest
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        if self._last is None:
+            return f"epoch 0/{self.episode_epochs}: nothing served yet\n"
+        info = self._last
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in info["metrics"].items())
+        return (f"epoch {info['epoch'] + 1}/{self.episode_epochs} phase {info['phase']} arm {info['arm']} "
+                f"{info['arm_label']} batch {info['batch_size']} switch {info['switch']} ({info['switch_s']:.3f} s) "
+                f"{metrics}\n")
+
+    def close(self) -> None:
+        if not self._closed:
+            self.backend.close()
+            self._closed = True
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+
+
+def env_config(backend: str) -> dict[str, Any]:
+    """The defaults of `backend` (conf/env/<backend>.yaml), without its `backend` key."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "env" / f"{backend}.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if cfg.pop("backend", None) != backend:  # type: ignore[union-attr]
+        raise ValueError(f"{path} must say `backend: {backend}`")
+    allowed = COMMON_KEYS + (REPLAY_KEYS if backend == "replay" else ())
+    unknown = sorted(set(cfg) - set(allowed))  # type: ignore[arg-type]
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {path}; valid: {list(allowed)}")
+    return cfg  # type: ignore[return-value]
+
+
+def _group(group: str, value: Any) -> Any:
+    """A config group option by name (conf/<group>/<name>.yaml) or the config itself."""
+    if isinstance(value, str):
+        path = CONF_DIR / group / f"{value}.yaml"
+        if not path.exists():
+            available = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+            raise ValueError(f"no {group} config named {value!r}; available: {available}")
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _number(name: str, value: Any, *, minimum: float, integer: bool = False, strict: bool = False) -> Any:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < minimum or (
+        strict and value == minimum
+    ):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} {bound}; got {value!r}")
+    return value
+
+
+def _choice(name: str, value: Any, valid: Sequence[str]) -> Any:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {list(valid)}; got {value!r}")
+    return value
+
+
+def _serving_spec(cfg: Mapping[str, Any]) -> ServingSpec:
+    from helios.engine import CRITERIA
+    from helios.metrics import METRICS as ACCURACY_METRICS
+    from helios.models import candidate_names
+
+    candidates_cfg = _group("candidates", cfg["candidates"])
+    if isinstance(candidates_cfg, Mapping):
+        candidates_cfg = candidates_cfg.get("shortlist")
+    if not isinstance(candidates_cfg, list) or not candidates_cfg:
+        raise ValueError("candidates must be a conf/candidates name or a non-empty list of {name, depths}")
+    candidates = []
+    for i, entry in enumerate(candidates_cfg):
+        if not isinstance(entry, Mapping) or set(entry) != {"name", "depths"}:
+            raise ValueError(f"candidates[{i}] must be a mapping with exactly 'name' and 'depths'; got {entry!r}")
+        name, depths = entry["name"], entry["depths"]
+        if not isinstance(name, str) or not (name in candidate_names() or "/" in name or Path(name).is_dir()):
+            raise ValueError(f"candidates[{i}]: unknown candidate {name!r}; built-in names: {candidate_names()} "
+                             "(or a Hugging Face id 'owner/name', or a local checkpoint directory)")
+        if not isinstance(depths, list) or not depths or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths
+        ) or len(set(depths)) != len(depths):
+            raise ValueError(f"candidates[{i}] ({name}): depths must be distinct positive integers; got {depths!r}")
+        candidates.append(CandidateSpec(name, tuple(depths)))
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"candidates are listed twice: {sorted({n for n in names if names.count(n) > 1})}")
+    reference = cfg["reference"] if cfg.get("reference") is not None else names[0]
+    if reference not in names:
+        raise ValueError(f"reference {reference!r} is not one of the candidates {names}")
+
+    exits_cfg = cfg["exits"]
+    if not isinstance(exits_cfg, list) or not exits_cfg:
+        raise ValueError("exits must be a non-empty list of {criterion, threshold, exit_fractions}")
+    exits = []
+    for i, entry in enumerate(exits_cfg):
+        if not isinstance(entry, Mapping) or not set(entry) <= {"criterion", "threshold", "exit_fractions"}:
+            raise ValueError(f"exits[{i}] must be a mapping of criterion, threshold, exit_fractions; got {entry!r}")
+        criterion = _choice(f"exits[{i}].criterion", entry.get("criterion", "none"), CRITERIA)
+        threshold = entry.get("threshold", 0.9)
+        fractions = entry.get("exit_fractions", [])
+        if criterion != "none":
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+                raise ValueError(f"exits[{i}].threshold must be in (0, 1]; got {threshold!r}")
+            if not isinstance(fractions, list) or not fractions or any(
+                isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1 for f in fractions
+            ):
+                raise ValueError(f"exits[{i}].exit_fractions must be a non-empty list of fractions in (0, 1) of the "
+                                 f"loaded depth; got {fractions!r}")
+        fractions = tuple(float(f) for f in fractions) if criterion != "none" else ()
+        exits.append(ExitSpec(criterion, float(threshold), fractions))
+
+    text_metrics = [m for m, metric in ACCURACY_METRICS.items() if metric.inputs == ("predictions", "references")]
+    workload_cfg = _group("workload", cfg["workload"])
+    return ServingSpec(
+        candidates=tuple(candidates),
+        exits=tuple(exits),
+        reference=reference,
+        workload=workload_from_config(workload_cfg),
+        workload_cfg=dict(workload_cfg),
+        memory_budget_bytes=int(_number("memory_budget_mib", cfg["memory_budget_mib"], minimum=0, strict=True) * 2**20),
+        context_tokens=_number("context_tokens", cfg["context_tokens"], minimum=1, integer=True),
+        max_batch_size=_number("max_batch_size", cfg["max_batch_size"], minimum=1, integer=True),
+        new_tokens=_number("new_tokens", cfg["new_tokens"], minimum=1, integer=True),
+        accuracy_metric=_choice("accuracy_metric", cfg["accuracy_metric"], text_metrics),
+        histogram_bins=_number("histogram_bins", cfg["histogram_bins"], minimum=1, integer=True),
+        energy_cfg=dict(_group("energy", cfg["energy"])),
+    )
+
+
+def _make_backend(kind: str, spec: ServingSpec, cfg: Mapping[str, Any]) -> Backend:
+    if kind == "live":
+        from envs.backends import LiveBackend
+
+        return LiveBackend(spec)
+    from envs.backends import ReplayBackend
+
+    variants = _number("variants", cfg["variants"], minimum=1, integer=True)
+    return ReplayBackend(spec, _trace_paths(spec, cfg), variants=variants)
+
+
+def _trace_paths(spec: ServingSpec, cfg: Mapping[str, Any]) -> dict[str, Path]:
+    """The trace of every candidate: as given in `traces` (must exist), else cached under trace_dir, recorded on
+    first use when build_traces (depths are checked against each model's config before any recording)."""
+    from helios.profiling import ensure_trace, trace_path
+
+    names = [c.name for c in spec.candidates]
+    if cfg.get("traces") is not None:
+        given = {name: Path(path).expanduser() for name, path in dict(cfg["traces"]).items()}
+        missing = [name for name in names if name not in given]
+        if missing:
+            raise ValueError(f"traces gives no trace for candidate(s) {missing}")
+        absent = [str(given[name]) for name in names if not given[name].exists()]
+        if absent:
+            raise FileNotFoundError(f"trace file(s) not found: {absent}; record them with scripts/profile_traces.py or "
+                                    "leave `traces` unset to build them under trace_dir")
+        return {name: given[name] for name in names}
+    per_source = _number("per_source", cfg["per_source"], minimum=1, integer=True)
+    out_dir = Path(cfg["trace_dir"]).expanduser() if cfg.get("trace_dir") else None
+    paths = {name: trace_path(name, spec.workload_cfg, per_source, spec.new_tokens, out_dir) for name in names}
+    missing = [c for c in spec.candidates if not paths[c.name].exists()]
+    if missing and not cfg.get("build_traces"):
+        raise FileNotFoundError(
+            f"no trace for {[c.name for c in missing]} at {[str(paths[c.name]) for c in missing]} and "
+            "build_traces=False; pass build_traces=True (records them once) or explicit `traces`"
+        )
+    if missing:
+        from helios.models import memory_profile
+
+        for candidate in missing:  # cheap config reads first: a bad depth fails before minutes of recording
+            layers = memory_profile(candidate.name, progress=False).num_layers
+            bad = [d for d in candidate.depths if d > layers]
+            if bad:
+                raise ValueError(f"depths {bad} of {candidate.name!r} exceed its {layers} layers")
+        energy_cfg = spec.energy_cfg
+        for candidate in missing:
+            ensure_trace(candidate.name, spec.workload_cfg, depths=candidate.depths, per_source=per_source,
+                         new_tokens=spec.new_tokens, energy_cfg=energy_cfg, out_dir=out_dir, progress=False)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=BACKENDS, default="replay")
+    parser.add_argument("--candidates", default=None, help="a conf/candidates name (default: the env config's)")
+    parser.add_argument("--slo", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="steps to run (default: one episode)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    import gymnasium
+
+    import envs  # noqa: F401  (registers the ids)
+
+    kwargs = {k: v for k, v in {"candidates": args.candidates, "slo": args.slo}.items() if v is not None}
+    env = gymnasium.make(ENV_IDS[args.backend], render_mode="ansi", **kwargs)
+    unwrapped: ModelDepthEnv = env.unwrapped  # type: ignore[assignment]
+    for arm in unwrapped.arm_table:
+        print(f"  arm {arm['index']:3d} {arm['label']:48s} batch {arm['batch_size']:3d} "
+              f"weights {arm['weight_bytes'] / 2**20:8.1f} MiB{'' if arm['feasible'] else '  (masked)'}")
+    obs, info = env.reset(seed=args.seed)
+    total = 0.0
+    for _ in range(args.steps or unwrapped.episode_epochs):
+        action = env.action_space.sample(mask=info["action_mask"].astype(np.int8))
+        obs, reward, terminated, truncated, info = env.step(action)
+        total += reward
+        print(f"{env.render().rstrip()}  reward {reward:+.3f}")
+        if terminated or truncated:
+            break
+    print(f"return {total:+.3f}")
+    env.close()
+
+
+if __name__ == "__main__":
+    main()
