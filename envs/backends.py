@@ -572,7 +572,7 @@ class LiveBackend(Backend):
         spec = self.spec
         if not requests:
             return empty_outcome(spec.histogram_bins)
-        prompts = encode_requests(list(requests), model.tokenizer)
+        prompts = encode_requests(list(requests), model.tokenizer, engine.max_context - spec.new_tokens)
         results = []
         engine_s = 0.0
         self.meter.start()

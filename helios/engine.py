@@ -306,6 +306,11 @@ class EarlyExitEngine:
 
     # ------------------------------------------------------------------------------------------ generation
 
+    @property
+    def max_context(self) -> int:
+        """Positions the model was trained for (prompt + generated tokens must fit)."""
+        return int(getattr(self.config, "max_position_embeddings", 1 << 30))
+
     def encode(self, prompts: list[str], *, chat: bool = False) -> list[list[int]]:
         tokenizer = self.loaded.tokenizer
         if chat:

@@ -197,7 +197,7 @@ def ensure_trace(
     requests = workload.pool(per_source)
     full = load_candidate(candidate, progress=progress)
     engine = EarlyExitEngine(full)
-    prompts = encode_requests(requests, full.tokenizer)
+    prompts = encode_requests(requests, full.tokenizer, engine.max_context - new_tokens)
     depth_set = sorted({d for d in depths if 1 <= d < full.num_layers})
     # Load times, taken after the first load has warmed the checkpoint files (as a model switch in a running server
     # finds them): the replay environment prices model/depth switches with them (envs/backends.py).

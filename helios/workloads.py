@@ -482,9 +482,13 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_requests(requests: list[Request], tokenizer: Any) -> list[list[int]]:
+def encode_requests(requests: list[Request], tokenizer: Any, max_prompt_tokens: int | None = None) -> list[list[int]]:
     """Token ids to feed `EarlyExitEngine.generate`: chat requests through the tokenizer's chat template when it
-    has one (the template adds its own special tokens), everything else as plain text."""
+    has one (the template adds its own special tokens), everything else as plain text.
+
+    `max_prompt_tokens` keeps only the last that many tokens of a longer prompt (the most recent context, what a
+    continuation depends on), as a server with a short context window must; live serving and trace recording both
+    pass the model's context minus the tokens to generate, so they see the same prompts."""
     chat_ok = has_chat_template(tokenizer)
     encoded = []
     for request in requests:
@@ -494,6 +498,10 @@ def encode_requests(requests: list[Request], tokenizer: Any) -> list[list[int]]:
             encoded.append([int(t) for t in ids])
         else:
             encoded.append(list(tokenizer(request.prompt, add_special_tokens=True)["input_ids"]))
+    if max_prompt_tokens is not None:
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1; got {max_prompt_tokens}")
+        encoded = [ids[-max_prompt_tokens:] for ids in encoded]
     return encoded
 
 

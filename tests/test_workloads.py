@@ -229,3 +229,15 @@ def test_other_bad_config() -> None:
         make_source("prose", chars=3)
     with pytest.raises(ValueError, match=r"epoch must be an integer in \[0, 3\]"):
         workload_from_config(_config()).epoch(4)
+
+
+def test_encode_requests_keeps_the_most_recent_prompt_tokens() -> None:
+    from helios.models import byte_tokenizer
+    from helios.workloads import Request, encode_requests
+
+    tokenizer = byte_tokenizer()
+    request = Request(request_id="r", source="prose", prompt="abcdefghij", reference=None, arrival_s=0.0, epoch=0)
+    assert tokenizer.decode(encode_requests([request], tokenizer, max_prompt_tokens=4)[0]) == "ghij"
+    assert tokenizer.decode(encode_requests([request], tokenizer)[0]) == "abcdefghij"
+    with pytest.raises(ValueError, match=">= 1"):
+        encode_requests([request], tokenizer, max_prompt_tokens=0)
