@@ -157,6 +157,20 @@ def record_trace(
 __all__ = ["CostModel", "layer_signals", "record_trace"]
 
 
+def _heads_fingerprint(candidate: str) -> str | None:
+    """Hash of the tuned exit heads the engine would load for `candidate` (None: shared head). Part of a trace's
+    key, so that training heads after recording makes replay re-record instead of disagreeing with live."""
+    import hashlib
+
+    from helios.paths import cache_dir
+
+    for folder in (cache_dir() / "checkpoints" / candidate, Path(candidate).expanduser()):
+        meta = folder / "exit_heads.json"
+        if meta.is_file():
+            return hashlib.sha256(meta.read_bytes()).hexdigest()[:12]
+    return None
+
+
 def trace_path(candidate: str, workload_cfg: dict, per_source: int, new_tokens: int, out_dir: Path | None = None) -> Path:
     """Where the trace of (candidate, workload, pool size, tokens) lives: a content hash keeps variants apart."""
     import hashlib
@@ -164,7 +178,11 @@ def trace_path(candidate: str, workload_cfg: dict, per_source: int, new_tokens: 
 
     from helios.paths import cache_dir
 
-    key = json.dumps({"workload": workload_cfg, "per_source": per_source, "new_tokens": new_tokens}, sort_keys=True)
+    fields = {"workload": workload_cfg, "per_source": per_source, "new_tokens": new_tokens}
+    heads = _heads_fingerprint(candidate)
+    if heads is not None:
+        fields["exit_heads"] = heads
+    key = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     safe = candidate.replace("/", "--")
     return (out_dir or cache_dir() / "traces") / f"{safe}-{digest}.parquet"
