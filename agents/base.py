@@ -56,6 +56,23 @@ class Agent(abc.ABC):
                 "state": self.state_dict()}
 
 
+class ArmStatistics(Agent):
+    """An agent whose whole learned state is a pull count and a reward sum per arm (UCB1, Thompson, ε-greedy,
+    discounted UCB): the arrays live here; each agent's own file keeps the rule that uses them."""
+
+    def __init__(self, n_arms: int, seed: int = 0) -> None:
+        super().__init__(n_arms, seed)
+        self.counts = np.zeros(n_arms)
+        self.sums = np.zeros(n_arms)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "counts": self.counts.tolist(), "sums": self.sums.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.counts, self.sums = np.array(state["counts"], float), np.array(state["sums"], float)
+
+
 def feasible(mask: np.ndarray | None, n_arms: int) -> np.ndarray:
     """Indices of allowed arms (all of them without a mask); an all-false mask is an error, not a silent choice."""
     if mask is None:

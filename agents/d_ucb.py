@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import Agent, argmax_allowed, check_range, feasible
+from agents.base import ArmStatistics, argmax_allowed, check_range, feasible
 
 
-class DiscountedUCB(Agent):
+class DiscountedUCB(ArmStatistics):
     name = "d_ucb"
 
     def __init__(self, n_arms: int, seed: int = 0, discount: float = 0.95, c: float = 0.5, xi: float = 0.6) -> None:
@@ -23,8 +23,6 @@ class DiscountedUCB(Agent):
         self.discount = check_range("discount", discount, 0.0, 1.0, low_open=True)
         self.c = check_range("c (exploration)", c, 0.0, float("inf"))
         self.xi = check_range("xi", xi, 0.0, float("inf"), low_open=True)
-        self.counts = np.zeros(n_arms)
-        self.sums = np.zeros(n_arms)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"discount": self.discount, "c": self.c, "xi": self.xi}
@@ -44,10 +42,3 @@ class DiscountedUCB(Agent):
         self.counts[action] += 1
         self.sums[action] += reward
         self.t += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "counts": self.counts.tolist(), "sums": self.sums.tolist()}
-
-    def load_state_dict(self, state) -> None:
-        super().load_state_dict(state)
-        self.counts, self.sums = np.array(state["counts"], float), np.array(state["sums"], float)

@@ -9,17 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import Agent, argmax_allowed, check_range, feasible
+from agents.base import ArmStatistics, argmax_allowed, check_range, feasible
 
 
-class EpsilonGreedy(Agent):
+class EpsilonGreedy(ArmStatistics):
     name = "epsilon_greedy"
 
     def __init__(self, n_arms: int, seed: int = 0, epsilon: float = 0.1) -> None:
         super().__init__(n_arms, seed)
         self.epsilon = check_range("epsilon", epsilon, 0.0, 1.0)
-        self.counts = np.zeros(n_arms)
-        self.sums = np.zeros(n_arms)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon}
@@ -37,10 +35,3 @@ class EpsilonGreedy(Agent):
         self.counts[action] += 1
         self.sums[action] += reward
         self.t += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "counts": self.counts.tolist(), "sums": self.sums.tolist()}
-
-    def load_state_dict(self, state) -> None:
-        super().load_state_dict(state)
-        self.counts, self.sums = np.array(state["counts"], float), np.array(state["sums"], float)

@@ -57,6 +57,27 @@ def build_model(name: str, env, hyper: dict[str, Any], seed: int):
     return cls(policy, env, seed=seed, verbose=0, **hyper, **kwargs)
 
 
+def with_oracle(env):
+    """Replay: add the epoch's oracle reward (best arm, no switch) and the static full-depth arm's reward to `info`
+    before each step, as the bandit loop records them; `env` is returned unchanged without `evaluate_arms`."""
+    import gymnasium
+
+    base = env.unwrapped
+    if not hasattr(base, "evaluate_arms") or getattr(base, "backend_kind", "replay") != "replay":
+        return env
+    static_arm = base.reference_arm_index if base.reference_arm_index is not None else 0
+
+    class OracleInfo(gymnasium.Wrapper):
+        def step(self, action):
+            rewards = base.evaluate_arms()
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            info = {**info, "oracle_reward": float(np.max(rewards)), "oracle_action": int(np.argmax(rewards)),
+                    "static_reward": float(rewards[static_arm])}
+            return obs, reward, terminated, truncated, info
+
+    return OracleInfo(env)
+
+
 def train_sb3(cfg, backend: str, run_dir: Path, make_env: Callable) -> None:
     """Train with model.learn, logging each epoch like the bandit loop; save the model and a JSON policy stub."""
     from omegaconf import OmegaConf
@@ -67,7 +88,7 @@ def train_sb3(cfg, backend: str, run_dir: Path, make_env: Callable) -> None:
 
     hyper = OmegaConf.to_container(cfg.agent, resolve=True)
     name = hyper.pop("name")
-    env = make_env(cfg, backend)
+    env = with_oracle(make_env(cfg, backend)) if cfg.get("oracle", True) else make_env(cfg, backend)
     base_env = env.unwrapped
     labels = [a["label"] for a in base_env.arm_table]
     total = int(cfg.episodes) * base_env.episode_epochs
@@ -89,6 +110,9 @@ def train_sb3(cfg, backend: str, run_dir: Path, make_env: Callable) -> None:
                       "batch_size": int(info["batch_size"]), "masked_action": bool(info["masked_action"]),
                       "switch_s": float(info["switch_s"]), "metrics": info["metrics"],
                       "reward_terms": info["reward_terms"], "penalties": info["penalties"]}
+            if "oracle_reward" in info:
+                record.update({key: info[key] for key in ("oracle_reward", "oracle_action", "static_reward")})
+                record["regret"] = record["oracle_reward"] - record["reward"]
             self.handle.write(json.dumps(record) + "\n")
             self.handle.flush()
             os.fsync(self.handle.fileno())
@@ -111,7 +135,12 @@ def train_sb3(cfg, backend: str, run_dir: Path, make_env: Callable) -> None:
         json.dump(policy, handle, indent=1)
     summary = {"agent": name, "backend": backend, "slo": cfg.slo.name, "seed": int(cfg.seed), "epochs": len(records),
                "mean_reward": float(np.mean([r["reward"] for r in records])),
-               "mean_reward_last_episode": float(np.mean([r["reward"] for r in records[-base_env.episode_epochs:]]))}
+               "mean_reward_last_episode": float(np.mean([r["reward"] for r in records[-base_env.episode_epochs:]])),
+               **{f"mean_{k}": float(np.mean([r["metrics"][k] for r in records])) for k in records[0]["metrics"]}}
+    if "oracle_reward" in records[0]:  # the same fields as the bandit loop's summary (scripts/compare.py reads them)
+        summary.update({"oracle_mean_reward": float(np.mean([r["oracle_reward"] for r in records])),
+                        "regret": float(sum(r["regret"] for r in records)),
+                        "static_mean_reward": float(np.mean([r["static_reward"] for r in records]))})
     with atomic_file(run_dir / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=1)
     env.close()

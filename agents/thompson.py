@@ -12,18 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import Agent, argmax_allowed, check_range, feasible
+from agents.base import ArmStatistics, argmax_allowed, check_range, feasible
 
 
-class GaussianThompson(Agent):
+class GaussianThompson(ArmStatistics):
     name = "thompson"
 
     def __init__(self, n_arms: int, seed: int = 0, sigma: float = 0.5, prior_mean: float = 0.0) -> None:
         super().__init__(n_arms, seed)
         self.sigma = check_range("sigma", sigma, 0.0, float("inf"), low_open=True)
         self.prior_mean = float(prior_mean)
-        self.counts = np.zeros(n_arms)
-        self.sums = np.zeros(n_arms)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"sigma": self.sigma, "prior_mean": self.prior_mean}
@@ -42,10 +40,3 @@ class GaussianThompson(Agent):
         self.counts[action] += 1
         self.sums[action] += reward
         self.t += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "counts": self.counts.tolist(), "sums": self.sums.tolist()}
-
-    def load_state_dict(self, state) -> None:
-        super().load_state_dict(state)
-        self.counts, self.sums = np.array(state["counts"], float), np.array(state["sums"], float)

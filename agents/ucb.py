@@ -12,17 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import Agent, argmax_allowed, check_range, feasible
+from agents.base import ArmStatistics, argmax_allowed, check_range, feasible
 
 
-class UCB1(Agent):
+class UCB1(ArmStatistics):
     name = "ucb"
 
     def __init__(self, n_arms: int, seed: int = 0, c: float = 1.0) -> None:
         super().__init__(n_arms, seed)
         self.c = check_range("c (exploration)", c, 0.0, float("inf"))
-        self.counts = np.zeros(n_arms)
-        self.sums = np.zeros(n_arms)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"c": self.c}
@@ -44,10 +42,3 @@ class UCB1(Agent):
 
     def means(self) -> np.ndarray:
         return self.sums / np.maximum(self.counts, 1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "counts": self.counts.tolist(), "sums": self.sums.tolist()}
-
-    def load_state_dict(self, state) -> None:
-        super().load_state_dict(state)
-        self.counts, self.sums = np.array(state["counts"], float), np.array(state["sums"], float)
