@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from agents import AGENTS, make_agent  # noqa: E402
 from helios.paths import atomic_file  # noqa: E402
 
 ENV_IDS = {"live": "helios/ModelDepth-v0", "replay": "helios/ModelDepthReplay-v0"}
+# conf/hydra/launcher/{joblib,submitit_slurm}.yaml share their names with the plugins' schemas, which validate them
+# (intended); Hydra warns about that matching on every launch.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*' is validated against ConfigStore schema")
 SB3_AGENTS = ("ppo", "a2c", "dqn", "maskable_ppo")
 
 
@@ -52,6 +56,9 @@ def validate_agent(cfg: DictConfig) -> None:
         raise ValueError(f"unknown agent {name!r}; valid: {sorted([*AGENTS, *SB3_AGENTS])}")
     hyper = agent_hyperparameters(cfg)
     hyper.pop("arm_table", None)
+    if name == "helios":  # needs the env's arm table: a one-arm stand-in checks the other hyper-parameters
+        make_agent(name, 1, seed=0, arm_table=[{"index": 0, "candidate": "stand-in"}], **hyper)
+        return
     make_agent(name, 1_000_000, seed=0, **hyper)
 
 
@@ -106,10 +113,11 @@ class Logger:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
-    def finish(self, plots: list[Path], policy: Path) -> None:
+    def finish(self, plots: list[Path], policy: Path, summary: dict[str, Any]) -> None:
         if self.run is not None:
             import wandb
 
+            self.run.summary.update(summary)  # what a W&B sweep optimises (conf/sweep/*.yaml: metric mean_reward)
             self.run.log({p.stem: wandb.Image(str(p)) for p in plots})
             artifact = wandb.Artifact("policy", type="policy")
             artifact.add_file(str(policy))
@@ -264,7 +272,7 @@ def main(cfg: DictConfig) -> None:
                         "static_mean_reward": float(np.mean([r["static_reward"] for r in records]))})
     with atomic_file(run_dir / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=1)
-    logger.finish(plots, run_dir / "policy.json")
+    logger.finish(plots, run_dir / "policy.json", summary)
     print(json.dumps(summary, indent=1))
 
 

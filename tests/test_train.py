@@ -1,0 +1,247 @@
+"""scripts/train.py end to end on the tiny replay env: SIGKILL + resume, bad input, Hydra multirun + compare, the W&B
+sweep config's command, the launcher configs.
+
+    /work/main/.venv/bin/python -m pytest tests/test_train.py -q
+
+Every run is a real subprocess of scripts/train.py (replay, tiny candidates, traces recorded once into a temporary
+directory by the `tiny_train_env` fixture in conftest.py, logger=none).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "scripts" / "train.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
+       "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+EPISODE_EPOCHS = 40  # conftest.TRAIN_TINY_OVERRIDES
+
+
+def train_cmd(tiny: dict, run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(TRAIN), *tiny["overrides"], *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def line_count(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+# ------------------------------------------------------------------------------------------ kill and resume
+
+
+def test_sigkill_then_resume_loses_and_repeats_no_epoch_and_matches_an_uninterrupted_run(tiny_train_env, tmp_path):
+    """A run SIGKILLed mid-way and resumed with resume=<run dir> logs epochs 0..N-1 exactly once, and its actions
+    and rewards equal an uninterrupted run's with the same seed (agent state and env position restored)."""
+    episodes = 3
+    total = episodes * EPISODE_EPOCHS
+    args = ("agent=thompson", "seed=3", f"episodes={episodes}")  # Thompson draws from its RNG every epoch
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    with open(tmp_path / "reference.log", "w") as ref_log, open(tmp_path / "killed.log", "w") as run_log:
+        reference = subprocess.Popen(train_cmd(tiny_train_env, ref_dir, *args), cwd=ROOT, env=ENV, stdout=ref_log,
+                                     stderr=subprocess.STDOUT)
+        killed = subprocess.Popen(train_cmd(tiny_train_env, run_dir, *args), cwd=ROOT, env=ENV, stdout=run_log,
+                                  stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while line_count(run_dir / "metrics.jsonl") < 25:
+            assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no epochs logged within 120 s"
+            time.sleep(0.002)
+        os.kill(killed.pid, signal.SIGKILL)
+        assert killed.wait(timeout=30) == -signal.SIGKILL
+        done = json.loads((run_dir / "checkpoint.json").read_text())["epochs_done"]
+        logged = line_count(run_dir / "metrics.jsonl")
+        assert 25 <= logged < total and 0 < done <= logged, (done, logged)  # killed mid-way, inside the epoch loop
+        assert not (run_dir / "summary.json").exists()
+        resumed = subprocess.run([sys.executable, str(TRAIN), f"resume={run_dir}",
+                                  f"hydra.run.dir={tmp_path / 'resume_job'}"],
+                                 cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert reference.wait(timeout=120) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+
+    got, want = records(run_dir), records(ref_dir)
+    assert [r["epoch"] for r in got] == list(range(total))  # each epoch exactly once, in order
+    assert [r["action"] for r in got] == [r["action"] for r in want]
+    assert [r["reward"] for r in got] == [r["reward"] for r in want]
+    assert [r["phase"] for r in got] == [r["phase"] for r in want]
+    assert len({r["action"] for r in want}) > 1  # a policy that explores, not one constant arm
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == total
+    assert summary["mean_reward"] == pytest.approx(json.loads((ref_dir / "summary.json").read_text())["mean_reward"])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+BAD_INPUT: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("agent=nope",), "Could not find 'agent/nope'"),
+    (("agent=sw_ucb", "agent.window=-3"), "window must be a positive integer; got -3"),
+    (("agent=epsilon_greedy", "agent.epsilon=1.5"), "epsilon must be in [0.0, 1.0]; got 1.5"),
+    (("agent=d_ucb", "agent.discount=0"), "discount must be in (0.0, 1.0]; got 0"),
+    (("agent=d_ucb", "agent.discount=1.2"), "discount must be in (0.0, 1.0]; got 1.2"),
+    (("agent=ppo", "agent.gamma=1.5"), "ppo.gamma must be in (0.0, 1.0]; got 1.5"),
+)
+
+
+def test_bad_agent_config_fails_before_any_model_loads(tmp_path):
+    """Unknown agent (Hydra lists the choices) and out-of-range hyper-parameters: a clear error and no trace
+    recorded. build_traces=true with an empty trace_dir would record traces (loading the models) if a run got as far
+    as the environment. The runs go in parallel (each is an interpreter + Hydra start)."""
+    start = time.monotonic()
+    procs = []
+    for i, (overrides, _) in enumerate(BAD_INPUT):
+        cmd = [sys.executable, str(TRAIN), "env=replay", "env.candidates=tiny", "env.build_traces=true",
+               f"env.trace_dir={tmp_path / f'traces{i}'}", "logger=none", *overrides, f"hydra.run.dir={tmp_path / f'run{i}'}"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for i, ((overrides, message), proc) in enumerate(zip(BAD_INPUT, procs)):
+        _, stderr = proc.communicate(timeout=90)
+        assert proc.returncode != 0, overrides
+        assert message in stderr, (overrides, stderr[-2000:])
+        if overrides == ("agent=nope",):  # Hydra lists the valid choices
+            for choice in ("ucb", "sw_ucb", "thompson", "helios", "maskable_ppo"):
+                assert f"\t{choice}\n" in stderr
+        assert not (tmp_path / f"traces{i}").exists(), overrides
+        assert not (tmp_path / f"run{i}" / "metrics.jsonl").exists(), overrides
+    elapsed = time.monotonic() - start
+    assert elapsed < 45, f"took {elapsed:.1f} s"  # interpreters + Hydra only (recording the traces takes longer)
+
+
+# ------------------------------------------------------------------------------------------ multirun + compare
+
+
+def test_multirun_then_compare(tiny_train_env, tmp_path):
+    """`-m agent=helios,ppo` (a bandit-loop agent that needs the arm table, and an SB3 agent) finishes every job;
+    scripts/compare.py turns the sweep directory into Markdown, CSV and PNG with one row per agent (the interval
+    arithmetic over seeds is tested on synthetic runs in test_compare.py)."""
+    sweep = tmp_path / "multirun"
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), "-m", "agent=helios,ppo", "seed=1", *tiny_train_env["overrides"], "episodes=1",
+         f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert [p.parent.name for p in summaries] == ["0_helios_s1", "1_ppo_s1"]
+    for path in summaries:  # SB3 runs carry the same comparison fields as the bandit loop
+        summary = json.loads(path.read_text())
+        for key in ("mean_reward", "regret", "oracle_mean_reward", "static_mean_reward", "mean_throughput_tok_s",
+                    "mean_latency_p95_s", "mean_energy_j_per_tok", "mean_accuracy"):
+            assert math.isfinite(summary[key]), (path, key)
+        assert summary["regret"] >= 0
+
+    compared = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), str(sweep)], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=60)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    rows = (sweep / "compare.csv").read_text().splitlines()
+    assert rows[0].startswith("group,n,seeds,reward_mean,reward_ci95")
+    assert sorted(r.split(",")[0] for r in rows[1:]) == ["agent=helios", "agent=ppo"]
+    assert all(r.split(",")[1:3] == ["1", "1"] for r in rows[1:])  # n, seeds
+    assert "| `agent=helios` | 1 |" in (sweep / "compare.md").read_text()
+    assert (sweep / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------ W&B sweep
+
+
+def sample(spec: dict, rng: random.Random):
+    """One value from a W&B sweep parameter spec (the distributions conf/sweep/*.yaml use)."""
+    if "value" in spec:
+        return spec["value"]
+    if "values" in spec:
+        return rng.choice(spec["values"])
+    kind = spec["distribution"]
+    if kind == "int_uniform":
+        return rng.randint(spec["min"], spec["max"])
+    if kind == "uniform":
+        return rng.uniform(spec["min"], spec["max"])
+    if kind == "log_uniform_values":
+        return math.exp(rng.uniform(math.log(spec["min"]), math.log(spec["max"])))
+    raise AssertionError(f"distribution {kind!r} not handled by this test")
+
+
+def test_wandb_sweep_config_runs_its_command_once(tiny_train_env, tmp_path):
+    """Parse conf/sweep/wandb_ucb.yaml, sample its parameters, expand `command` as `wandb agent` does (wandb's own
+    create_sweep_command_args; ${env} -> /usr/bin/env, ${interpreter} -> python, ${program}), and run it once on the
+    tiny replay env with logger=none and one episode appended."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    sweep = yaml.safe_load((ROOT / "conf" / "sweep" / "wandb_ucb.yaml").read_text())
+    assert sweep["program"] == "scripts/train.py" and (ROOT / sweep["program"]).exists()
+    assert "${args_no_hyphens}" in sweep["command"]
+    assert sweep["metric"]["name"] == "mean_reward"  # written to summary.json and the W&B run summary
+    assert sweep["method"] in ("random", "grid", "bayes")
+    params = {name: sample(spec, random.Random(7)) for name, spec in sweep["parameters"].items()}
+    assert params["agent"] == "sw_ucb"
+
+    sweep_vars = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
+    sweep_vars.update(interpreter=["python"], program=[sweep["program"]], env=["/usr/bin/env"])
+    command: list[str] = []
+    for chunk in create_sweep_command(list(sweep["command"])):
+        chunk = str(chunk)
+        command += sweep_vars[chunk[2:-1]] if chunk.startswith("${") and chunk.endswith("}") else [chunk]
+    assert command[:3] == ["/usr/bin/env", "python", "scripts/train.py"]
+    assert f"agent.window={params['agent.window']}" in command
+
+    run_dir = tmp_path / "sweep_run"
+    extra = [*tiny_train_env["overrides"], "episodes=1", f"hydra.run.dir={run_dir}"]
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{ENV['PATH']}"}  # `python` = this venv's
+    result = subprocess.run(command + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["agent"]["name"] == "sw_ucb"
+    assert config["agent"]["window"] == params["agent.window"]
+    assert config["agent"]["c"] == pytest.approx(params["agent.c"])
+    assert config["slo"]["name"] == params["slo"] and config["seed"] == params["seed"]
+    assert config["logger"]["kind"] == "none" and config["episodes"] == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == EPISODE_EPOCHS and math.isfinite(summary[sweep["metric"]["name"]])
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+
+@pytest.mark.filterwarnings("ignore:(?s).*validated against ConfigStore schema:UserWarning")
+@pytest.mark.parametrize("name, schema, changed", [
+    ("joblib", "hydra_plugins.hydra_joblib_launcher.config:JobLibLauncherConf", {"n_jobs": 2}),
+    ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.config:SlurmQueueConf", {"cpus_per_task": 2}),
+])
+def test_launcher_config_is_valid_for_its_plugin(name, schema, changed):
+    """conf/hydra/launcher/<name>.yaml merges into the plugin's schema (every key known, every type right), is what
+    `hydra/launcher=<name>` selects, and instantiates the plugin's launcher."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    module, cls = schema.split(":")
+    pytest.importorskip(module.rsplit(".", 1)[0])
+    dataclass_ = getattr(importlib.import_module(module), cls)
+    path = ROOT / "conf" / "hydra" / "launcher" / f"{name}.yaml"
+    mine = OmegaConf.load(path)
+    merged = OmegaConf.merge(OmegaConf.structured(dataclass_), mine)
+    assert set(mine) == set(OmegaConf.structured(dataclass_))  # a complete config, not a partial one
+    assert merged._target_ == dataclass_._target_
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+    for key, value in changed.items():
+        assert cfg.hydra.launcher[key] == value  # our file, not the plugin's defaults
+    launcher = instantiate(OmegaConf.merge(cfg.hydra.launcher, {"submitit_folder": "/tmp/x", "name": "x"})
+                           if name.startswith("submitit") else cfg.hydra.launcher)
+    assert type(launcher).__name__ == dataclass_._target_.rsplit(".", 1)[1]
