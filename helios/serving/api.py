@@ -1,0 +1,247 @@
+"""The OpenAI-compatible HTTP API (FastAPI): handlers only; schemas in protocol.py, the engine behind batcher.py.
+
+    python scripts/serve.py policy=exports/ucb      # then: curl 127.0.0.1:8000/v1/models
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent events),
+GET /v1/models, GET /health, GET /metrics (Prometheus text). Every error is an OpenAI-style body
+{"error": {"message", "type", "param", "code"}} with a 4xx status: bad JSON, schema violations, bad `max_tokens`,
+prompts over the context window, unknown models and a missing/wrong API key are the client's fault, never a 5xx.
+
+Streaming: the engine decodes a batch to the end in one call, so a stream sends its chunks once the batch is done
+(one chunk per token, text decoded incrementally so multi-byte characters are never split). What streaming buys here
+is the OpenAI wire format, not an earlier first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from helios.serving.batcher import Batcher, GenerationOutput, GenerationRequest, RequestError
+from helios.serving.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from helios.serving.protocol import (
+    ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse, ChatResponseMessage, CompletionChoice, CompletionRequest, CompletionResponse,
+    CompletionStreamResponse, DeltaMessage, ErrorInfo, ErrorResponse, ModelCard, ModelList, UsageInfo, random_id,
+)
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               503: "service_unavailable"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=ERROR_TYPES.get(status, "invalid_request_error"),
+                                         param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: str = "helios",
+               api_key: str | None = None, default_max_tokens: int = 16, max_prompts: int = 64,
+               on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The app. The batcher is started on startup and drained on shutdown (uvicorn's SIGTERM handling waits for
+    in-flight requests first, then runs the shutdown, so nothing queued is dropped)."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not batcher.alive:
+            batcher.start()
+        yield
+        await asyncio.to_thread(batcher.stop)  # serves whatever is still queued, off the event loop
+        if on_shutdown is not None:  # here, not after uvicorn.run: uvicorn re-raises SIGTERM once it has shut down
+            on_shutdown()
+
+    app = FastAPI(title="helios", lifespan=lifespan)
+    app.state.batcher, app.state.metrics = batcher, metrics
+
+    # ------------------------------------------------------------------------------------------ errors
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        return error_response(error.status, error.message, error.param, error.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI reports malformed JSON, missing fields and wrong types here; OpenAI answers all of them with 400.
+        first = error.errors()[0] if error.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"We could not parse the JSON body of your request: {first.get('msg')}",
+                                  None, "invalid_json")
+        param = ".".join(loc) or None
+        return error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param,
+                              first.get("type"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(error.status_code, str(error.detail), None, None)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):  # type: ignore[no-untyped-def]
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):  # constant time: no timing oracle
+                metrics.requests.labels("/v1/*", "401").inc()  # not the raw path: unbounded label values
+                return error_response(401, "Incorrect API key provided.", None, "invalid_api_key")
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
+        return response
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def check_model(model: str) -> None:
+        if model != served_model_name:
+            raise APIError(404, f"The model `{model}` does not exist. Available: {served_model_name}", "model",
+                           "model_not_found")
+
+    def check_max_tokens(value: int | None, param: str) -> int:
+        if value is None:
+            return default_max_tokens
+        if value < 1:
+            raise APIError(400, f"{param} must be at least 1; got {value}", param, "invalid_value")
+        if value >= batcher.max_context:
+            raise APIError(400, f"{param} ({value}) must be smaller than the context window of "
+                                f"{batcher.max_context} tokens", param, "context_length_exceeded")
+        return value
+
+    async def generate(**fields: Any) -> GenerationOutput:
+        loop = asyncio.get_running_loop()
+        request = GenerationRequest(future=loop.create_future(), loop=loop, **fields)
+        try:
+            batcher.submit(request)
+        except RuntimeError as error:
+            raise APIError(503, str(error), None, "shutting_down") from error
+        try:
+            return await request.future
+        except RequestError as error:
+            raise APIError(400, str(error), error.param, error.code) from error
+        except asyncio.CancelledError:
+            request.future.cancel()  # the worker skips it if it has not started
+            raise
+
+    def sse(payload: Any) -> str:
+        return f"data: {payload.model_dump_json()}\n\n"
+
+    def deltas(output: GenerationOutput) -> list[str]:
+        return [piece for piece in output.pieces if piece]
+
+    def usage(output: GenerationOutput) -> UsageInfo:
+        return UsageInfo(prompt_tokens=output.prompt_tokens, completion_tokens=len(output.token_ids),
+                         total_tokens=output.prompt_tokens + len(output.token_ids))
+
+    # ------------------------------------------------------------------------------------------ endpoints
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not batcher.alive:
+            return error_response(503, "the batcher worker is not running", None, "worker_dead")
+        return JSONResponse({"status": "ok", "arm": batcher.arm, "queue": batcher.queue.qsize()})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=served_model_name)])
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest) -> Any:
+        started = time.perf_counter()
+        check_model(body.model)
+        max_tokens = check_max_tokens(body.max_tokens, "max_tokens")
+        texts = body.prompt_texts()
+        if texts is not None:
+            if not texts or len(texts) > max_prompts:
+                raise APIError(400, f"prompt must hold 1..{max_prompts} strings", "prompt", "invalid_value")
+            jobs = [generate(prompt=t, max_tokens=max_tokens, stop=body.stop_strings()) for t in texts]
+        else:
+            if not body.prompt:
+                raise APIError(400, "the prompt is empty", "prompt", "empty_prompt")
+            ids = [int(t) for t in body.prompt]  # type: ignore[arg-type]
+            jobs = [generate(prompt_ids=ids, max_tokens=max_tokens, stop=body.stop_strings())]
+        outputs: list[GenerationOutput] = list(await asyncio.gather(*jobs))
+        prefix = [t if body.echo else "" for t in (texts or [""] * len(outputs))]
+        if not body.stream:
+            metrics.request_latency.labels("/v1/completions").observe(time.perf_counter() - started)
+            total = UsageInfo(prompt_tokens=sum(o.prompt_tokens for o in outputs),
+                              completion_tokens=sum(len(o.token_ids) for o in outputs))
+            total.total_tokens = total.prompt_tokens + total.completion_tokens
+            return CompletionResponse(model=served_model_name, usage=total, system_fingerprint=outputs[0].arm,
+                                      choices=[CompletionChoice(index=i, text=prefix[i] + o.text,
+                                                                finish_reason=o.finish_reason)  # type: ignore[arg-type]
+                                               for i, o in enumerate(outputs)])
+        rid, created = random_id("cmpl"), int(time.time())
+
+        async def stream() -> AsyncIterator[str]:
+            for i, output in enumerate(outputs):
+                for piece in ([prefix[i]] if prefix[i] else []) + deltas(output):
+                    yield sse(CompletionStreamResponse(id=rid, created=created, model=served_model_name,
+                                                       choices=[CompletionChoice(index=i, text=piece)]))
+                yield sse(CompletionStreamResponse(id=rid, created=created, model=served_model_name, choices=[
+                    CompletionChoice(index=i, text="", finish_reason=output.finish_reason)]))  # type: ignore[arg-type]
+            if body.stream_options and body.stream_options.include_usage:
+                prompt = sum(o.prompt_tokens for o in outputs)
+                completion = sum(len(o.token_ids) for o in outputs)
+                yield sse(CompletionStreamResponse(id=rid, created=created, model=served_model_name, choices=[],
+                                                   usage=UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                                                                   total_tokens=prompt + completion)))
+            yield "data: [DONE]\n\n"
+            metrics.request_latency.labels("/v1/completions").observe(time.perf_counter() - started)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        started = time.perf_counter()
+        check_model(body.model)
+        if body.logprobs:
+            raise APIError(400, "logprobs are not supported by this server", "logprobs", "unsupported")
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = check_max_tokens(body.max_completion_tokens if body.max_completion_tokens is not None
+                                      else body.max_tokens, param)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        output = await generate(messages=messages, max_tokens=max_tokens, stop=body.stop_strings())
+        if not body.stream:
+            metrics.request_latency.labels("/v1/chat/completions").observe(time.perf_counter() - started)
+            choice = ChatCompletionChoice(index=0, message=ChatResponseMessage(content=output.text),
+                                          finish_reason=output.finish_reason)  # type: ignore[arg-type]
+            return ChatCompletionResponse(model=served_model_name, usage=usage(output), system_fingerprint=output.arm,
+                                          choices=[choice])
+        rid, created = random_id("chatcmpl"), int(time.time())
+
+        def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
+            return sse(ChatCompletionStreamResponse(id=rid, created=created, model=served_model_name,
+                                                    system_fingerprint=output.arm, choices=[
+                    ChatCompletionStreamChoice(index=0, delta=delta, finish_reason=finish)]))  # type: ignore[arg-type]
+
+        async def stream() -> AsyncIterator[str]:
+            yield chunk(DeltaMessage(role="assistant", content=""))
+            for piece in deltas(output):
+                yield chunk(DeltaMessage(content=piece))
+            yield chunk(DeltaMessage(), output.finish_reason)
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse(ChatCompletionStreamResponse(id=rid, created=created, model=served_model_name, choices=[],
+                                                       usage=usage(output)))
+            yield "data: [DONE]\n\n"
+            metrics.request_latency.labels("/v1/chat/completions").observe(time.perf_counter() - started)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app
+

@@ -1,0 +1,391 @@
+"""Dynamic batching and arm switching: one worker thread owns the engine; the event loop only enqueues and awaits.
+
+    python scripts/serve.py policy=/path/to/export   # builds a Batcher; see helios/serving/api.py for the HTTP side
+
+The engine call is blocking torch, so it never runs on the event loop: handlers put a `GenerationRequest` on a
+thread-safe queue and await an asyncio future that the worker resolves with `loop.call_soon_threadsafe`.
+
+Batching: the worker takes the oldest waiting request, then waits up to `max_wait_s` for more, up to the current
+arm's batch size (what the memory budget allows beside its weights). The batch decodes `max(max_tokens)` greedily;
+each request keeps its own first `max_tokens` (greedy tokens of a row do not depend on how long the batch runs).
+
+Epochs and switching: after a batch, when `epoch_s` has passed and the epoch served something, the worker turns the
+epoch's telemetry into the environment's observation and SLO reward, lets the policy learn (if online) and act, and
+loads the new arm if it changed. That happens between batches, in the same thread, so a switch never touches an
+in-flight batch: requests that arrive meanwhile wait in the queue and are served by the new arm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from envs.model_depth import OBS_RATIO_MAX
+from helios.engine import EarlyExitEngine, ExitConfig
+from helios.serving.metrics import ServerMetrics
+
+log = logging.getLogger("helios.serving")
+ACCURACY_LIVE = 1.0  # no references live: accuracy enters the reward as neutral (ratio 1 to the reference)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as asked (answered as HTTP 400 with `param`)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """What a handler hands the worker. Prompts are encoded by the worker with the arm that serves them (arms can
+    have different tokenizers); `messages` (chat) go through the tokenizer's chat template."""
+
+    max_tokens: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    exit_layers: list[int]
+    arm: str
+    pieces: list[str]  # per-token text increments (for streaming); they concatenate to `text`
+
+
+def text_pieces(tokenizer: Any, tokens: list[int], text: str) -> list[str]:
+    """Split `text` (the decoded, stop-truncated completion) into per-token increments, decoding prefixes so that a
+    multi-byte character split over tokens is sent whole, with the arm's own tokenizer (the next batch may differ)."""
+    pieces, sent = [], 0
+    for i in range(1, len(tokens) + 1):
+        prefix = tokenizer.decode(tokens[:i], skip_special_tokens=True)
+        if prefix.endswith("\ufffd"):
+            continue  # an incomplete character: wait for its remaining bytes
+        end = min(len(prefix), len(text))
+        if end > sent and text.startswith(prefix[:end]):
+            pieces.append(text[sent:end])
+            sent = end
+    if sent < len(text):
+        pieces.append(text[sent:])
+    return pieces
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Chat prompt ids: the tokenizer's template when it has one, else a plain "role: content" transcript (the tiny
+    test models' byte tokenizer has no template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+class Engines:
+    """Loads the engine of an arm (candidate truncated to depth) and keeps only the current one resident: the memory
+    budget that sized the batches holds one model."""
+
+    def __init__(self, device: str = "cpu", dtype: str = "float32") -> None:
+        self.device, self.dtype = device, dtype
+
+    def load(self, arm: dict[str, Any]) -> EarlyExitEngine:
+        from helios.models import load_candidate
+
+        loaded = load_candidate(arm["candidate"], int(arm["depth"]), device=self.device, dtype=self.dtype,
+                                progress=False)
+        return EarlyExitEngine(loaded)
+
+
+class Batcher:
+    def __init__(self, *, policy: Any, metrics: ServerMetrics, slo: Any, meter: Any, context_tokens: int,
+                 max_wait_s: float = 0.01, epoch_s: float = 5.0, initial_arm: int | None = None,
+                 engines: Engines | None = None, histogram_bins: int = 8,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.policy = policy
+        self.arm_table: list[dict[str, Any]] = policy.arm_table
+        self.mask = np.array([bool(a.get("feasible", a["batch_size"] >= 1)) for a in self.arm_table])
+        if not self.mask.any():
+            raise ValueError("no arm of the policy's table fits the memory budget")
+        self.metrics, self.slo, self.meter = metrics, slo, meter
+        self.context_tokens = int(context_tokens)
+        self.max_wait_s, self.epoch_s = float(max_wait_s), float(epoch_s)
+        self.engines = engines or Engines()
+        self.bins = histogram_bins
+        self.on_epoch = on_epoch
+        self.queue: queue.Queue[GenerationRequest] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.engine: EarlyExitEngine | None = None
+        self._max_context = self.context_tokens
+        self.arm_index = -1
+        self.last_switch_s = 0.0
+        self.reference: dict[str, float] | None = None
+        self.epoch_log: list[dict[str, Any]] = []
+        self._epoch_reset()
+        self._names = list(policy.observation_names)
+        first = initial_arm if initial_arm is not None else policy.act(self.observation(None), self.mask)
+        self.switch(int(first))
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="helios-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Serve what is queued, then stop (the HTTP server has already stopped accepting requests)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def arm(self) -> dict[str, Any]:
+        return self.arm_table[self.arm_index]
+
+    @property
+    def tokenizer(self) -> Any:
+        assert self.engine is not None
+        return self.engine.loaded.tokenizer
+
+    @property
+    def max_context(self) -> int:
+        """Prompt + new tokens per sequence: the model's window, capped by the K/V the budget reserved per sequence.
+        Cached at each switch: handlers read it on the event loop while the worker may be loading the next arm."""
+        return self._max_context
+
+    def submit(self, request: GenerationRequest) -> None:
+        if self._stop.is_set():
+            raise RuntimeError("server is shutting down")
+        self.queue.put(request)
+        self.metrics.queue_depth.set(self.queue.qsize())
+
+    # ------------------------------------------------------------------------------------------ the worker
+
+    def _run(self) -> None:
+        while True:
+            try:
+                first = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return  # stop requested and nothing left: drained
+                continue
+            batch = [first]
+            deadline = time.perf_counter() + self.max_wait_s
+            while len(batch) < max(1, int(self.arm["batch_size"])):
+                try:
+                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.perf_counter())))
+                except queue.Empty:
+                    break
+            self.metrics.queue_depth.set(self.queue.qsize())
+            batch = [r for r in batch if not r.future.cancelled()]  # the client went away while it waited
+            if batch:
+                try:
+                    self._serve(batch)
+                except Exception as error:  # never let one bad batch kill the worker; its requests get the error
+                    log.exception("engine batch failed")
+                    self.metrics.errors.inc()
+                    for request in batch:
+                        self._resolve(request, error)
+            try:
+                self._maybe_end_epoch()
+            except Exception:  # a policy/loader failure keeps the current arm; the next epoch tries again
+                log.exception("policy epoch failed; keeping arm %s", self.arm_index)
+                self._epoch_reset()
+
+    @staticmethod
+    def _resolve(request: GenerationRequest, result: Any) -> None:
+        def deliver() -> None:
+            if request.future.done():  # cancelled by a disconnect
+                return
+            if isinstance(result, BaseException):
+                request.future.set_exception(result)
+            else:
+                request.future.set_result(result)
+
+        try:
+            request.loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # the loop is closed (server gone): nobody is waiting any more
+            pass
+
+    def encode(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for t in ids):
+                raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt", "invalid_token_id")
+        elif request.messages is not None:
+            ids = render_chat(self.tokenizer, request.messages)
+        else:
+            ids = list(self.tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
+        if not ids:
+            raise RequestError("the prompt is empty", "prompt", "empty_prompt")
+        if len(ids) + request.max_tokens > self.max_context:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
+                f"{len(ids) + request.max_tokens} tokens ({len(ids)} in the prompt, {request.max_tokens} for the "
+                f"completion). Please reduce the prompt or max_tokens.", "messages" if request.messages else "prompt",
+                "context_length_exceeded")
+        return ids
+
+    def _serve(self, batch: list[GenerationRequest]) -> None:
+        assert self.engine is not None
+        encoded: list[tuple[GenerationRequest, list[int]]] = []
+        for request in batch:  # a request that cannot be encoded fails alone, the rest of the batch runs
+            try:
+                encoded.append((request, self.encode(request)))
+            except RequestError as error:
+                self._resolve(request, error)
+        if not encoded:
+            return
+        started = time.perf_counter()
+        for request, _ in encoded:
+            self.metrics.queue_wait.observe(started - request.arrival)
+        arm = self.arm
+        exit_config = ExitConfig(arm["criterion"], float(arm["threshold"]), tuple(arm["exit_points"]))
+        max_new = max(r.max_tokens for r, _ in encoded)
+        self.meter.start()
+        try:
+            result = self.engine.generate([ids for _, ids in encoded], max_new, exit_config)
+        finally:
+            reading = self.meter.stop()
+        finished = time.perf_counter()
+        self.metrics.batch_latency.observe(finished - started)
+        self.metrics.batch_size.observe(len(encoded))
+        self.metrics.energy.labels(reading.source).inc(max(0.0, reading.energy_j))
+        eos = set(self.engine.eos_ids)
+        tokenizer = self.tokenizer
+        generated = 0
+        for (request, ids), tokens, exits in zip(encoded, result.tokens, result.exit_layers):
+            tokens, exits = tokens[: request.max_tokens], exits[: request.max_tokens]
+            finish = "length"
+            if tokens and tokens[-1] in eos:
+                tokens, exits, finish = tokens[:-1], exits[:-1], "stop"  # EOS ends the text; it is not content
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            for stop in request.stop:
+                cut = text.find(stop)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+            generated += len(tokens)
+            self.metrics.prompt_tokens.inc(len(ids))
+            for layer in exits:
+                self.metrics.exit_layer.observe(layer)
+            self.epoch["latencies"].append(finished - request.arrival)
+            self.epoch["exit_layers"].extend(exits)
+            self._resolve(request, GenerationOutput(text, tokens, len(ids), finish, exits, arm["label"],
+                                                    text_pieces(tokenizer, tokens, text)))
+        self.metrics.generated_tokens.inc(generated)
+        self.epoch["tokens"] += generated
+        self.epoch["busy_s"] += finished - started
+        self.epoch["energy_j"] += max(0.0, reading.energy_j)
+        self.epoch["requests"] += len(encoded)
+
+    # ------------------------------------------------------------------------------------------ the policy
+
+    def _epoch_reset(self) -> None:
+        self.epoch: dict[str, Any] = {"start": time.perf_counter(), "tokens": 0, "busy_s": 0.0, "energy_j": 0.0,
+                                      "requests": 0, "latencies": [], "exit_layers": []}
+
+    def histogram(self) -> np.ndarray:
+        """Shares of this epoch's tokens by exit layer / the candidate's layers, in `bins` buckets (the env's)."""
+        layers = np.asarray(self.epoch["exit_layers"], dtype=float)
+        hist = np.zeros(self.bins, np.float32)
+        if layers.size:
+            fraction = layers / max(1, int(self.arm["num_layers"]))
+            buckets = np.clip(np.ceil(fraction * self.bins).astype(int) - 1, 0, self.bins - 1)
+            np.add.at(hist, buckets, 1.0)
+            hist /= layers.size
+        return hist
+
+    def epoch_values(self) -> dict[str, float]:
+        tokens = max(1, self.epoch["tokens"])
+        return {"throughput_tok_s": self.epoch["tokens"] / max(self.epoch["busy_s"], 1e-9),
+                "latency_p95_s": float(np.percentile(self.epoch["latencies"], 95)),
+                "energy_j_per_tok": max(self.epoch["energy_j"], 1e-9) / tokens, "accuracy": ACCURACY_LIVE}
+
+    def observation(self, values: dict[str, float] | None) -> np.ndarray:
+        """The env's observation vector (envs/model_depth.py layout, by name) from live telemetry. Ratios are to the
+        first live epoch (the server has no offline reference run); the workload mix is unknown live (zeros)."""
+        features: dict[str, float] = {}
+        if values is not None and self.reference is not None:
+            features.update({f"exit_hist_{j}": float(v) for j, v in enumerate(self.histogram())})
+            ref = self.reference
+            features.update(throughput_ratio=values["throughput_tok_s"] / ref["throughput_tok_s"],
+                            latency_ratio=values["latency_p95_s"] / ref["latency_p95_s"],
+                            energy_ratio=values["energy_j_per_tok"] / ref["energy_j_per_tok"], accuracy_ratio=1.0,
+                            switch_ratio=self.last_switch_s / ref["latency_p95_s"])
+        if self.arm_index >= 0:
+            arm = self.arm
+            features[f"arm_{arm['candidate']}"] = 1.0
+            features["arm_depth_fraction"] = arm["depth"] / arm["num_layers"]
+            exits = list(dict.fromkeys(a["exit"] for a in self.arm_table))
+            features[f"arm_exit_{exits.index(arm['exit'])}"] = 1.0
+            features["arm_batch_fraction"] = arm["batch_size"] / max(a["batch_size"] for a in self.arm_table)
+        batch = int(self.arm["batch_size"]) if self.arm_index >= 0 else 1
+        features["queue_ratio"] = self.queue.qsize() / max(1, batch)  # waiting requests per batch slot
+        # Clipped like the env clips its ratios: the policy never saw larger values.
+        return np.array([min(features.get(name, 0.0), OBS_RATIO_MAX) for name in self._names], dtype=np.float32)
+
+    def _maybe_end_epoch(self) -> None:
+        if time.perf_counter() - self.epoch["start"] < self.epoch_s or self.epoch["requests"] == 0:
+            return
+        values = self.epoch_values()
+        if self.reference is None:
+            self.reference = dict(values)
+        reward = self.slo.evaluate(values, self.reference)
+        obs = self.observation(values)
+        info = {"metrics": values, "exit_histogram": self.histogram().tolist(), "penalties":
+                {k: v for k, v in reward.penalties.items() if v > 0}}
+        previous = self.arm_index
+        self.policy.update(previous, reward.total, obs, info)
+        choice = int(self.policy.act(obs, self.mask))
+        record = {"epoch": len(self.epoch_log), "arm": previous, "next_arm": choice, "reward": reward.total,
+                  "requests": self.epoch["requests"], **values}
+        self.epoch_log.append(record)
+        self.metrics.epochs.inc()
+        self.metrics.reward.set(reward.total)
+        if self.on_epoch is not None:
+            self.on_epoch(record)
+        if choice != previous:
+            self.switch(choice)
+        self._epoch_reset()
+
+    def switch(self, index: int) -> None:
+        """Load arm `index` (only between batches: this runs in the worker thread, or before it starts)."""
+        if not 0 <= index < len(self.arm_table) or not self.mask[index]:
+            raise ValueError(f"arm {index} is not a feasible arm of the table")
+        arm = self.arm_table[index]
+        if self.engine is not None and (arm["candidate"], arm["depth"]) == (self.arm["candidate"], self.arm["depth"]):
+            self.arm_index = index  # same model, another exit setting: nothing to load
+            self.last_switch_s = 0.0
+        else:
+            started = time.perf_counter()
+            self.engine = None  # drop the old model first: the budget holds one (only the worker reads it)
+            self.engine = self.engines.load(arm)
+            self._max_context = min(self.engine.max_context, self.context_tokens)
+            self.last_switch_s = time.perf_counter() - started
+            self.metrics.switch_seconds.observe(self.last_switch_s)
+            self.arm_index = index
+        if self.metrics is not None:
+            self.metrics.switches.inc()
+            self.metrics.set_arm(arm)
+        log.info("serving arm %d: %s (%.2f s to load)", index, arm["label"], self.last_switch_s)
