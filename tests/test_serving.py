@@ -286,21 +286,23 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
         def call(i: int) -> None:
             try:
                 status = httpx.post(url + "/v1/completions", timeout=120, json={
-                    "model": "helios", "prompt": f"request {i}", "max_tokens": 32}).status_code
+                    "model": "helios", "prompt": f"request {i}", "max_tokens": 300}).status_code
                 results.append(status)
                 finished.append(time.time())
             except Exception as error:  # noqa: BLE001 (recorded, asserted below)
                 results.append(repr(error))
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]  # 2 batches of 2: some must wait
+        # 4 batches of 2, each decoding 300 tokens (~1 s on the tiny model): the later ones are certainly still queued
+        # 0.3 s after sending, on a quiet or a loaded machine alike.
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)  # all four are in flight (queued or decoding)
+        time.sleep(0.3)  # all eight are in flight (queued or decoding)
         signalled = time.time()
         process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(120)
-        assert results == [200] * 4, results
+        assert results == [200] * 8, results
         assert max(finished) > signalled  # some were still in flight at SIGTERM, and were served
         # uvicorn re-raises the signal once shut down, so a drained server ends "killed by SIGTERM" (or 0)
         assert process.wait(60) in (0, -signal.SIGTERM)
