@@ -235,6 +235,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         grid += [(k, (), "none", None) for k in truncation_depths]
     decision_fractions: dict[str, list[float]] = {}
     for d, exit_points, criterion, threshold in grid:
+        if d not in grid_engines:  # a grid depth that is not one of the truncation depths
+            grid_engines[d] = EarlyExitEngine(load_candidate(name, d), load_tuned_heads=False)
         eng = grid_engines[d]
         config = ExitConfig(criterion, threshold or 0.9, exit_points)
         for head_name, heads in head_options:
@@ -322,7 +324,12 @@ def main() -> None:
     if args.quick:
         args.new_tokens, args.rounds, args.models = min(args.new_tokens, 16), 3, args.models
     torch.set_num_threads(args.threads)
-    results = [bench_model(name, args) for name in args.models.split(",") if name]
+    results = []
+    for name in (n for n in args.models.split(",") if n):
+        results.append(bench_model(name, args))
+        if args.json:  # after every model, so that a failure later loses nothing measured
+            with atomic_file(args.json.with_suffix(".partial.json"), "w") as handle:
+                json.dump({"partial": True, "per_model": results}, handle, indent=1)
 
     main_result = results[0]
     ee = [p for r in results if r["model"].startswith("helios-ee") for p in r["points"] if p["agreement"] >= 0.9]
