@@ -8,6 +8,7 @@ Without --url, a server (scripts/serve.py, one fixed arm of `--candidate`) is st
 loopback port and stopped with SIGTERM afterwards. Clients use the official async `openai` client; half of the
 requests are completions, half chat (every 4th one streamed). Reported: errors, latency p50/p95/max per request
 (wall clock at the client), generated tokens per second over the whole run (sum of completion tokens / wall time),
+time to the first streamed text chunk against the streamed request's whole latency,
 and the server's batch-size distribution from /metrics (how much dynamic batching happened).
 """
 
@@ -62,7 +63,8 @@ def start_server(candidate: str, max_batch_size: int, log: Path) -> tuple[subpro
 
 
 async def client_task(client: openai.AsyncOpenAI, model: str, index: int, requests: int, max_tokens: int,
-                      latencies: list[float], tokens: list[int], errors: list[str]) -> None:
+                      latencies: list[float], tokens: list[int], errors: list[str],
+                      stream_ttft: list[float], stream_latency: list[float]) -> None:
     for r in range(requests):
         started = time.perf_counter()
         prompt = f"Client {index} request {r}: tell me about"
@@ -74,9 +76,15 @@ async def client_task(client: openai.AsyncOpenAI, model: str, index: int, reques
                 stream = await client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True,
                     stream_options={"include_usage": True})
+                first = None
                 async for chunk in stream:
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter() - started
                     if chunk.usage is not None:
                         tokens.append(chunk.usage.completion_tokens)
+                if first is not None:
+                    stream_ttft.append(first)
+                    stream_latency.append(time.perf_counter() - started)
             else:
                 reply = await client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
@@ -91,10 +99,13 @@ async def run_load(url: str, model: str, clients: int, requests: int, max_tokens
     latencies: list[float] = []
     tokens: list[int] = []
     errors: list[str] = []
+    stream_ttft: list[float] = []
+    stream_latency: list[float] = []
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 8), timeout=600)
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, http_client=http) as client:
         started = time.perf_counter()
-        await asyncio.gather(*[client_task(client, model, i, requests, max_tokens, latencies, tokens, errors)
+        await asyncio.gather(*[client_task(client, model, i, requests, max_tokens, latencies, tokens, errors,
+                                           stream_ttft, stream_latency)
                                for i in range(clients)])
         wall = time.perf_counter() - started
     lat = np.array(latencies) if latencies else np.array([np.nan])
@@ -102,7 +113,11 @@ async def run_load(url: str, model: str, clients: int, requests: int, max_tokens
             "errors": len(errors), "error_samples": errors[:5], "max_tokens": max_tokens, "wall_s": wall,
             "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
             "latency_max_s": float(np.max(lat)), "completion_tokens": int(sum(tokens)),
-            "tokens_per_s": float(sum(tokens) / wall), "requests_per_s": float(len(latencies) / wall)}
+            "tokens_per_s": float(sum(tokens) / wall), "requests_per_s": float(len(latencies) / wall),
+            # Streamed requests: time to the first text chunk vs to the last (incremental streaming shows as a gap).
+            "stream_requests": len(stream_ttft),
+            "stream_ttft_p50_s": float(np.median(stream_ttft)) if stream_ttft else None,
+            "stream_latency_p50_s": float(np.median(stream_latency)) if stream_latency else None}
 
 
 def batch_stats(url: str) -> dict[str, float]:

@@ -31,7 +31,7 @@ import dataclasses
 import inspect
 import sys
 import time
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -332,12 +332,17 @@ class EarlyExitEngine:
         measure_decisions: bool = False,
         sync_every: int = 16,
         forced_tokens: list[list[int]] | None = None,
+        on_token: Callable[[int, torch.Tensor], None] | None = None,
     ) -> GenerationResult:
         """Greedy decoding of `max_new_tokens` per prompt (fewer when EOS comes first and `stop_at_eos`).
 
         `forced_tokens` (teacher forcing): per prompt, the continuation to feed back instead of the engine's own
         predictions; the predictions and their exit layers are still what is returned. Replay traces are recorded
         this way, and it is how live runs are compared with them token for token.
+
+        `on_token(step, tokens)` (streaming): called with each step's token per row (a device tensor of shape
+        [batch]; step 0 is the prefill's token, rows that have finished hold the pad id) as soon as it is decided.
+        Reading it on the host is a device sync, so on CUDA pass it only when a client streams.
         """
         if not prompts:
             raise ValueError("generate needs at least one prompt")
@@ -393,6 +398,8 @@ class EarlyExitEngine:
         finished = torch.isin(token, eos) if stop_at_eos else torch.zeros(batch, dtype=torch.bool, device=device)
         finished_at = torch.where(finished, 0, max_new_tokens - 1)
         clock.mark()
+        if on_token is not None:
+            on_token(0, token)
 
         exit_points = set(exit_config.exit_points) if exit_config.enabled else set()
         feats = dict.fromkeys(COST_FEATURES, 0.0)
@@ -491,6 +498,8 @@ class EarlyExitEngine:
                     next_token = torch.where(exited, next_token, last_tokens)
             next_token = torch.where(finished, self.pad_id, next_token)
             out_tokens[:, step] = next_token
+            if on_token is not None:
+                on_token(step, next_token)
             if stop_at_eos:
                 newly_finished = torch.isin(next_token, eos) & ~finished
                 finished_at = torch.where(newly_finished, step, finished_at)

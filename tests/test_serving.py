@@ -137,6 +137,62 @@ def test_completion_stream(client: openai.OpenAI) -> None:
     assert streamed == full.choices[0].text
 
 
+def test_streaming_is_incremental(client: openai.OpenAI, server: ThreadServer) -> None:
+    """The first chunk reaches the client while the engine is still decoding: the decode loop is held at step 8
+    until the client has seen text, which a stream sent after the batch could never satisfy."""
+    engine = server.batcher.engine
+    original = engine.generate
+    client_saw_text = threading.Event()
+    held: list[bool] = []
+
+    def gated(*args: Any, on_token: Any = None, **kwargs: Any) -> Any:
+        def hook(step: int, tokens: Any) -> None:
+            if on_token is not None:
+                on_token(step, tokens)
+            if step == 8:
+                held.append(client_saw_text.wait(timeout=20))
+
+        return original(*args, on_token=hook, **kwargs)
+
+    engine.generate = gated  # type: ignore[method-assign]
+    try:
+        pieces = []
+        for chunk in client.completions.create(model="helios", prompt="def fibonacci(n):", max_tokens=12,
+                                               stream=True):
+            if chunk.choices and chunk.choices[0].text:
+                pieces.append(chunk.choices[0].text)
+                client_saw_text.set()
+    finally:
+        del engine.generate  # back to the class's method
+    assert held == [True], "no text reached the client before the batch finished decoding"
+    assert len(pieces) > 1
+    assert "".join(pieces) == hf_greedy_text("def fibonacci(n):", 12)
+
+
+def test_text_stream_holds_back_stop_strings_and_split_characters() -> None:
+    """Fed token by token, the stream never sends a stop string's beginning or half a character, and its pieces
+    concatenate to the stop-truncated decode of the whole output."""
+    from helios.models import byte_tokenizer
+    from helios.serving.batcher import GenerationRequest, TextStream
+
+    tokenizer = byte_tokenizer()
+    text = "abc ÉTÉ xy STOP here"
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    request = GenerationRequest(max_tokens=100, future=None, loop=None, stop=["STOP"])  # type: ignore[arg-type]
+    stream = TextStream(request, tokenizer, eos=set())
+    pieces = [stream.push(t) for t in tokens]
+    sent = "".join(pieces)
+    assert sent == "abc ÉTÉ xy "
+    assert all("\ufffd" not in p for p in pieces)
+    assert "S" not in sent and stream.done
+    assert stream.rest("abc ÉTÉ xy ") == ""
+    # Once "S" (which may begin "STOP") has arrived, nothing past "xy " has been sent.
+    through_s = len(tokenizer(text[: text.index("S") + 1], add_special_tokens=False)["input_ids"])
+    assert "".join(pieces[:through_s]) == "abc ÉTÉ xy "
+    limited = TextStream(GenerationRequest(max_tokens=3, future=None, loop=None), tokenizer, eos=set())  # type: ignore[arg-type]
+    assert "".join(limited.push(t) for t in tokens) == "abc"
+
+
 def test_concurrent_requests_are_batched(server: ThreadServer) -> None:
     async def run() -> list[str]:
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as aclient:

@@ -7,9 +7,10 @@ GET /v1/models, GET /health, GET /metrics (Prometheus text). Every error is an O
 {"error": {"message", "type", "param", "code"}} with a 4xx status: bad JSON, schema violations, bad `max_tokens`,
 prompts over the context window, unknown models and a missing/wrong API key are the client's fault, never a 5xx.
 
-Streaming: the engine decodes a batch to the end in one call, so a stream sends its chunks once the batch is done
-(one chunk per token, text decoded incrementally so multi-byte characters are never split). What streaming buys here
-is the OpenAI wire format, not an earlier first token.
+Streaming is incremental: the engine calls back after every decode step and the worker sends each token's text as
+soon as it is final (whole characters only, never text that may still turn into a stop string), so the first chunk
+leaves after the prefill, not after the batch. The response starts only once the worker has accepted the prompt,
+so a prompt over the context window is still a 400, not a broken stream.
 """
 
 from __future__ import annotations
@@ -137,8 +138,55 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
     def sse(payload: Any) -> str:
         return f"data: {payload.model_dump_json()}\n\n"
 
-    def deltas(output: GenerationOutput) -> list[str]:
-        return [piece for piece in output.pieces if piece]
+    async def open_stream(jobs: list[dict[str, Any]]) -> tuple[asyncio.Queue, list[GenerationRequest], list]:
+        """Submit streaming requests sharing one event queue; return once the worker has accepted all of them
+        (or raise the 4xx of the first it refused), with any events that arrived meanwhile."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        requests = [GenerationRequest(future=loop.create_future(), loop=loop, stream=events, stream_index=i, **job)
+                    for i, job in enumerate(jobs)]
+        early: list = []
+        try:
+            for request in requests:
+                batcher.submit(request)
+            started = 0
+            while started < len(requests):
+                event = await events.get()
+                if event[1] == "start":
+                    started += 1
+                elif event[1] == "error":
+                    error = event[2]
+                    if isinstance(error, RequestError):
+                        raise APIError(400, str(error), error.param, error.code) from error
+                    raise error
+                else:
+                    early.append(event)
+        except RuntimeError as error:
+            close_stream(requests)
+            raise APIError(503, str(error), None, "shutting_down") from error
+        except BaseException:
+            close_stream(requests)
+            raise
+        return events, requests, early
+
+    def close_stream(requests: list[GenerationRequest]) -> None:
+        for request in requests:  # the worker skips queued ones; a running batch finishes without this client
+            request.future.cancel()
+
+    async def stream_events(events: asyncio.Queue, early: list, count: int) -> AsyncIterator[tuple[int, str, Any]]:
+        """The pieces and ends of `count` streaming requests, in the order the worker produced them."""
+        ended = 0
+        while ended < count:
+            event = early.pop(0) if early else await events.get()
+            yield event
+            if event[1] == "end":
+                ended += 1
+            elif event[1] == "error":
+                return
+
+    def stream_error(error: BaseException) -> str:
+        body = ErrorResponse(error=ErrorInfo(message=str(error) or type(error).__name__, type="server_error"))
+        return f"data: {body.model_dump_json()}\n\n"
 
     def usage(output: GenerationOutput) -> UsageInfo:
         return UsageInfo(prompt_tokens=output.prompt_tokens, completion_tokens=len(output.token_ids),
@@ -169,15 +217,15 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
         if texts is not None:
             if not texts or len(texts) > max_prompts:
                 raise APIError(400, f"prompt must hold 1..{max_prompts} strings", "prompt", "invalid_value")
-            jobs = [generate(prompt=t, max_tokens=max_tokens, stop=body.stop_strings()) for t in texts]
+            jobs = [dict(prompt=t, max_tokens=max_tokens, stop=body.stop_strings()) for t in texts]
         else:
             if not body.prompt:
                 raise APIError(400, "the prompt is empty", "prompt", "empty_prompt")
             ids = [int(t) for t in body.prompt]  # type: ignore[arg-type]
-            jobs = [generate(prompt_ids=ids, max_tokens=max_tokens, stop=body.stop_strings())]
-        outputs: list[GenerationOutput] = list(await asyncio.gather(*jobs))
-        prefix = [t if body.echo else "" for t in (texts or [""] * len(outputs))]
+            jobs = [dict(prompt_ids=ids, max_tokens=max_tokens, stop=body.stop_strings())]
+        prefix = [t if body.echo else "" for t in (texts or [""] * len(jobs))]
         if not body.stream:
+            outputs: list[GenerationOutput] = list(await asyncio.gather(*(generate(**job) for job in jobs)))
             metrics.request_latency.labels("/v1/completions").observe(time.perf_counter() - started)
             total = UsageInfo(prompt_tokens=sum(o.prompt_tokens for o in outputs),
                               completion_tokens=sum(len(o.token_ids) for o in outputs))
@@ -186,23 +234,37 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
                                       choices=[CompletionChoice(index=i, text=prefix[i] + o.text,
                                                                 finish_reason=o.finish_reason)  # type: ignore[arg-type]
                                                for i, o in enumerate(outputs)])
+        events, requests, early = await open_stream(jobs)
         rid, created = random_id("cmpl"), int(time.time())
 
+        def chunk(index: int, text: str, finish: str | None = None) -> str:
+            return sse(CompletionStreamResponse(id=rid, created=created, model=served_model_name, choices=[
+                CompletionChoice(index=index, text=text, finish_reason=finish)]))  # type: ignore[arg-type]
+
         async def stream() -> AsyncIterator[str]:
-            for i, output in enumerate(outputs):
-                for piece in ([prefix[i]] if prefix[i] else []) + deltas(output):
-                    yield sse(CompletionStreamResponse(id=rid, created=created, model=served_model_name,
-                                                       choices=[CompletionChoice(index=i, text=piece)]))
-                yield sse(CompletionStreamResponse(id=rid, created=created, model=served_model_name, choices=[
-                    CompletionChoice(index=i, text="", finish_reason=output.finish_reason)]))  # type: ignore[arg-type]
-            if body.stream_options and body.stream_options.include_usage:
-                prompt = sum(o.prompt_tokens for o in outputs)
-                completion = sum(len(o.token_ids) for o in outputs)
-                yield sse(CompletionStreamResponse(id=rid, created=created, model=served_model_name, choices=[],
-                                                   usage=UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                                                                   total_tokens=prompt + completion)))
-            yield "data: [DONE]\n\n"
-            metrics.request_latency.labels("/v1/completions").observe(time.perf_counter() - started)
+            prompt_tokens = completion_tokens = 0
+            try:
+                for i, text in enumerate(prefix):
+                    if text:
+                        yield chunk(i, text)
+                async for index, kind, payload in stream_events(events, early, len(requests)):
+                    if kind == "piece":
+                        yield chunk(index, payload)
+                    elif kind == "end":
+                        prompt_tokens += payload.prompt_tokens
+                        completion_tokens += len(payload.token_ids)
+                        yield chunk(index, "", payload.finish_reason)
+                    else:
+                        yield stream_error(payload)
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse(CompletionStreamResponse(id=rid, created=created, model=served_model_name, choices=[],
+                                                       usage=UsageInfo(prompt_tokens=prompt_tokens,
+                                                                       completion_tokens=completion_tokens,
+                                                                       total_tokens=prompt_tokens + completion_tokens)))
+                yield "data: [DONE]\n\n"
+                metrics.request_latency.labels("/v1/completions").observe(time.perf_counter() - started)
+            finally:
+                close_stream(requests)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -216,30 +278,41 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
         max_tokens = check_max_tokens(body.max_completion_tokens if body.max_completion_tokens is not None
                                       else body.max_tokens, param)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        output = await generate(messages=messages, max_tokens=max_tokens, stop=body.stop_strings())
+        job = dict(messages=messages, max_tokens=max_tokens, stop=body.stop_strings())
         if not body.stream:
+            output = await generate(**job)
             metrics.request_latency.labels("/v1/chat/completions").observe(time.perf_counter() - started)
             choice = ChatCompletionChoice(index=0, message=ChatResponseMessage(content=output.text),
                                           finish_reason=output.finish_reason)  # type: ignore[arg-type]
             return ChatCompletionResponse(model=served_model_name, usage=usage(output), system_fingerprint=output.arm,
                                           choices=[choice])
-        rid, created = random_id("chatcmpl"), int(time.time())
+        events, requests, early = await open_stream([job])
+        rid, created, arm = random_id("chatcmpl"), int(time.time()), batcher.arm["label"]
 
         def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
             return sse(ChatCompletionStreamResponse(id=rid, created=created, model=served_model_name,
-                                                    system_fingerprint=output.arm, choices=[
+                                                    system_fingerprint=arm, choices=[
                     ChatCompletionStreamChoice(index=0, delta=delta, finish_reason=finish)]))  # type: ignore[arg-type]
 
         async def stream() -> AsyncIterator[str]:
-            yield chunk(DeltaMessage(role="assistant", content=""))
-            for piece in deltas(output):
-                yield chunk(DeltaMessage(content=piece))
-            yield chunk(DeltaMessage(), output.finish_reason)
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse(ChatCompletionStreamResponse(id=rid, created=created, model=served_model_name, choices=[],
-                                                       usage=usage(output)))
-            yield "data: [DONE]\n\n"
-            metrics.request_latency.labels("/v1/chat/completions").observe(time.perf_counter() - started)
+            try:
+                yield chunk(DeltaMessage(role="assistant", content=""))
+                output = None
+                async for _, kind, payload in stream_events(events, early, 1):
+                    if kind == "piece":
+                        yield chunk(DeltaMessage(content=payload))
+                    elif kind == "end":
+                        output = payload
+                        yield chunk(DeltaMessage(), output.finish_reason)
+                    else:
+                        yield stream_error(payload)
+                if output is not None and body.stream_options and body.stream_options.include_usage:
+                    yield sse(ChatCompletionStreamResponse(id=rid, created=created, model=served_model_name,
+                                                           choices=[], usage=usage(output)))
+                yield "data: [DONE]\n\n"
+                metrics.request_latency.labels("/v1/chat/completions").observe(time.perf_counter() - started)
+            finally:
+                close_stream(requests)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

@@ -57,6 +57,10 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None = None
     stop: list[str] = dataclasses.field(default_factory=list)
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    # Streaming: the worker puts (stream_index, kind, payload) here as the batch decodes: ("start", None) once the
+    # prompt is accepted, ("piece", text) per text increment, then ("end", GenerationOutput) or ("error", exception).
+    stream: asyncio.Queue | None = None
+    stream_index: int = 0
 
 
 @dataclasses.dataclass
@@ -67,24 +71,57 @@ class GenerationOutput:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     exit_layers: list[int]
     arm: str
-    pieces: list[str]  # per-token text increments (for streaming); they concatenate to `text`
 
 
-def text_pieces(tokenizer: Any, tokens: list[int], text: str) -> list[str]:
-    """Split `text` (the decoded, stop-truncated completion) into per-token increments, decoding prefixes so that a
-    multi-byte character split over tokens is sent whole, with the arm's own tokenizer (the next batch may differ)."""
-    pieces, sent = [], 0
-    for i in range(1, len(tokens) + 1):
-        prefix = tokenizer.decode(tokens[:i], skip_special_tokens=True)
-        if prefix.endswith("\ufffd"):
-            continue  # an incomplete character: wait for its remaining bytes
-        end = min(len(prefix), len(text))
-        if end > sent and text.startswith(prefix[:end]):
-            pieces.append(text[sent:end])
-            sent = end
-    if sent < len(text):
-        pieces.append(text[sent:])
-    return pieces
+def held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of `text` could still turn out to begin a stop string (not sent yet)."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return hold
+
+
+class TextStream:
+    """Incremental detokenisation of one streaming request, fed one token at a time from the decode loop.
+
+    Sends only text that is final: never the tail of a character whose bytes are still coming, nor text that may
+    begin a stop string; stops at EOS, at a stop string or after `max_tokens`. What it sends is always a prefix of
+    the request's final text (checked before each send), so the chunks concatenate to the non-streamed answer.
+    """
+
+    def __init__(self, request: GenerationRequest, tokenizer: Any, eos: set[int]) -> None:
+        self.request, self.tokenizer, self.eos = request, tokenizer, eos
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.done = False
+
+    def push(self, token: int) -> str:
+        if self.done:
+            return ""
+        if token in self.eos or len(self.tokens) >= self.request.max_tokens:
+            self.done = True
+            return ""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for its remaining bytes
+        for stop in self.request.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, self.done = text[:cut], True
+        if not self.done:
+            text = text[: len(text) - held_back(text, self.request.stop)]
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+    def rest(self, final_text: str) -> str:
+        """What is left to send of the final text once decoding has ended."""
+        return final_text[len(self.sent):] if final_text.startswith(self.sent) else ""
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -213,12 +250,27 @@ class Batcher:
                 self._epoch_reset()
 
     @staticmethod
+    def _emit(request: GenerationRequest, kind: str, payload: Any) -> None:
+        """Put one streaming event on the request's queue, from the worker thread, in order."""
+        if request.stream is None:
+            return
+        try:
+            request.loop.call_soon_threadsafe(request.stream.put_nowait, (request.stream_index, kind, payload))
+        except RuntimeError:  # the loop is closed: nobody is reading
+            pass
+
+    @staticmethod
     def _resolve(request: GenerationRequest, result: Any) -> None:
+        Batcher._emit(request, "error" if isinstance(result, BaseException) else "end", result)
+
         def deliver() -> None:
             if request.future.done():  # cancelled by a disconnect
                 return
             if isinstance(result, BaseException):
-                request.future.set_exception(result)
+                if request.stream is not None:  # the stream reported it; nobody awaits this future
+                    request.future.cancel()
+                else:
+                    request.future.set_exception(result)
             else:
                 request.future.set_result(result)
 
@@ -260,22 +312,34 @@ class Batcher:
         started = time.perf_counter()
         for request, _ in encoded:
             self.metrics.queue_wait.observe(started - request.arrival)
+            self._emit(request, "start", None)
         arm = self.arm
         exit_config = ExitConfig(arm["criterion"], float(arm["threshold"]), tuple(arm["exit_points"]))
         max_new = max(r.max_tokens for r, _ in encoded)
+        eos = set(self.engine.eos_ids)
+        tokenizer = self.tokenizer
+        streams = {row: TextStream(request, tokenizer, eos) for row, (request, _) in enumerate(encoded)
+                   if request.stream is not None}
+
+        def on_token(step: int, tokens: Any) -> None:
+            row_tokens = tokens.tolist()
+            for row, text_stream in streams.items():
+                piece = text_stream.push(int(row_tokens[row]))
+                if piece:
+                    self._emit(text_stream.request, "piece", piece)
+
         self.meter.start()
         try:
-            result = self.engine.generate([ids for _, ids in encoded], max_new, exit_config)
+            result = self.engine.generate([ids for _, ids in encoded], max_new, exit_config,
+                                          on_token=on_token if streams else None)
         finally:
             reading = self.meter.stop()
         finished = time.perf_counter()
         self.metrics.batch_latency.observe(finished - started)
         self.metrics.batch_size.observe(len(encoded))
         self.metrics.energy.labels(reading.source).inc(max(0.0, reading.energy_j))
-        eos = set(self.engine.eos_ids)
-        tokenizer = self.tokenizer
         generated = 0
-        for (request, ids), tokens, exits in zip(encoded, result.tokens, result.exit_layers):
+        for row, ((request, ids), tokens, exits) in enumerate(zip(encoded, result.tokens, result.exit_layers)):
             tokens, exits = tokens[: request.max_tokens], exits[: request.max_tokens]
             finish = "length"
             if tokens and tokens[-1] in eos:
@@ -291,8 +355,11 @@ class Batcher:
                 self.metrics.exit_layer.observe(layer)
             self.epoch["latencies"].append(finished - request.arrival)
             self.epoch["exit_layers"].extend(exits)
-            self._resolve(request, GenerationOutput(text, tokens, len(ids), finish, exits, arm["label"],
-                                                    text_pieces(tokenizer, tokens, text)))
+            if row in streams:
+                rest = streams[row].rest(text)
+                if rest:
+                    self._emit(request, "piece", rest)
+            self._resolve(request, GenerationOutput(text, tokens, len(ids), finish, exits, arm["label"]))
         self.metrics.generated_tokens.inc(generated)
         self.epoch["tokens"] += generated
         self.epoch["busy_s"] += finished - started
