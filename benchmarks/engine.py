@@ -33,6 +33,7 @@ from helios.engine import EarlyExitEngine, ExitConfig
 from helios.exits import load_exit_heads
 from helios.models import LoadedModel, load_candidate
 from helios.paths import atomic_file
+from helios.probes import load_exit_probes
 
 
 def make_prompts(tokenizer, count: int, max_tokens: int) -> list[list[int]]:
@@ -147,14 +148,17 @@ def shortgpt_layers(block_influence: list[float], depth: int, keep: int) -> list
     return sorted([*ranked[: keep - 1], depth - 1])
 
 
-def exit_grid(depth: int, quick: bool) -> list[tuple[int, tuple[int, ...], str, float]]:
+def exit_grid(depth: int, quick: bool, probes: bool) -> list[tuple[int, tuple[int, ...], str, float]]:
     depths = [depth] if quick else sorted({depth, max(2, round(depth * 2 / 3))})
+    criteria = [("max_prob", (0.5, 0.8, 0.95)), ("cosine", (0.9, 0.97))]
+    if probes:
+        criteria.append(("probe", (0.9, 0.95, 0.98)))
     grid = []
     for d in depths:
         fractions = [(0.5, 0.75)] if quick else [(0.5, 0.75), (0.34, 0.5, 0.67, 0.84)]
         for fr in fractions:
             points = tuple(sorted({max(1, min(d - 1, round(d * f))) for f in fr}))
-            for criterion, thresholds in (("max_prob", (0.5, 0.8, 0.95)), ("cosine", (0.9, 0.97))):
+            for criterion, thresholds in criteria:
                 for threshold in thresholds[:2] if quick else thresholds:
                     grid.append((d, points, criterion, threshold))
     return grid
@@ -229,8 +233,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                        "heads": "none", "batch_size": 8, "speedup": row["speedup"],
                        "agreement": prefix["prefix_agreement"], "weight_bytes": row["weight_bytes"]})
     head_options = [("shared", None)] + ([("tuned", tuned)] if tuned is not None else [])
+    # Probes are labelled with the heads saved beside the checkpoint (tuned if any, else shared): only that pairing.
+    probes = load_exit_probes(full.checkpoint)
+    probe_heads = "tuned" if tuned is not None else "shared"
     grid_engines = {depth: engine, **truncated}
-    grid = exit_grid(depth, args.quick)
+    grid = exit_grid(depth, args.quick, probes is not None)
     if tuned is not None:  # truncation alone, exiting at k through the tuned head of layer k
         grid += [(k, (), "none", None) for k in truncation_depths]
     decision_fractions: dict[str, list[float]] = {}
@@ -242,7 +249,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         for head_name, heads in head_options:
             if criterion == "none" and head_name == "shared":
                 continue  # measured above as plain truncation
-            eng.exit_heads = heads
+            if criterion == "probe" and head_name != probe_heads:
+                continue
+            eng.exit_heads, eng.exit_probes = heads, probes
             run = eng.generate(prompts8, args.new_tokens, config, stop_at_eos=False, measure_decisions=True)
             if criterion != "none":
                 decision_fractions.setdefault(criterion, []).append(run.exit_decision_s / max(run.decode_s, 1e-12))
@@ -260,7 +269,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                     "exit_decision_time_fraction": run.exit_decision_s / max(run.decode_s, 1e-12),
                     "exit_decision_mac_fraction": run.exit_decision_macs / max(run.decode_macs, 1),
                 })
-            eng.exit_heads = None
+            eng.exit_heads, eng.exit_probes = None, None
         print(f"  grid depth={d} points={exit_points} {criterion} {threshold}: done", flush=True)
     result["points"] = points
     result["exit_decision_cost_fraction_by_criterion"] = {c: statistics.median(v) for c, v in decision_fractions.items()}

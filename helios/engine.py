@@ -10,7 +10,8 @@ Early exit (Schuster et al. 2022, CALM; Elhoushi et al. 2024, LayerSkip):
     layer costs more than the layers it skips (SmolLM2's head is ~21% of its multiply-adds; Gemma-3-270M's head
     outweighs all 18 layers), so criteria are: `max_prob` and `margin` (CALM's top-1 minus top-2), which need the
     head at each exit point, and `cosine` (CALM's hidden-state saturation: cos(h_e, h_{e-1}) >= threshold), which
-    needs no head at all until a row actually exits.
+    needs no head at all until a row actually exits, and `probe`, a learned per-exit classifier of "this exit gives
+    the final layer's token" (helios.probes, trained by scripts/tune_exits.py probes=true), equally head-free.
   * The exit token is argmax(head(norm(adapter_e(h_e)))), where adapter_e is a tuned exit head (helios.exits) when
     one was trained for this checkpoint, else the identity (LayerSkip's shared head).
   * KV for exited tokens: deeper layers still need K/V at that position for later tokens. We propagate the exited
@@ -31,6 +32,7 @@ import dataclasses
 import inspect
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -38,15 +40,15 @@ import torch.nn.functional as F
 
 from helios.models import LoadedModel, load_candidate, text_config
 
-CRITERIA = ("none", "max_prob", "margin", "cosine")
+CRITERIA = ("none", "max_prob", "margin", "cosine", "probe")
 # Work counters of one generate call (see GenerationResult.cost_features).
 COST_FEATURES = (
     "prefill_calls", "prefill_token_layers", "prefill_attention", "steps", "step_rows", "layer_calls",
     "layer_rows", "attention_row_positions", "head_calls", "head_rows", "decision_head_calls", "decision_head_rows",
-    "decision_cosine_calls", "decision_cosine_rows", "exit_head_calls", "exit_head_rows", "propagate_calls",
+    "decision_cosine_calls", "decision_cosine_rows", "decision_probe_calls", "decision_probe_rows", "exit_head_calls", "exit_head_rows", "propagate_calls",
     "propagate_rows", "compactions",
 )
-Criterion = Literal["none", "max_prob", "margin", "cosine"]
+Criterion = Literal["none", "max_prob", "margin", "cosine", "probe"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +188,8 @@ class _Clock:
 class EarlyExitEngine:
     """Greedy batched decoding on a `LoadedModel` (see module docstring). Knows nothing of RL or HTTP."""
 
-    def __init__(self, loaded: LoadedModel, exit_heads: Any | None = None, *, load_tuned_heads: bool = True) -> None:
+    def __init__(self, loaded: LoadedModel, exit_heads: Any | None = None, *, load_tuned_heads: bool = True,
+                 exit_probes: Any | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -204,16 +207,30 @@ class EarlyExitEngine:
         self._rotary_takes_layer_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.eager_masks = self.config._attn_implementation == "eager"
         is_prefix = tuple(loaded.layer_indices or range(self.depth)) == tuple(range(self.depth))
+        heads_given = exit_heads is not None
         if exit_heads is None and load_tuned_heads and is_prefix:  # heads are trained per prefix layer count
             from helios.exits import load_exit_heads
 
             exit_heads = load_exit_heads(loaded.checkpoint, device=self.device, dtype=loaded.dtype)
         self.exit_heads = exit_heads
+        # Probes are labelled by the heads they were trained with: load them only for the saved heads (or for the
+        # shared head when none are saved), never for heads passed in by the caller.
+        if exit_probes is None and is_prefix and not heads_given and not (exit_heads is None and
+                                                                          self._has_saved_heads()):
+            from helios.probes import load_exit_probes
+
+            exit_probes = load_exit_probes(loaded.checkpoint, device=self.device)
+        self.exit_probes = exit_probes
         self.eos_ids = self._eos_ids()
         self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self._macs = self._mac_counts()
 
     # ------------------------------------------------------------------------------------------ helpers
+
+    def _has_saved_heads(self) -> bool:
+        from helios.exits import HEADS_FILE
+
+        return self.loaded.checkpoint is not None and (Path(self.loaded.checkpoint) / HEADS_FILE).exists()
 
     def _eos_ids(self) -> list[int]:
         ids = getattr(self.model.generation_config, "eos_token_id", None)
@@ -355,6 +372,13 @@ class EarlyExitEngine:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
         exit_config.validate(self.depth)
+        if exit_config.criterion == "probe":
+            trained = self.exit_probes.exit_layers if self.exit_probes is not None else []
+            missing = [e for e in exit_config.exit_points if e not in trained]
+            if missing:
+                raise ValueError(
+                    f"criterion 'probe' needs exit probes at layers {missing} for these exit heads (trained: "
+                    f"{trained}); run: python scripts/tune_exits.py candidate=<name> heads=false probes=true")
         compact = (self.device.type == "cpu") if compact is None else compact
         if forced_tokens is not None:
             if len(forced_tokens) != len(prompts) or any(len(f) < max_new_tokens - 1 for f in forced_tokens):
@@ -453,7 +477,7 @@ class EarlyExitEngine:
                 t0 = time.perf_counter() if measure_decisions else 0.0
                 exits, exit_logits, macs = self._decide(exit_config, hidden, before, layer_count)
                 decision_macs += macs * active_rows
-                kind = "cosine" if exit_config.criterion == "cosine" else "head"
+                kind = exit_config.criterion if exit_config.criterion in ("cosine", "probe") else "head"
                 feats[f"decision_{kind}_calls"] += 1
                 feats[f"decision_{kind}_rows"] += active_rows
                 if measure_decisions:
@@ -549,6 +573,10 @@ class EarlyExitEngine:
         if exit_config.criterion == "cosine":
             similarity = F.cosine_similarity(h, before[:, -1], dim=-1)
             return similarity >= exit_config.threshold, None, 2 * self._macs["hidden"]
+        if exit_config.criterion == "probe":
+            prev = before[:, -1] if layer_count > 1 else h  # the probe saw cos = 1 at layer 1 (no state before it)
+            confidence = self.exit_probes.confidence(layer_count, h, prev)
+            return confidence >= exit_config.threshold, None, self.exit_probes.macs()
         logits = self.logits(h, layer_count)
         probs = torch.softmax(logits.float(), dim=-1)
         macs = self._macs["head"] + (self.exit_heads.macs(layer_count) if self.exit_heads is not None else 0)

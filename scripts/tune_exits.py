@@ -7,6 +7,10 @@ table are saved beside the cached checkpoint (exit_heads.safetensors + exit_head
 
     python scripts/tune_exits.py candidate=gemma3-270m eval_tokens=6000
     python scripts/tune_exits.py candidate=smollm2-135m exit_layers=[10,15,20] rank=64 train_seconds=60
+    python scripts/tune_exits.py candidate=helios-ee-8l heads=false probes=true   # exit-confidence probes only
+
+With `probes=true` it also trains the `probe` criterion's classifiers (helios/probes.py) on the heads now saved
+beside the checkpoint (or the shared head when there are none) and reports their held-out precision and coverage.
 
 Options: conf/tune_exits.yaml. Hydra's own logs go under cache_dir()/hydra (never the current directory).
 """
@@ -28,7 +32,9 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from helios import corpus  # noqa: E402
-from helios.exits import TuneConfig, exit_matches, mac_counts, oracle_bound, train_exit_heads  # noqa: E402
+from helios.exits import (  # noqa: E402
+    TuneConfig, exit_matches, load_exit_heads, mac_counts, oracle_bound, train_exit_heads,
+)
 from helios.models import load_candidate  # noqa: E402
 
 CHARS_PER_TOKEN_BOUND = 8  # draw this many characters per wanted token; the tokenizer output is then cut exactly
@@ -62,9 +68,50 @@ def run(cfg: DictConfig) -> dict:
     )
     sources = tuple(cfg.sources)
     loaded = load_candidate(cfg.candidate, device=cfg.device)
-    train_texts = corpus.mixed_passages(tune.seed, int(cfg.train_tokens) * CHARS_PER_TOKEN_BOUND, "train", sources)
+    train_tokens = max(int(cfg.train_tokens), int(cfg.probe_tokens) if cfg.probes else 0)
+    train_texts = corpus.mixed_passages(tune.seed, train_tokens * CHARS_PER_TOKEN_BOUND, "train", sources)
     eval_texts = corpus.mixed_passages(tune.seed, int(cfg.eval_tokens) * CHARS_PER_TOKEN_BOUND, "heldout", sources)
+    metadata: dict = {}
+    if cfg.heads:
+        metadata = tune_heads(cfg, tune, loaded, train_texts, eval_texts, sources, wall_start)
+    if cfg.probes:
+        metadata["probes"] = tune_probes(cfg, loaded, train_texts, eval_texts)
+    return metadata
 
+
+def tune_probes(cfg: DictConfig, loaded, train_texts: list[str], eval_texts: list[str]) -> dict:
+    """Train and save the exit-confidence probes for the heads saved beside the checkpoint (see helios/probes.py)."""
+    from helios.probes import heads_fingerprint, precision_coverage, probe_dataset, train_exit_probes
+
+    depth = loaded.num_layers
+    layers = list(cfg.exit_layers) if cfg.exit_layers is not None else list(range(1, depth))
+    heads = load_exit_heads(loaded.checkpoint, device=loaded.device)
+    started = time.perf_counter()
+    features, labels = probe_dataset(loaded, train_texts, heads, layers, max_tokens=int(cfg.probe_tokens),
+                                     seq_len=int(cfg.seq_len))
+    probes, stats = train_exit_probes(features, labels, width=int(cfg.probe_width), steps=int(cfg.probe_steps),
+                                      seed=int(cfg.seed))
+    del features, labels
+    eval_features, eval_labels = probe_dataset(loaded, eval_texts, heads, layers, max_tokens=int(cfg.eval_tokens),
+                                               seq_len=int(cfg.seq_len))
+    table = precision_coverage(probes, eval_features, eval_labels)
+    print(f"\n{cfg.candidate}: exit probes ({'tuned' if heads is not None else 'shared'} head), held-out "
+          f"coverage / precision by threshold")
+    for layer, rows in table.items():
+        cells = "  ".join(f"{r['threshold']:.2f}: {r['coverage']:.2f}/{r['precision'] if r['precision'] is not None else '-'}"
+                          for r in rows)
+        print(f"  layer {layer:>3}  {cells}")
+    metadata = {"candidate": cfg.candidate, "command": "python scripts/tune_exits.py " + " ".join(sys.argv[1:]),
+                "heads_fingerprint": heads_fingerprint(loaded.checkpoint), "heldout": table, **stats,
+                "wall_seconds": round(time.perf_counter() - started, 2)}
+    if cfg.save:
+        path = probes.save(loaded.checkpoint, metadata)
+        print(f"saved {path}")
+    return metadata
+
+
+def tune_heads(cfg: DictConfig, tune: TuneConfig, loaded, train_texts: list[str], eval_texts: list[str],
+               sources: tuple, wall_start: float) -> dict:
     heads, stats = train_exit_heads(
         loaded, train_texts, tune, train_tokens=int(cfg.train_tokens), progress=bool(cfg.progress)
     )
