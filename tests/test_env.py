@@ -288,7 +288,7 @@ def test_bad_actions(make_env, env_id: str) -> None:
             env.step(action)
     masked = int(np.flatnonzero(~env.unwrapped.action_masks())[0])
     obs, reward, _, _, info = env.step(masked)  # default: a documented penalty, nothing served
-    assert reward == -10.0 and info["masked_action"] and info["penalties"] == {"masked_action": 10.0}
+    assert reward == -20.0 and info["masked_action"] and info["penalties"] == {"masked_action": 20.0}
     assert info["requests"] == 0 and not obs[: env.unwrapped.serving.histogram_bins + 5].any()
     _, _, _, _, info = env.step(np.int64(0))  # the refused arm was never loaded: this is still the cold load
     assert info["switch"] == "cold"

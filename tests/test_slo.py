@@ -31,11 +31,11 @@ def test_balanced_by_hand() -> None:
     assert reward.terms["energy_j_per_tok"] == pytest.approx(0.0)
     assert reward.terms["accuracy"] == pytest.approx(0.25 * math.log2(0.301 / 0.401))
     assert reward.terms["accuracy"] == pytest.approx(-0.1034597, abs=1e-6)
-    # accuracy >= 0.9 x 0.4 = 0.36: short by 0.06, relative 0.06 / 0.36 = 1/6 -> penalty 1 x (1 + 1/6).
+    # accuracy >= 0.9 x 0.4 = 0.36: short by 0.06, relative 0.06 / 0.36 = 1/6 -> penalty 4 x (1 + 1/6) = 14/3.
     # p95 <= 2 x 2.0 s = 4 s: satisfied.
-    assert reward.penalties == {"accuracy>=0.9xref": pytest.approx(7 / 6), "latency_p95_s<=2xref": 0.0}
+    assert reward.penalties == {"accuracy>=0.9xref": pytest.approx(14 / 3), "latency_p95_s<=2xref": 0.0}
     assert reward.objective == pytest.approx(0.5 - 0.1034597, abs=1e-6)
-    assert reward.total == pytest.approx(0.5 - 0.1034597 - 7 / 6, abs=1e-6)
+    assert reward.total == pytest.approx(0.5 - 0.1034597 - 14 / 3, abs=1e-6)
 
 
 def test_weights_are_normalised_and_lower_is_better_inverts() -> None:
