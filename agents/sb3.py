@@ -7,6 +7,13 @@ Schulman et al. 2017 (PPO), Mnih et al. 2016 (A2C), Mnih et al. 2015 (DQN), Huan
 masking, MaskablePPO). SB3 owns its training loop, so these agents train through `model.learn`; a callback records
 every epoch in the same metrics.jsonl format as the bandits, so runs compare line for line. Only MaskablePPO sees the
 action mask; the others learn from the env's penalty for a masked (infeasible) arm.
+
+Checkpoint and resume: after every episode the model (and DQN's replay buffer) is saved atomically beside
+metrics.jsonl and checkpoint.json records the epochs done; `resume=<run dir>` reloads them and learns the remaining
+epochs, so no logged epoch is lost or repeated. Episodes reset with seed * 1000 + episode (as the bandit loop), so a
+resumed run meets the same requests; its actions can differ from an uninterrupted run's, since SB3's RNG state and a
+half-collected PPO/A2C rollout are not part of the checkpoint. The checkpoint .zip/.pkl are SB3's own formats
+(pickle inside): training state, never loaded by serving, which reads the exported ONNX + JSON.
 """
 
 from __future__ import annotations
@@ -78,8 +85,50 @@ def with_oracle(env):
     return OracleInfo(env)
 
 
-def train_sb3(cfg, backend: str, run_dir: Path, make_env: Callable) -> None:
-    """Train with model.learn, logging each epoch like the bandit loop; save the model and a JSON policy stub."""
+CHECKPOINT_MODEL = "sb3_checkpoint.zip"
+CHECKPOINT_BUFFER = "sb3_replay_buffer.pkl"
+
+
+def episode_seeds(env, base_seed: int, first_episode: int):
+    """Reset episode k with base_seed * 1000 + k whatever seed SB3 passes (the bandit loop's schedule)."""
+    import gymnasium
+
+    class EpisodeSeeds(gymnasium.Wrapper):
+        episode = first_episode
+
+        def reset(self, *, seed: int | None = None, options: dict | None = None):
+            obs, info = self.env.reset(seed=base_seed * 1000 + self.episode, options=options)
+            self.episode += 1
+            return obs, info
+
+    return EpisodeSeeds(env)
+
+
+def save_checkpoint(model, run_dir: Path) -> None:
+    """Model (and replay buffer) to temporary names, then renamed: a kill leaves the previous checkpoint whole."""
+    model.save(str(run_dir / "sb3_checkpoint.tmp.zip"))
+    os.replace(run_dir / "sb3_checkpoint.tmp.zip", run_dir / CHECKPOINT_MODEL)
+    if getattr(model, "replay_buffer", None) is not None:
+        model.save_replay_buffer(str(run_dir / "sb3_replay_buffer.tmp.pkl"))
+        os.replace(run_dir / "sb3_replay_buffer.tmp.pkl", run_dir / CHECKPOINT_BUFFER)
+
+
+def load_checkpoint(name: str, env, run_dir: Path):
+    if name == "maskable_ppo":
+        from sb3_contrib import MaskablePPO as cls
+    else:
+        import stable_baselines3
+
+        cls = getattr(stable_baselines3, name.upper())
+    model = cls.load(str(run_dir / CHECKPOINT_MODEL), env=env)
+    if (run_dir / CHECKPOINT_BUFFER).exists() and hasattr(model, "load_replay_buffer"):
+        model.load_replay_buffer(str(run_dir / CHECKPOINT_BUFFER))
+    return model
+
+
+def train_sb3(cfg, backend: str, run_dir: Path, make_env: Callable, checkpoint: dict | None = None) -> None:
+    """Train with model.learn, logging each epoch like the bandit loop; save the model and a JSON policy stub.
+    `checkpoint` (from resume=): continue from the last episode's saved model."""
     from omegaconf import OmegaConf
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm.auto import tqdm
@@ -90,17 +139,20 @@ def train_sb3(cfg, backend: str, run_dir: Path, make_env: Callable) -> None:
     name = hyper.pop("name")
     env = with_oracle(make_env(cfg, backend)) if cfg.get("oracle", True) else make_env(cfg, backend)
     base_env = env.unwrapped
+    episode_epochs = base_env.episode_epochs
+    done = int(checkpoint["epochs_done"]) if checkpoint else 0
+    env = episode_seeds(env, int(cfg.seed), done // episode_epochs)
     labels = [a["label"] for a in base_env.arm_table]
-    total = int(cfg.episodes) * base_env.episode_epochs
-    model = build_model(name, env, hyper, int(cfg.seed))
+    total = int(cfg.episodes) * episode_epochs
+    model = load_checkpoint(name, env, run_dir) if done else build_model(name, env, hyper, int(cfg.seed))
     metrics_path = run_dir / "metrics.jsonl"
-    progress = tqdm(total=total, desc=f"{name} on {backend}", unit="epoch")
+    progress = tqdm(total=total, initial=done, desc=f"{name} on {backend}", unit="epoch")
 
     class Record(BaseCallback):
         def __init__(self) -> None:
             super().__init__()
             self.handle = metrics_path.open("a")
-            self.epoch = 0
+            self.epoch = done
 
         def _on_step(self) -> bool:
             info = self.locals["infos"][0]
@@ -118,12 +170,17 @@ def train_sb3(cfg, backend: str, run_dir: Path, make_env: Callable) -> None:
             os.fsync(self.handle.fileno())
             self.epoch += 1
             progress.update(1)
+            if self.epoch % episode_epochs == 0 and self.epoch < total:
+                save_checkpoint(self.model, run_dir)
+                with atomic_file(run_dir / "checkpoint.json", "w") as handle:
+                    json.dump({"epochs_done": self.epoch, "backend": backend, "agent": name}, handle)
             return True
 
         def _on_training_end(self) -> None:
             self.handle.close()
 
-    model.learn(total_timesteps=total, callback=Record())
+    if done < total:
+        model.learn(total_timesteps=total - done, callback=Record(), reset_num_timesteps=not done)
     progress.close()
     model.save(str(run_dir / f"{name}_model.zip"))
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]

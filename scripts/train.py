@@ -183,7 +183,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.agent.name in SB3_AGENTS:
         from agents.sb3 import train_sb3
 
-        train_sb3(cfg, backend, run_dir, make_env)
+        train_sb3(cfg, backend, run_dir, make_env, checkpoint)
         return
 
     env = make_env(cfg, backend)

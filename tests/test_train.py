@@ -87,6 +87,36 @@ def test_sigkill_then_resume_loses_and_repeats_no_epoch_and_matches_an_uninterru
     assert summary["mean_reward"] == pytest.approx(json.loads((ref_dir / "summary.json").read_text())["mean_reward"])
 
 
+def test_sb3_run_killed_after_a_checkpoint_resumes_without_losing_or_repeating_epochs(tiny_train_env, tmp_path):
+    """DQN (model + replay buffer checkpointed per episode): SIGKILL once a checkpoint exists, resume, and every
+    epoch is logged exactly once, with each episode meeting the same phases as an uninterrupted run."""
+    episodes = 12
+    total = episodes * EPISODE_EPOCHS
+    run_dir = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as run_log:
+        killed = subprocess.Popen(train_cmd(tiny_train_env, run_dir, "agent=dqn", "seed=1", f"episodes={episodes}"),
+                                  cwd=ROOT, env=ENV, stdout=run_log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint.json").exists():
+            assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.002)
+        os.kill(killed.pid, signal.SIGKILL)
+        assert killed.wait(timeout=30) == -signal.SIGKILL
+    done = json.loads((run_dir / "checkpoint.json").read_text())["epochs_done"]
+    assert done % EPISODE_EPOCHS == 0 and 0 < done < total
+    assert (run_dir / "sb3_checkpoint.zip").exists() and (run_dir / "sb3_replay_buffer.pkl").exists()
+    assert not (run_dir / "summary.json").exists()
+    resumed = subprocess.run([sys.executable, str(TRAIN), f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'job'}"],
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = records(run_dir)
+    assert [r["epoch"] for r in got] == list(range(total))
+    phases = [r["phase"] for r in got]
+    assert phases == phases[:EPISODE_EPOCHS] * episodes  # every episode starts at its beginning
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == total
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
