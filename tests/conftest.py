@@ -29,6 +29,27 @@ def loaded_model():
     return load_cached
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private cache directory per test module (exit heads and probes written there never leak into others)."""
+    cache = tmp_path_factory.mktemp("helios-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HELIOS_CACHE_DIR", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_cache):
+    """tiny-llama (random init, 6 layers, hidden 64, byte vocabulary) materialised in the module's private cache."""
+    from pathlib import Path
+
+    from helios.models import load_candidate
+
+    loaded = load_candidate("tiny-llama")
+    assert Path(loaded.checkpoint).is_relative_to(tiny_cache)
+    return loaded
+
+
 # ------------------------------------------------------------------ scripts/train.py on the tiny replay env
 
 TRAIN_TINY_OVERRIDES: tuple[str, ...] = (

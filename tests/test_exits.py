@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,23 +42,6 @@ WORDS = "the of and to in is was for on that with as by at from it his an were a
 def _toy_texts(seed: int, n: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + "." for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    cache = tmp_path_factory.mktemp("helios-cache-exits")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HELIOS_CACHE_DIR", str(cache))
-        yield cache
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_cache: Path):
-    from helios.models import load_candidate
-
-    loaded = load_candidate("tiny-llama")
-    assert Path(loaded.checkpoint).is_relative_to(tiny_cache)
-    return loaded
 
 
 def _random_heads(hidden: int, rank: int, layers: list[int], seed: int = 0) -> TunedExitHeads:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,21 +29,6 @@ from helios.probes import (
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["The quick brown fox", "def add(a, b):", "To be, or not to be"]
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    cache = tmp_path_factory.mktemp("helios-cache-probes")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HELIOS_CACHE_DIR", str(cache))
-        yield cache
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_cache: Path):
-    from helios.models import load_candidate
-
-    return load_candidate("tiny-llama")
 
 
 def _random_probes(hidden: int, layers: list[int], seed: int = 0) -> ExitProbes:
