@@ -34,6 +34,7 @@ from helios.exits import load_exit_heads
 from helios.models import LoadedModel, load_candidate
 from helios.paths import atomic_file
 from helios.probes import load_exit_probes
+from helios.speculative import generate_speculative
 
 
 def make_prompts(tokenizer, count: int, max_tokens: int) -> list[list[int]]:
@@ -164,6 +165,21 @@ def exit_grid(depth: int, quick: bool, probes: bool) -> list[tuple[int, tuple[in
     return grid
 
 
+def speculative_grid(depth: int, quick: bool) -> list[tuple[int, int]]:
+    """(draft layers, draft tokens): drafts from a half and three quarters of the depth."""
+    grid = [(max(1, depth // 2), 3), (max(1, round(depth * 3 / 4)), 4)]
+    return sorted(set(grid if not quick else grid[:1]))
+
+
+def speculative_fn(engine: EarlyExitEngine, prompts, new_tokens: int, draft_layers: int, draft_tokens: int):
+    def run() -> int:
+        out = generate_speculative(engine, prompts, new_tokens, draft_layers=draft_layers, draft_tokens=draft_tokens,
+                                   stop_at_eos=False)
+        return sum(len(t) for t in out.tokens)
+
+    return run
+
+
 def bench_model(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     full = load_candidate(name)
@@ -271,6 +287,30 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                 })
             eng.exit_heads, eng.exit_probes = None, None
         print(f"  grid depth={d} points={exit_points} {criterion} {threshold}: done", flush=True)
+    # 5. Lossless self-speculative decoding (helios/speculative.py): draft with E layers, verify with the rest;
+    # drafts through the tuned head when there is one (lossless either way: the head only changes acceptance).
+    engine.exit_heads = tuned
+    for draft_layers, draft_tokens in speculative_grid(depth, args.quick):
+        run = generate_speculative(engine, prompts8, args.new_tokens, draft_layers=draft_layers,
+                                   draft_tokens=draft_tokens, stop_at_eos=False)
+        feats = run.cost_features
+        for batch in args.grid_batches:
+            prompts = batches[batch]
+            fns = {"full": helios_fn(engine, prompts, args.new_tokens),
+                   "point": speculative_fn(engine, prompts, args.new_tokens, draft_layers, draft_tokens)}
+            rates = interleaved(fns, max(2, args.rounds // 2), 1)
+            speedup = median_ratio(rates["point"], rates["full"]) * result["full_depth_ratio_by_batch"][batch]
+            points.append({
+                "model": name, "depth": depth, "exit_points": [draft_layers], "criterion": "speculative",
+                "threshold": draft_tokens, "heads": "tuned" if engine.exit_heads is not None else "shared",
+                "batch_size": batch, "speedup": speedup, "agreement": agreement(run.tokens, reference),
+                "weight_bytes": engine.loaded.weight_bytes,
+                "compute_fraction": run.layer_evals / max(run.layer_evals_full, 1),
+                "draft_acceptance": feats["accepted_drafts"] / max(feats["drafted_tokens"], 1),
+                "tokens_per_round": (args.new_tokens - 1) / max(feats["draft_rounds"], 1),
+            })
+        print(f"  speculative E={draft_layers} k={draft_tokens}: done", flush=True)
+    engine.exit_heads = None
     result["points"] = points
     result["exit_decision_cost_fraction_by_criterion"] = {c: statistics.median(v) for c, v in decision_fractions.items()}
     return result
