@@ -410,6 +410,7 @@ def main() -> None:
     if args.json:
         with atomic_file(args.json, "w") as handle:
             json.dump(summary, handle, indent=1)
+        args.json.with_suffix(".partial.json").unlink(missing_ok=True)  # the whole result supersedes it
         plot(results, args.plot or args.json.with_suffix(".png"))
     print(json.dumps({k: summary[k] for k in ("full_depth_ratio", "oracle_speedup", "exit_decision_cost_fraction",
                                               "best_ee_trained")}, indent=1, default=str))
