@@ -138,8 +138,13 @@ class HeliosController(Agent):
         arm = self.arm_table[action]
         bins = max(histogram.size, 1)
         forced_bucket = min(bins - 1, int(np.ceil(arm["depth"] / arm["num_layers"] * bins)) - 1)
-        forced_share = float(histogram[forced_bucket]) if histogram.size else 0.0
-        breached = (arm["criterion"] != "none" and forced_share > self.breach_share) or bool(info.get("penalties"))
+        # Tokens are force-exited only by a truncated load: at full depth the last bucket holds tokens that simply
+        # ran every layer, which is no loss of confidence.
+        truncated = arm["depth"] < arm["num_layers"]
+        forced_share = float(histogram[forced_bucket]) if histogram.size and truncated else 0.0
+        # The env reports every constraint's penalty, 0 when it holds: only a positive one is an SLO breach.
+        slo_breach = any(float(v) > 0 for v in (info.get("penalties") or {}).values())
+        breached = (arm["criterion"] != "none" and forced_share > self.breach_share) or slo_breach
         self.breaches = self.breaches + 1 if breached else 0
         if self.breaches >= self.patience or self.since_assessment >= self.reassess_every:
             self.mode = "start"  # re-profile from the next epoch

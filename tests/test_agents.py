@@ -163,3 +163,37 @@ def test_helios_controller_profiles_then_loads_the_covering_depth() -> None:
         action = agent.select()
         agent.update(action, 1.0, info={"exit_histogram": [0.05, 0.9, 0.05, 0.0], "metrics": {"accuracy": 0.8}})
     assert table[agent.select()]["label"] == "A@8"
+
+
+def test_helios_controller_breaches_only_on_a_violated_constraint() -> None:
+    """The env's info lists every constraint with its penalty (0.0 when it holds, as helios.slo reports it): a
+    satisfied SLO must not count as a breach, a positive penalty must."""
+    table = [{"index": i, "label": f"A@{d}", "candidate": "A", "depth": d, "num_layers": 8, "exit": "none",
+              "criterion": "none", "batch_size": 4, "feasible": True} for i, d in enumerate((4, 8))]
+    agent = make_agent("helios", 2, arm_table=table, profile_epochs=1, patience=2, reassess_every=50)
+    action = agent.select()
+    agent.update(action, 1.0, info={"exit_histogram": [1.0, 0, 0, 0], "metrics": {"accuracy": 0.8}})
+    served = agent.select()
+    held = {"accuracy>=0.9xref": 0.0, "latency_p95_s<=2xref": 0.0}
+    for _ in range(5):
+        agent.update(served, 1.0, info={"exit_histogram": [1.0, 0, 0, 0], "metrics": {"accuracy": 0.8},
+                                        "penalties": held})
+        assert agent.select() == served and agent.mode == "serve"
+    for _ in range(2):  # `patience` epochs of a violated floor: re-profile
+        agent.update(served, -4.0, info={"exit_histogram": [1.0, 0, 0, 0], "metrics": {"accuracy": 0.1},
+                                         "penalties": {**held, "accuracy>=0.9xref": 4.5}})
+    assert agent.mode == "start"
+
+
+def test_helios_controller_full_depth_tokens_are_not_force_exited() -> None:
+    """At full depth the last histogram bucket holds tokens that ran every layer: not a confidence breach."""
+    table = [{"index": 0, "label": "A@8", "candidate": "A", "depth": 8, "num_layers": 8, "exit": "max_prob",
+              "criterion": "max_prob", "batch_size": 4, "feasible": True}]
+    agent = make_agent("helios", 1, arm_table=table, profile_epochs=1, patience=2, reassess_every=50)
+    late = [0.0, 0.0, 0.1, 0.9]
+    agent.update(agent.select(), 1.0, info={"exit_histogram": late, "metrics": {"accuracy": 0.8}})
+    agent.select()
+    for _ in range(5):
+        agent.update(0, 1.0, info={"exit_histogram": late, "metrics": {"accuracy": 0.8}})
+        agent.select()
+        assert agent.mode == "serve"
