@@ -12,9 +12,11 @@ Reuse (LayerSkip's "exit query cache"): drafting has already computed layers 1..
 K/V there are final and verification starts at layer E+1 from the cached states; the K/V that verification writes
 beyond the accepted tokens are overwritten by the next round.
 
-Batches: rows accept different numbers of drafts; a round keeps the smallest accepted prefix over the unfinished rows
-(plus one verified token), so positions stay aligned and the output stays exact, at the price of discarding some
-rows' extra accepted drafts. Reading that minimum is one host sync per round (k tokens), not per token.
+Batches: rows accept different numbers of drafts. Every row writes k cache slots a round and keeps its own accepted
+prefix plus the full model's next token; the slots of its rejected drafts become holes that no later query attends
+(masks and sliding windows are computed from each slot's logical position, RoPE from each row's own position). The
+price is cache slots: up to k per generated token in the worst case (all drafts rejected). Reading the kept counts
+is one host sync per round (k tokens), not per token.
 Cost per round: k draft steps of E layers + head, one verify call per deeper layer over k positions, one head over k
 positions. It pays when verifying k positions costs about one decode step (memory-bound decoding: GPUs, large models)
 and the exit at E agrees with the final layer often; see benchmarks/RESULTS.md for what it does on CPU here.
@@ -28,6 +30,26 @@ import torch
 
 from helios.engine import COST_FEATURES, EarlyExitEngine, EngineKVCache, GenerationResult, _Clock
 from helios.models import load_candidate
+
+
+def _masks(engine: EarlyExitEngine, slot_position: torch.Tensor, query_positions: torch.Tensor,
+           dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Attention masks [B, 1, q, slots] from logical positions: key slot j is visible from a query at position p when
+    it holds a token (position >= 0) at or before p and, on sliding layers, within the window of p. Measured in
+    positions, not slots, because rows have holes where rejected drafts were."""
+    keys = slot_position[:, None, :]
+    queries = query_positions[:, :, None]
+    base = (keys >= 0) & (keys <= queries)
+    masks = {}
+    for layer_type in set(engine.layer_types):
+        mask = base
+        if layer_type == "sliding_attention" and engine.sliding_window:
+            mask = mask & (keys > queries - engine.sliding_window)
+        mask = mask[:, None]
+        if engine.eager_masks:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        masks[layer_type] = mask
+    return masks
 
 
 @torch.inference_mode()
@@ -56,16 +78,22 @@ def generate_speculative(engine: EarlyExitEngine, prompts: list[list[int]] | lis
                          f"window of {engine.max_context} tokens")
 
     device, batch, k, e = engine.device, len(prompts), draft_tokens, draft_layers
-    total_len = prompt_len + max_new_tokens + k  # a last round may draft past the end
+    # Cache slots: a round writes k slots per row and keeps each row's accepted ones; the rest become holes. At least
+    # one token is kept per row and round, so max_new_tokens - 1 rounds fit.
+    total_len = prompt_len + k * max(1, max_new_tokens - 1)
     ids = torch.full((batch, prompt_len), engine.pad_id, dtype=torch.long)
     valid = torch.zeros((batch, total_len), dtype=torch.bool)
     for b, p in enumerate(prompts):  # left padding, as the engine and HF generate do
         ids[b, prompt_len - len(p):] = torch.tensor(p)
-        valid[b, prompt_len - len(p):] = True
+        valid[b, prompt_len - len(p):prompt_len] = True
     ids, valid = ids.to(device), valid.to(device)
     position_ids = (valid[:, :prompt_len].long().cumsum(-1) - 1).clamp(min=0)
+    # Logical position of the token in each slot (-1: padding, a hole, or not written yet): what masks and sliding
+    # windows are measured in once rows have holes at different slots.
+    slot_position = torch.full((batch, total_len), -1, dtype=torch.long, device=device)
+    slot_position[:, :prompt_len] = torch.where(valid[:, :prompt_len], position_ids, -1)
     cache = EngineKVCache(batch, total_len)
-    eos = torch.tensor(engine.eos_ids or [-1], device=device)
+    eos_set = set(engine.eos_ids)
     dtype = engine.loaded.dtype
     clock = _Clock(device)
     feats = dict.fromkeys(COST_FEATURES, 0.0)
@@ -79,77 +107,73 @@ def generate_speculative(engine: EarlyExitEngine, prompts: list[list[int]] | lis
     for i in range(depth):
         hidden = engine._run_layer(i, hidden, None, masks, pos_emb, position_ids, cache)
     token = engine.logits(hidden[:, -1], depth).argmax(-1)
-    emitted = [token]
-    finished = torch.isin(token, eos) if stop_at_eos else torch.zeros(batch, dtype=torch.bool, device=device)
     clock.mark()
-    marks_at: list[int] = [1]  # clock mark index after which each emitted column exists
+    tokens: list[list[int]] = [[t] for t in token.tolist()]
+    done = [len(t) >= max_new_tokens or (stop_at_eos and t[-1] in eos_set) for t in tokens]
+    done_at_mark = [1 if d else -1 for d in done]
 
-    pos, generated, layer_evals = prompt_len, 1, 0
+    slot, layer_evals = prompt_len, 0
     next_position = position_ids[:, -1] + 1
-    while generated < max_new_tokens and not (stop_at_eos and bool(finished.all())):
+    while not all(done):
         # Draft: feed the last token, then each draft, through layers 1..E; keep their layer-E states.
         states, drafts, feed = [], [], token
         for j in range(k):
-            valid[:, pos + j] = True
-            step_positions = (next_position + j)[:, None]
+            query_positions = (next_position + j)[:, None]
+            slot_position[:, slot + j] = next_position + j
             h = engine.embed(feed[:, None])
-            step_emb = engine._position_embeddings(h, step_positions)
-            step_masks = engine._masks(valid, pos + j, 1, dtype)
-            cache.write_pos = pos + j
+            step_emb = engine._position_embeddings(h, query_positions)
+            step_masks = _masks(engine, slot_position[:, : slot + j + 1], query_positions, dtype)
+            cache.write_pos = slot + j
             for i in range(e):
-                h = engine._run_layer(i, h, None, step_masks, step_emb, step_positions, cache)
+                h = engine._run_layer(i, h, None, step_masks, step_emb, query_positions, cache)
             states.append(h)
             feed = engine.logits(h[:, -1], e).argmax(-1)
             drafts.append(feed)
         layer_evals += batch * k * e
-        # Verify: layers E+1..L over the k drafted positions at once, from their cached layer-E states.
+        # Verify: layers E+1..L over the k drafted slots at once, from their cached layer-E states.
         chunk_positions = next_position[:, None] + torch.arange(k, device=device)[None, :]
         h = torch.cat(states, dim=1)
         chunk_emb = engine._position_embeddings(h, chunk_positions)
-        chunk_masks = engine._masks(valid, pos, k, dtype)
-        cache.write_pos = pos
+        chunk_masks = _masks(engine, slot_position[:, : slot + k], chunk_positions, dtype)
+        cache.write_pos = slot
         for i in range(e, depth):
             h = engine._run_layer(i, h, None, chunk_masks, chunk_emb, chunk_positions, cache)
         layer_evals += batch * k * (depth - e)
         verified = engine.logits(h, depth).argmax(-1)  # [B, k]: the full model's token after each drafted input
-        drafted = torch.stack(drafts, dim=1)
-        agree = (drafted == verified) | finished[:, None]
-        accepted = agree.long().cumprod(dim=1).sum(dim=1)  # leading agreements per row
-        keep = min(int(accepted.min()) + 1, k)  # one host sync per round
+        accepted = (torch.stack(drafts, dim=1) == verified).long().cumprod(dim=1).sum(dim=1)  # leading agreements
+        keep = (accepted + 1).clamp(max=k)  # per row: its accepted drafts and the full model's next token
+        # Slots past a row's kept tokens hold rejected drafts: holes, never attended again.
+        stale = torch.arange(k, device=device)[None, :] >= keep[:, None]
+        slot_position[:, slot: slot + k] = slot_position[:, slot: slot + k].masked_fill(stale, -1)
+        token = verified.gather(1, (keep - 1)[:, None]).squeeze(1)
+        next_position = next_position + keep
+        slot += k
+        clock.mark()
+        verified_host, keep_host, accepted_host = verified.tolist(), keep.tolist(), accepted.tolist()  # one sync
         feats["draft_rounds"] += 1
         feats["draft_steps"] += k
-        feats["drafted_tokens"] += batch * k
-        feats["accepted_drafts"] += float(accepted.clamp(max=keep).sum())
-        feats["verify_positions"] += batch * k
-        valid[:, pos + keep:] = False  # K/V written beyond the kept tokens are stale; the next round overwrites them
-        for column in range(keep):
-            new = torch.where(finished, engine.pad_id, verified[:, column])
-            emitted.append(new)
-            if stop_at_eos:
-                finished = finished | torch.isin(new, eos)
-        token = verified[:, keep - 1]
-        pos += keep
-        next_position = next_position + keep
-        generated += keep
-        clock.mark()
-        marks_at.extend([len(clock.marks) - 1] * keep)
+        for row in range(batch):
+            if done[row]:
+                continue
+            feats["drafted_tokens"] += k
+            feats["verify_positions"] += k
+            feats["accepted_drafts"] += accepted_host[row]
+            for new in verified_host[row][: keep_host[row]]:
+                tokens[row].append(new)
+                if len(tokens[row]) >= max_new_tokens or (stop_at_eos and new in eos_set):
+                    done[row], done_at_mark[row] = True, len(clock.marks) - 1
+                    break
 
     marks = clock.seconds()
-    out = torch.stack(emitted, dim=1)[:, :max_new_tokens].tolist()
-    tokens, ends = [], []
-    eos_set = set(engine.eos_ids)
-    for row in out:
-        end = next((t + 1 for t, tok in enumerate(row) if stop_at_eos and tok in eos_set), len(row))
-        tokens.append(row[:end])
-        ends.append(end)
+    generated = sum(len(t) for t in tokens)
     generated_decode = sum(len(t) - 1 for t in tokens)
     macs = engine._macs
     return GenerationResult(
         tokens=tokens, exit_layers=[[depth] * len(t) for t in tokens], prompt_tokens=[len(p) for p in prompts],
         prefill_s=marks[1], decode_s=marks[-1] - marks[1], ttft_s=marks[1],
-        e2e_s=[marks[marks_at[min(end, len(marks_at)) - 1]] for end in ends],
+        e2e_s=[marks[m] for m in done_at_mark],
         weight_bytes=engine.loaded.weight_bytes, kv_cache_bytes=cache.nbytes, depth=depth, batch_size=batch,
-        layer_evals=layer_evals, layer_evals_full=batch * (min(generated, max_new_tokens) - 1) * depth, exit_decision_s=0.0,
+        layer_evals=layer_evals, layer_evals_full=(generated - batch) * depth, exit_decision_s=0.0,
         exit_decision_macs=0, decode_macs=layer_evals * macs["layer"] + generated_decode * macs["head"],
         cost_features=feats,
     )
