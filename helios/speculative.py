@@ -9,8 +9,8 @@ is kept, plus the full model's own token at the first disagreement. The output i
 every emitted token is the full model's prediction after a prefix of tokens the full model itself chose.
 
 Reuse (LayerSkip's "exit query cache"): drafting has already computed layers 1..E for the drafted positions, so their
-K/V there are final and verification starts at layer E+1 from the cached states; the K/V that verification writes
-beyond the accepted tokens are overwritten by the next round.
+K/V there are final and verification starts at layer E+1 from the cached states; the slots of rejected drafts are
+marked empty and never attended again.
 
 Batches: rows accept different numbers of drafts. Every row writes k cache slots a round and keeps its own accepted
 prefix plus the full model's next token; the slots of its rejected drafts become holes that no later query attends
