@@ -20,15 +20,43 @@ def cache_dir() -> Path:
     return root
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final_path: Path) -> list[Path]:
+    """Delete the temporaries that killed writers of `final_path` left behind (`.<name>.tmp-<pid>-*` whose process
+    no longer exists: a SIGKILL gives no chance to clean up, and a killed GGUF conversion leaves ~0.5 GB)."""
+    removed = []
+    for stale in final_path.parent.glob(f".{final_path.name}.tmp-*"):
+        pid = stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+            removed.append(stale)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(final_path: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to `final_path` only if the block succeeds.
 
-    A crash or exception leaves no partial `final_path` behind (the temporary directory is removed).
+    A crash or exception leaves no partial `final_path` behind (the temporary directory is removed); what a killed
+    process left is removed by the next writer of the same path.
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.tmp-", dir=final_path.parent))
+    remove_stale_temporaries(final_path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.tmp-{os.getpid()}-", dir=final_path.parent))
     try:
         yield tmp
         if final_path.exists():
@@ -44,7 +72,8 @@ def atomic_file(final_path: Path, mode: str = "wb") -> Iterator:
     """Open a temporary sibling file for writing; `os.replace` it onto `final_path` on success."""
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final_path.name}.tmp-", dir=final_path.parent)
+    remove_stale_temporaries(final_path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final_path.name}.tmp-{os.getpid()}-", dir=final_path.parent)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
