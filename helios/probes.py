@@ -143,9 +143,18 @@ def probe_dataset(loaded: Any, texts: Sequence[str], heads: Any | None, exit_lay
 
 def train_exit_probes(features: dict[int, torch.Tensor], labels: dict[int, torch.Tensor], *, width: int = 64,
                       steps: int = 600, batch: int = 2048, lr: float = 3e-3, weight_decay: float = 1e-4,
+                      validation_fraction: float = 0.1, eval_every: int = 25, patience: int = 4,
                       seed: int = 0) -> tuple[ExitProbes, dict[str, Any]]:
-    """Binary cross-entropy per exit layer (Adam, `steps` minibatches of `batch` tokens); inputs are standardised
-    with the training set's mean and scale, stored in the probe."""
+    """Binary cross-entropy per exit layer (Adam, at most `steps` minibatches of `batch` tokens); inputs are
+    standardised with the training tokens' mean and scale, stored in the probe.
+
+    Early stopping: the last `validation_fraction` of the tokens (whole passages, not a random sample of tokens:
+    neighbouring tokens are correlated) is held out; every `eval_every` steps its loss is measured, the probe with the
+    best one is kept, and training stops after `patience` evaluations without improvement. Without it, 600 steps
+    memorise 20k tokens of SmolLM2's 578 features (training precision 1.00, held-out 0.65 at threshold 0.95).
+    `validation_fraction=0` trains all `steps` on every token."""
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1); got {validation_fraction!r}")
     layers = sorted(features)
     hidden_size = int(features[layers[0]].shape[1]) - 2
     torch.manual_seed(seed)
@@ -153,24 +162,46 @@ def train_exit_probes(features: dict[int, torch.Tensor], labels: dict[int, torch
     probes = ExitProbes(hidden_size, width, layers)
     started = time.perf_counter()
     final_loss: dict[str, float] = {}
+    best_steps: dict[str, int] = {}
+    validation_loss: dict[str, float] = {}
     for layer in layers:
         x, y = features[layer].float(), labels[layer].float()
+        n_val = int(len(x) * validation_fraction)
+        x_val, y_val = x[len(x) - n_val:], y[len(y) - n_val:]
+        x, y = x[: len(x) - n_val], y[: len(y) - n_val]
         probe = probes.probes[str(layer)]
         probe.mean.copy_(x.mean(0))
         probe.scale.copy_(x.std(0).clamp_min(1e-4))
         optimizer = torch.optim.Adam(probe.net.parameters(), lr=lr, weight_decay=weight_decay)
-        losses = []
-        for _ in range(steps):
+        losses: list[float] = []
+        best_loss, best_state, best_step, stale = float("inf"), None, steps, 0
+        for step in range(1, steps + 1):
             index = torch.randint(len(x), (min(batch, len(x)),), generator=generator)
             loss = F.binary_cross_entropy_with_logits(probe(x[index]), y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            if n_val and (step % eval_every == 0 or step == steps):
+                with torch.no_grad():
+                    held = float(F.binary_cross_entropy_with_logits(probe(x_val), y_val))
+                if held < best_loss:
+                    best_loss, best_step, stale = held, step, 0
+                    best_state = {k: v.clone() for k, v in probe.state_dict().items()}
+                else:
+                    stale += 1
+                    if stale >= patience:
+                        break
+        if best_state is not None:
+            probe.load_state_dict(best_state)
+            validation_loss[str(layer)] = round(best_loss, 4)
+        best_steps[str(layer)] = best_step
         final_loss[str(layer)] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
     probes.eval().requires_grad_(False)
-    return probes, {"train_tokens": int(len(labels[layers[0]])), "steps_per_layer": steps, "width": width,
-                    "loss_by_layer": final_loss, "train_seconds": round(time.perf_counter() - started, 2),
+    return probes, {"train_tokens": int(len(labels[layers[0]])), "max_steps_per_layer": steps,
+                    "best_step_by_layer": best_steps, "validation_fraction": validation_fraction,
+                    "validation_loss_by_layer": validation_loss, "width": width, "loss_by_layer": final_loss,
+                    "train_seconds": round(time.perf_counter() - started, 2),
                     "positive_rate_by_layer": {str(k): round(float(labels[k].float().mean()), 4) for k in layers}}
 
 

@@ -90,7 +90,7 @@ def tune_probes(cfg: DictConfig, loaded, train_texts: list[str], eval_texts: lis
     features, labels = probe_dataset(loaded, train_texts, heads, layers, max_tokens=int(cfg.probe_tokens),
                                      seq_len=int(cfg.seq_len))
     probes, stats = train_exit_probes(features, labels, width=int(cfg.probe_width), steps=int(cfg.probe_steps),
-                                      seed=int(cfg.seed))
+                                      validation_fraction=float(cfg.probe_validation), seed=int(cfg.seed))
     del features, labels
     eval_features, eval_labels = probe_dataset(loaded, eval_texts, heads, layers, max_tokens=int(cfg.eval_tokens),
                                                seq_len=int(cfg.seq_len))

@@ -99,6 +99,27 @@ def test_training_learns_a_known_rule() -> None:
     assert stats["train_tokens"] == 4000 and set(stats["loss_by_layer"]) == {"5"}
 
 
+def test_early_stopping_keeps_a_probe_from_memorising_noise() -> None:
+    """Labels independent of the features: a probe trained to the end memorises them and turns confident on new
+    tokens; with the held-out tail stopping it, it stays near the base rate and exits (almost) nothing at 0.9."""
+    generator = torch.Generator().manual_seed(1)
+
+    def data(n: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        h = torch.randn(n, 64, generator=generator)
+        return {3: probe_features(h, torch.randn(n, 64, generator=generator))}, {3: torch.rand(n, generator=generator) < 0.5}
+
+    features, labels = data(1500)
+    fresh_features, fresh_labels = data(1500)
+    memorised, _ = train_exit_probes(features, labels, width=64, steps=600, batch=512, validation_fraction=0.0)
+    stopped, stats = train_exit_probes(features, labels, width=64, steps=600, batch=512, validation_fraction=0.2,
+                                       eval_every=10, patience=3)
+    overconfident = precision_coverage(memorised, fresh_features, fresh_labels, thresholds=(0.9,))["3"][0]
+    calm = precision_coverage(stopped, fresh_features, fresh_labels, thresholds=(0.9,))["3"][0]
+    assert overconfident["coverage"] > 0.2
+    assert calm["coverage"] < 0.02
+    assert stats["best_step_by_layer"]["3"] < 600
+
+
 def test_save_load_fingerprint_and_errors(tiny, tmp_path: Path) -> None:
     probes = _random_probes(tiny.model.config.hidden_size, [1, 3])
     checkpoint = tmp_path / "ckpt"
