@@ -265,8 +265,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         for head_name, heads in head_options:
             if criterion == "none" and head_name == "shared":
                 continue  # measured above as plain truncation
-            if criterion == "probe" and head_name != probe_heads:
-                continue
+            if criterion == "probe" and (head_name != probe_heads
+                                         or not set(exit_points) <= set(probes.exit_layers)):
+                continue  # probes are trained per exit layer, for the saved heads only
             eng.exit_heads, eng.exit_probes = heads, probes
             run = eng.generate(prompts8, args.new_tokens, config, stop_at_eos=False, measure_decisions=True)
             if criterion != "none":
