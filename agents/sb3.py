@@ -49,19 +49,23 @@ def validate_sb3_config(name: str, hyper: dict[str, Any]) -> None:
                              f"{sorted([*RANGES, *INT_KEYS, 'policy', 'net_arch'])}")
 
 
+def algorithm_class(name: str):
+    """The SB3 (or sb3-contrib) class of an agent name in ALGORITHMS."""
+    if name == "maskable_ppo":
+        from sb3_contrib import MaskablePPO
+
+        return MaskablePPO
+    import stable_baselines3 as sb3
+
+    return {"ppo": sb3.PPO, "a2c": sb3.A2C, "dqn": sb3.DQN}[name]
+
+
 def build_model(name: str, env, hyper: dict[str, Any], seed: int):
     hyper = dict(hyper)
     policy = hyper.pop("policy", "MlpPolicy")
     net_arch = hyper.pop("net_arch", None)
     kwargs = {"policy_kwargs": {"net_arch": list(net_arch)}} if net_arch else {}
-    if name == "maskable_ppo":
-        from sb3_contrib import MaskablePPO
-
-        return MaskablePPO(policy, env, seed=seed, verbose=0, **hyper, **kwargs)
-    import stable_baselines3 as sb3
-
-    cls = {"ppo": sb3.PPO, "a2c": sb3.A2C, "dqn": sb3.DQN}[name]
-    return cls(policy, env, seed=seed, verbose=0, **hyper, **kwargs)
+    return algorithm_class(name)(policy, env, seed=seed, verbose=0, **hyper, **kwargs)
 
 
 def with_oracle(env):
@@ -114,13 +118,7 @@ def save_checkpoint(model, run_dir: Path) -> None:
 
 
 def load_checkpoint(name: str, env, run_dir: Path):
-    if name == "maskable_ppo":
-        from sb3_contrib import MaskablePPO as cls
-    else:
-        import stable_baselines3
-
-        cls = getattr(stable_baselines3, name.upper())
-    model = cls.load(str(run_dir / CHECKPOINT_MODEL), env=env)
+    model = algorithm_class(name).load(str(run_dir / CHECKPOINT_MODEL), env=env)
     if (run_dir / CHECKPOINT_BUFFER).exists() and hasattr(model, "load_replay_buffer"):
         model.load_replay_buffer(str(run_dir / CHECKPOINT_BUFFER))
     return model

@@ -38,6 +38,7 @@ from envs.backends import (
     epoch_metrics,
     mix_reference,
 )
+from helios.config import check_keys
 from helios.slo import METRICS, SLO, slo_from_config
 from helios.workloads import SOURCE_NAMES, workload_from_config
 
@@ -436,9 +437,7 @@ def env_config(backend: str) -> dict[str, Any]:
     if cfg.pop("backend", None) != backend:  # type: ignore[union-attr]
         raise ValueError(f"{path} must say `backend: {backend}`")
     allowed = COMMON_KEYS + (REPLAY_KEYS if backend == "replay" else ())
-    unknown = sorted(set(cfg) - set(allowed))  # type: ignore[arg-type]
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {path}; valid: {list(allowed)}")
+    check_keys(str(path), cfg, allowed)  # type: ignore[arg-type]
     return cfg  # type: ignore[return-value]
 
 

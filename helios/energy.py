@@ -290,18 +290,12 @@ _MODEL_KEYS = ("formula", "watts_per_core", "joules_per_mac", "static_w")
 
 def meter_from_config(cfg: Any, device: str | None = None) -> EnergyMeter:
     """A meter from a `conf/energy/*.yaml` node: kind, device_index, rapl_root, model {formula, watts_per_core, ...}."""
-    if type(cfg).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
+    from helios.config import check_keys, plain
 
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(_CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in energy config; valid: {list(_CONFIG_KEYS)}")
+    cfg = dict(plain(cfg) or {})
+    check_keys("energy config", cfg, _CONFIG_KEYS)
     model_cfg = dict(cfg.get("model") or {})
-    unknown = sorted(set(model_cfg) - set(_MODEL_KEYS))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in energy.model config; valid: {list(_MODEL_KEYS)}")
+    check_keys("energy.model config", model_cfg, _MODEL_KEYS)
     return make_meter(
         cfg.get("kind", "auto"), device=device, device_index=cfg.get("device_index", 0),
         rapl_root=cfg.get("rapl_root", RAPL_ROOT), **model_cfg,

@@ -42,6 +42,8 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from helios.config import check_keys, plain
+
 METRICS: dict[str, bool] = {  # name -> higher is better
     "throughput_tok_s": True,
     "latency_p95_s": False,
@@ -165,20 +167,10 @@ _TOP_KEYS = ("name", "weights", "constraints", "ratio_clip", "accuracy_eps")
 _CONSTRAINT_KEYS = ("metric", *BOUND_KEYS, "penalty")
 
 
-def _plain(cfg: Any) -> Any:
-    if type(cfg).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
 def constraint_from_config(cfg: Mapping[str, Any], where: str = "constraint") -> Constraint:
     if not isinstance(cfg, Mapping):
         raise SLOConfigError(f"{where} must be a mapping with keys {list(_CONSTRAINT_KEYS)}; got {cfg!r}")
-    unknown = sorted(set(cfg) - set(_CONSTRAINT_KEYS))
-    if unknown:
-        raise SLOConfigError(f"unknown key(s) {unknown} in {where}; valid: {list(_CONSTRAINT_KEYS)}")
+    check_keys(where, cfg, _CONSTRAINT_KEYS, SLOConfigError)
     metric = cfg.get("metric")
     if metric not in METRICS:
         raise SLOConfigError(f"{where} names unknown metric {metric!r}; valid: {list(METRICS)}")
@@ -200,12 +192,10 @@ def constraint_from_config(cfg: Mapping[str, Any], where: str = "constraint") ->
 
 def slo_from_config(cfg: Any) -> SLO:
     """An SLO from a `conf/slo/*.yaml` node (DictConfig or dict): name, weights, constraints, ratio_clip, accuracy_eps."""
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     if not isinstance(cfg, Mapping):
         raise SLOConfigError(f"an SLO config is a mapping with keys {list(_TOP_KEYS)}; got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(_TOP_KEYS))
-    if unknown:
-        raise SLOConfigError(f"unknown key(s) {unknown} in SLO config; valid: {list(_TOP_KEYS)}")
+    check_keys("SLO config", cfg, _TOP_KEYS, SLOConfigError)
     weights = cfg.get("weights")
     if not isinstance(weights, Mapping) or not weights:
         raise SLOConfigError(f"SLO config needs `weights`: a mapping of some of {list(METRICS)} to weights >= 0")

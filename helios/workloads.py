@@ -42,6 +42,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from helios import corpus
+from helios.config import check_keys, plain
 from helios.corpus import CorpusUnavailableError
 
 BASE_SOURCES: tuple[str, ...] = ("code", "prose", "qa")
@@ -432,39 +433,24 @@ _PHASE_KEYS = tuple(f.name for f in dataclasses.fields(Phase))
 _ARRIVAL_KEYS = tuple(f.name for f in dataclasses.fields(Arrival))
 
 
-def _plain(cfg: Any) -> Any:
-    """A DictConfig/ListConfig as plain containers (omegaconf is imported only when one is passed)."""
-    if type(cfg).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
-def _check_keys(what: str, given: Mapping[str, Any], valid: tuple[str, ...]) -> None:
-    unknown = sorted(set(given) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {what}; valid: {list(valid)}")
-
-
 def workload_from_config(cfg: Any) -> Workload:
     """Build a Workload from a `conf/workload/*.yaml` node (DictConfig or dict); see conf/workload/drift3.yaml."""
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     if not isinstance(cfg, Mapping):
         raise ValueError(f"workload config must be a mapping with keys {list(_TOP_KEYS)}; got {type(cfg).__name__}")
-    _check_keys("workload config", cfg, _TOP_KEYS)
+    check_keys("workload config", cfg, _TOP_KEYS)
     for key in ("episode_epochs", "phases"):
         if key not in cfg:
             raise ValueError(f"workload config lacks {key!r}; required: ['episode_epochs', 'phases']")
     arrival_cfg = dict(cfg.get("arrival") or {})
-    _check_keys("workload.arrival", arrival_cfg, _ARRIVAL_KEYS)
+    check_keys("workload.arrival", arrival_cfg, _ARRIVAL_KEYS)
     if not isinstance(cfg["phases"], list):
         raise ValueError("workload.phases must be a list of {epochs, mixture, transition} mappings")
     phases = []
     for index, phase_cfg in enumerate(cfg["phases"]):
         if not isinstance(phase_cfg, Mapping) or "epochs" not in phase_cfg or "mixture" not in phase_cfg:
             raise ValueError(f"workload.phases[{index}] must be a mapping with 'epochs' and 'mixture'; got {phase_cfg!r}")
-        _check_keys(f"workload.phases[{index}]", phase_cfg, _PHASE_KEYS)
+        check_keys(f"workload.phases[{index}]", phase_cfg, _PHASE_KEYS)
         phases.append(Phase(phase_cfg["epochs"], dict(phase_cfg["mixture"]), phase_cfg.get("transition", "abrupt")))
     return Workload(
         phases=phases,

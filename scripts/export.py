@@ -116,13 +116,9 @@ def export_sb3(stub: dict[str, Any], run_dir: Path, out_dir: Path, samples: int,
 
     algo = stub["agent"]
     zip_path = run_dir / stub.get("model_zip", f"{algo}_model.zip")
-    if algo == "maskable_ppo":
-        from sb3_contrib import MaskablePPO as cls
-    else:
-        import stable_baselines3 as sb3
+    from agents.sb3 import algorithm_class
 
-        cls = {"ppo": sb3.PPO, "a2c": sb3.A2C, "dqn": sb3.DQN}[algo]
-    model = cls.load(str(zip_path), device="cpu")
+    model = algorithm_class(algo).load(str(zip_path), device="cpu")
     space = model.observation_space
     low, high = space.low.astype(np.float32), space.high.astype(np.float32)
     net = _ScoreNet.build(model)

@@ -47,6 +47,17 @@ def line_count(path: Path) -> int:
 # ------------------------------------------------------------------------------------------ kill and resume
 
 
+def sigkill_when(process: subprocess.Popen, ready, log: Path, timeout_message: str) -> None:
+    """Poll until `ready()`, then SIGKILL the run; fail with its log if it ends first, or after 120 s."""
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, timeout_message
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+
+
 def test_sigkill_then_resume_loses_and_repeats_no_epoch_and_matches_an_uninterrupted_run(tiny_train_env, tmp_path):
     """A run SIGKILLed mid-way and resumed with resume=<run dir> logs epochs 0..N-1 exactly once, and its actions
     and rewards equal an uninterrupted run's with the same seed (agent state and env position restored)."""
@@ -59,13 +70,8 @@ def test_sigkill_then_resume_loses_and_repeats_no_epoch_and_matches_an_uninterru
                                      stderr=subprocess.STDOUT)
         killed = subprocess.Popen(train_cmd(tiny_train_env, run_dir, *args), cwd=ROOT, env=ENV, stdout=run_log,
                                   stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while line_count(run_dir / "metrics.jsonl") < 25:
-            assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no epochs logged within 120 s"
-            time.sleep(0.002)
-        os.kill(killed.pid, signal.SIGKILL)
-        assert killed.wait(timeout=30) == -signal.SIGKILL
+        sigkill_when(killed, lambda: line_count(run_dir / "metrics.jsonl") >= 25, tmp_path / "killed.log",
+                     "no epochs logged within 120 s")
         done = json.loads((run_dir / "checkpoint.json").read_text())["epochs_done"]
         logged = line_count(run_dir / "metrics.jsonl")
         assert 25 <= logged < total and 0 < done <= logged, (done, logged)  # killed mid-way, inside the epoch loop
@@ -96,13 +102,8 @@ def test_sb3_run_killed_after_a_checkpoint_resumes_without_losing_or_repeating_e
     with open(tmp_path / "killed.log", "w") as run_log:
         killed = subprocess.Popen(train_cmd(tiny_train_env, run_dir, "agent=dqn", "seed=1", f"episodes={episodes}"),
                                   cwd=ROOT, env=ENV, stdout=run_log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while not (run_dir / "checkpoint.json").exists():
-            assert killed.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.002)
-        os.kill(killed.pid, signal.SIGKILL)
-        assert killed.wait(timeout=30) == -signal.SIGKILL
+        sigkill_when(killed, (run_dir / "checkpoint.json").exists, tmp_path / "killed.log",
+                     "no checkpoint within 120 s")
     done = json.loads((run_dir / "checkpoint.json").read_text())["epochs_done"]
     assert done % EPISODE_EPOCHS == 0 and 0 < done < total
     assert (run_dir / "sb3_checkpoint.zip").exists() and (run_dir / "sb3_replay_buffer.pkl").exists()
