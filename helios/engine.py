@@ -277,12 +277,20 @@ class EarlyExitEngine:
         causal = key_idx <= query_idx
         base = valid[:, None, None, :end] & causal[None, None]
         self_slot = (key_idx == query_idx)[None, None]
+        return self.masks_by_layer_type(base, key_idx[None, None], query_idx[None, None], dtype, always=self_slot)
+
+    def masks_by_layer_type(self, base: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor, dtype: torch.dtype,
+                            always: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`base` [B, 1, q, k] (True = attend), narrowed to the sliding window on sliding layers (`keys`, `queries`:
+        broadcastable indices in the unit the window is counted in), OR `always`; float additive masks for eager
+        attention."""
         masks: dict[str, torch.Tensor] = {}
         for layer_type in set(self.layer_types):
             mask = base
             if layer_type == "sliding_attention" and self.sliding_window:
-                mask = mask & (key_idx > query_idx - self.sliding_window)[None, None]
-            mask = mask | self_slot
+                mask = mask & (keys > queries - self.sliding_window)
+            if always is not None:
+                mask = mask | always
             if self.eager_masks:
                 mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
                     ~mask, torch.finfo(dtype).min

@@ -37,19 +37,9 @@ def _masks(engine: EarlyExitEngine, slot_position: torch.Tensor, query_positions
     """Attention masks [B, 1, q, slots] from logical positions: key slot j is visible from a query at position p when
     it holds a token (position >= 0) at or before p and, on sliding layers, within the window of p. Measured in
     positions, not slots, because rows have holes where rejected drafts were."""
-    keys = slot_position[:, None, :]
-    queries = query_positions[:, :, None]
-    base = (keys >= 0) & (keys <= queries)
-    masks = {}
-    for layer_type in set(engine.layer_types):
-        mask = base
-        if layer_type == "sliding_attention" and engine.sliding_window:
-            mask = mask & (keys > queries - engine.sliding_window)
-        mask = mask[:, None]
-        if engine.eager_masks:
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        masks[layer_type] = mask
-    return masks
+    keys = slot_position[:, None, None, :]
+    queries = query_positions[:, None, :, None]
+    return engine.masks_by_layer_type((keys >= 0) & (keys <= queries), keys, queries, dtype)
 
 
 @torch.inference_mode()
