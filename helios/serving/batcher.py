@@ -95,6 +95,11 @@ class TextStream:
     def __init__(self, request: GenerationRequest, tokenizer: Any, eos: set[int]) -> None:
         self.request, self.tokenizer, self.eos = request, tokenizer, eos
         self.tokens: list[int] = []
+        self.text = ""  # decoded text of tokens[:read_offset]
+        # Decode window (vLLM's incremental detokenisation): only tokens[prefix_offset:] are decoded per token, the
+        # tokens before read_offset giving the context that spacing depends on. Decoding the whole prefix instead
+        # would cost O(n^2) per stream inside the decode loop.
+        self.prefix_offset = self.read_offset = 0
         self.sent = ""
         self.done = False
 
@@ -105,11 +110,16 @@ class TextStream:
             self.done = True
             return ""
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""  # an incomplete character: wait for its remaining bytes
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix_offset: self.read_offset], skip_special_tokens=True)
+        window = decode(self.tokens[self.prefix_offset:], skip_special_tokens=True)
+        if window.endswith("\ufffd") or len(window) <= len(before):
+            return ""  # an incomplete character (or no text yet): wait for the next tokens
+        self.text += window[len(before):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        text = self.text
         for stop in self.request.stop:
-            cut = text.find(stop)
+            cut = text.find(stop, max(0, len(self.sent) - len(stop)))  # sent text holds no stop string
             if cut >= 0:
                 text, self.done = text[:cut], True
         if not self.done:
