@@ -17,6 +17,7 @@ Saved as `exit_probes.safetensors` + `exit_probes.json` beside the checkpoint: s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -41,7 +42,17 @@ def heads_fingerprint(checkpoint_dir: str | Path) -> str:
     from helios.exits import HEADS_FILE
 
     path = Path(checkpoint_dir) / HEADS_FILE
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else "shared"
+    if not path.exists():
+        return "shared"
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    """Hashed once per file version and process: SmolLM2's heads are 77 MB, and every engine built (each arm switch)
+    checks its probes against them."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def probe_features(hidden: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
