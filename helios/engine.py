@@ -205,6 +205,10 @@ class EarlyExitEngine:
         self.sliding_window: int | None = getattr(self.config, "sliding_window", None)
         self.softcap: float | None = getattr(self.config, "final_logit_softcapping", None)
         self._rotary_takes_layer_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        # transformers 5.24 renamed decoder layers' `past_key_values` to `cache` (the old name warns, and goes in
+        # 5.40); older 5.x only know the old name.
+        layer_params = inspect.signature(self.layers[0].forward).parameters
+        self._cache_kwarg = "cache" if "cache" in layer_params else "past_key_values"
         self.eager_masks = self.config._attn_implementation == "eager"
         is_prefix = tuple(loaded.layer_indices or range(self.depth)) == tuple(range(self.depth))
         heads_given = exit_heads is not None
@@ -306,7 +310,7 @@ class EarlyExitEngine:
             mask, cos, sin, position_ids = mask[rows], cos[rows], sin[rows], position_ids[rows]
         out = self.layers[i](
             hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=position_ids,
-            past_key_values=cache,
+            **{self._cache_kwarg: cache},
         )
         return out[0] if isinstance(out, tuple) else out
 
