@@ -1,4 +1,4 @@
-"""Batched greedy decoding with a KV cache over a model truncated to depth k, with per-token early exit inside it.
+"""Batched decoding (greedy or sampled) with a KV cache over a model truncated to depth k, with per-token early exit.
 
     python -m helios.engine smollm2-135m --depth 20 --criterion max_prob --threshold 0.8 --exit-points 12,16
 
@@ -13,7 +13,9 @@ Early exit (Schuster et al. 2022, CALM; Elhoushi et al. 2024, LayerSkip):
     needs no head at all until a row actually exits, and `probe`, a learned per-exit classifier of "this exit gives
     the final layer's token" (helios.probes, trained by scripts/tune_exits.py probes=true), equally head-free.
   * The exit token is argmax(head(norm(adapter_e(h_e)))), where adapter_e is a tuned exit head (helios.exits) when
-    one was trained for this checkpoint, else the identity (LayerSkip's shared head).
+    one was trained for this checkpoint, else the identity (LayerSkip's shared head). Under sampling
+    (helios.sampling) it is drawn from that exit head's tempered, top-k/top-p-filtered distribution instead, while
+    the exit criteria keep reading the untempered one (CALM's confidence); see helios/sampling.py.
   * KV for exited tokens: deeper layers still need K/V at that position for later tokens. We propagate the exited
     hidden state (CALM): layer j > e gets K/V computed from h_e through its own input norm and K/V projections.
     That costs ~2 small matmuls per deeper layer instead of a whole layer, and it is what the model would see if
@@ -33,12 +35,13 @@ import inspect
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from helios.models import LoadedModel, load_candidate, text_config
+from helios.sampling import BatchSampler, SamplingParams, TokenLogprob, per_row
 
 CRITERIA = ("none", "max_prob", "margin", "cosine", "probe")
 # Work counters of one generate call (see GenerationResult.cost_features).
@@ -102,6 +105,10 @@ class GenerationResult:
     # Counts of the work the call did, by kind (layer calls, row-evaluations, head rows, ...): what the calibrated
     # cost model (helios.costmodel) regresses time on, and what replay reconstructs from traces.
     cost_features: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Per row, per returned token (aligned with `tokens`), when some row's SamplingParams asked for logprobs (rows
+    # that did not get []); None otherwise. See helios.sampling for what they are (raw distribution of the deciding
+    # layer: the exit head's for exited tokens).
+    logprobs: list[list[TokenLogprob]] | None = None
 
     @property
     def generated_tokens(self) -> int:
@@ -186,7 +193,7 @@ class _Clock:
 
 
 class EarlyExitEngine:
-    """Greedy batched decoding on a `LoadedModel` (see module docstring). Knows nothing of RL or HTTP."""
+    """Batched decoding on a `LoadedModel` (see module docstring). Knows nothing of RL or HTTP."""
 
     def __init__(self, loaded: LoadedModel, exit_heads: Any | None = None, *, load_tuned_heads: bool = True,
                  exit_probes: Any | None = None) -> None:
@@ -362,8 +369,13 @@ class EarlyExitEngine:
         sync_every: int = 16,
         forced_tokens: list[list[int]] | None = None,
         on_token: Callable[[int, torch.Tensor], None] | None = None,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> GenerationResult:
-        """Greedy decoding of `max_new_tokens` per prompt (fewer when EOS comes first and `stop_at_eos`).
+        """Decoding of `max_new_tokens` per prompt (fewer when EOS comes first and `stop_at_eos`).
+
+        `sampling`: None (greedy for every row), one SamplingParams for all rows, or one per prompt; rows may mix
+        greedy and sampled settings. A row's sampled tokens depend on its seed and prompt, not on the other rows.
+        Logprobs, when asked, come back in `GenerationResult.logprobs`.
 
         `forced_tokens` (teacher forcing): per prompt, the continuation to feed back instead of the engine's own
         predictions; the predictions and their exit layers are still what is returned. Replay traces are recorded
@@ -384,6 +396,7 @@ class EarlyExitEngine:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
         exit_config.validate(self.depth)
+        row_params = per_row(sampling, len(prompts))
         if exit_config.criterion == "probe":
             trained = self.exit_probes.exit_layers if self.exit_probes is not None else []
             missing = [e for e in exit_config.exit_points if e not in trained]
@@ -418,6 +431,7 @@ class EarlyExitEngine:
         clock = _Clock(device)
         decision_s = 0.0
         dtype = self.loaded.dtype
+        sampler = BatchSampler(row_params, int(self.head.weight.shape[0]), max_new_tokens, device)
 
         # Prefill: the whole prompt through every loaded layer (prompt K/V are needed at every depth anyway).
         clock.mark()
@@ -427,7 +441,8 @@ class EarlyExitEngine:
         cache.write_pos = 0
         for i in range(self.depth):
             hidden = self._run_layer(i, hidden, None, masks, pos_emb, position_ids, cache)
-        token = self.logits(hidden[:, -1], self.depth).argmax(-1)
+        sampler.begin_step()
+        token = sampler.choose(self.logits(hidden[:, -1], self.depth), None, 0)
         out_tokens = torch.full((batch, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         out_exit = torch.full((batch, max_new_tokens), self.depth, dtype=torch.long, device=device)
         out_tokens[:, 0] = token
@@ -456,6 +471,7 @@ class EarlyExitEngine:
             pos_emb = self._position_embeddings(hidden, step_positions)
             feats["steps"] += 1
             feats["step_rows"] += batch
+            sampler.begin_step()  # the step's noise, read by whichever layer decides each row's token
             masks = self._masks(valid, pos, 1, dtype)
             cache.write_pos = pos
             rows: torch.Tensor | None = None
@@ -508,7 +524,7 @@ class EarlyExitEngine:
                     else:
                         exit_logits = exit_logits[exits]
                     feats["compactions"] += 1
-                    next_token[leaving] = exit_logits.argmax(-1)
+                    next_token[leaving] = sampler.choose(exit_logits, leaving, step)
                     out_exit[leaving, step] = layer_count
                     pending.append((leaving, hidden[exits]))
                     rows, hidden = row_ids[~exits], hidden[~exits]
@@ -520,17 +536,19 @@ class EarlyExitEngine:
                         exit_logits = self.logits(hidden[:, -1], layer_count)
                         feats["exit_head_calls"] += 1
                         feats["exit_head_rows"] += batch
-                    next_token = torch.where(newly, exit_logits.argmax(-1), next_token)
+                    next_token = torch.where(newly, sampler.choose(exit_logits, None, step, newly), next_token)
                     out_exit[:, step] = torch.where(newly, layer_count, out_exit[:, step])
                     exited = exited | newly
                     frozen = torch.where(newly[:, None, None], hidden, frozen)
             if active_rows > 0:
-                last_tokens = self.logits(hidden[:, -1], self.depth).argmax(-1)
+                last_logits = self.logits(hidden[:, -1], self.depth)
                 feats["head_calls"] += 1
                 feats["head_rows"] += active_rows
                 if compact:
-                    next_token[torch.arange(batch, device=device) if rows is None else rows] = last_tokens
+                    row_ids = torch.arange(batch, device=device) if rows is None else rows
+                    next_token[row_ids] = sampler.choose(last_logits, row_ids, step)
                 else:
+                    last_tokens = sampler.choose(last_logits, None, step, None if not exit_points else ~exited)
                     next_token = torch.where(exited, next_token, last_tokens)
             next_token = torch.where(finished, self.pad_id, next_token)
             out_tokens[:, step] = next_token
@@ -577,6 +595,7 @@ class EarlyExitEngine:
             exit_decision_macs=decision_macs,
             decode_macs=decode_macs,
             cost_features=feats,
+            logprobs=sampler.logprobs(result_tokens),
         )
 
     def _decide(self, exit_config: ExitConfig, hidden, before, layer_count: int):

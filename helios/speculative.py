@@ -30,6 +30,7 @@ import torch
 
 from helios.engine import COST_FEATURES, EarlyExitEngine, EngineKVCache, GenerationResult, _Clock
 from helios.models import load_candidate
+from helios.sampling import SamplingParams
 
 
 def _masks(engine: EarlyExitEngine, slot_position: torch.Tensor, query_positions: torch.Tensor,
@@ -44,10 +45,20 @@ def _masks(engine: EarlyExitEngine, slot_position: torch.Tensor, query_positions
 
 @torch.inference_mode()
 def generate_speculative(engine: EarlyExitEngine, prompts: list[list[int]] | list[str], max_new_tokens: int, *,
-                         draft_layers: int, draft_tokens: int, stop_at_eos: bool = True) -> GenerationResult:
+                         draft_layers: int, draft_tokens: int, stop_at_eos: bool = True,
+                         sampling: SamplingParams | None = None) -> GenerationResult:
     """Greedy decoding of `max_new_tokens` per prompt, equal to `engine.generate(prompts, max_new_tokens)` (exits
     off), drafted with `draft_layers` layers and `draft_tokens` tokens per round. `exit_layers` of the result are
-    the loaded depth for every token (all are verified at full depth); the counters record drafts and acceptance."""
+    the loaded depth for every token (all are verified at full depth); the counters record drafts and acceptance.
+
+    `sampling` must be greedy without logprobs (None or SamplingParams() / temperature 0): acceptance here is exact
+    token agreement, which is lossless only for greedy decoding (sampled speculation needs rejection sampling, which
+    this does not implement), so anything else is refused rather than silently decoded greedily."""
+    if sampling is not None and (not sampling.greedy or sampling.logprobs is not None):
+        raise ValueError(
+            f"self-speculative decoding is greedy only: got temperature={sampling.temperature}, top_p="
+            f"{sampling.top_p}, top_k={sampling.top_k}, logprobs={sampling.logprobs}; valid: temperature=0 (or "
+            f"top_k=1) and logprobs=None. Use EarlyExitEngine.generate(..., sampling=...) to sample.")
     depth = engine.depth
     if isinstance(draft_layers, bool) or not isinstance(draft_layers, int) or not 1 <= draft_layers < depth:
         raise ValueError(f"draft_layers must be a layer count in 1..{depth - 1}; got {draft_layers!r}")
