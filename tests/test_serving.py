@@ -119,10 +119,10 @@ def test_completion_is_greedy_and_matches_hf_generate(client: openai.OpenAI, ser
 
 def test_chat_and_streaming_agree(client: openai.OpenAI) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
-    full = client.chat.completions.create(model="helios", messages=messages, max_tokens=10)
+    full = client.chat.completions.create(model="helios", messages=messages, max_tokens=10, temperature=0)
     assert full.choices[0].message.role == "assistant"
     stream = client.chat.completions.create(model="helios", messages=messages, max_tokens=10, stream=True,
-                                            stream_options={"include_usage": True})
+                                            stream_options={"include_usage": True}, temperature=0)
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
@@ -131,10 +131,141 @@ def test_chat_and_streaming_agree(client: openai.OpenAI) -> None:
 
 
 def test_completion_stream(client: openai.OpenAI) -> None:
-    full = client.completions.create(model="helios", prompt="The capital of France is", max_tokens=6)
+    full = client.completions.create(model="helios", prompt="The capital of France is", max_tokens=6, seed=3)
     streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="helios", prompt="The capital of France is", max_tokens=6, stream=True))
+        model="helios", prompt="The capital of France is", max_tokens=6, stream=True, seed=3))
     assert streamed == full.choices[0].text
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def test_same_seed_same_text_through_the_openai_client(server: ThreadServer) -> None:
+    """A seeded request gives the same text alone and batched with other (sampled and greedy) requests; another
+    seed gives another text; and it is not the greedy text (it really samples)."""
+    prompt, args = "Once upon a time", {"model": "helios", "max_tokens": 12, "temperature": 1.0, "top_p": 0.95}
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    first = client.completions.create(prompt=prompt, seed=42, **args).choices[0].text
+
+    async def crowd() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as aclient:
+            replies = await asyncio.gather(
+                aclient.completions.create(prompt="noise", seed=1, **args),
+                aclient.completions.create(prompt=prompt, seed=42, **args),
+                aclient.completions.create(prompt="more noise here", temperature=0, model="helios", max_tokens=5),
+                aclient.completions.create(prompt=prompt, seed=43, **args))
+        return [r.choices[0].text for r in replies]
+
+    texts = asyncio.run(crowd())
+    assert texts[1] == first
+    assert texts[3] != first
+    assert first != hf_greedy_text(prompt, 12)
+    chat = [client.chat.completions.create(model="helios", messages=[{"role": "user", "content": "hi"}], seed=7,
+                                           max_tokens=10, temperature=1.2, extra_body={"top_k": 50})
+            for _ in range(2)]
+    assert chat[0].choices[0].message.content == chat[1].choices[0].message.content
+
+
+def test_n_choices_are_seed_plus_index_on_both_endpoints(client: openai.OpenAI) -> None:
+    args = {"model": "helios", "max_tokens": 8, "temperature": 1.0}
+    prompts = ["alpha", "beta"]
+    many = client.completions.create(prompt=prompts, n=3, seed=5, **args)
+    assert [c.index for c in many.choices] == list(range(6))
+    for p, prompt in enumerate(prompts):
+        for i in range(3):
+            single = client.completions.create(prompt=prompt, seed=5 + i, **args).choices[0].text
+            assert many.choices[p * 3 + i].text == single
+    assert len({c.text for c in many.choices[:3]}) > 1
+    messages = [{"role": "user", "content": "tell me"}]
+    chat = client.chat.completions.create(messages=messages, n=3, seed=9, **args)
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    for i in range(3):
+        single = client.chat.completions.create(messages=messages, seed=9 + i, **args).choices[0].message.content
+        assert chat.choices[i].message.content == single
+    pieces: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for chunk in client.chat.completions.create(messages=messages, n=3, seed=9, stream=True, **args):
+        for choice in chunk.choices:
+            pieces[choice.index] = pieces.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert pieces == {c.index: c.message.content for c in chat.choices}
+    assert finishes == {c.index: c.finish_reason for c in chat.choices}
+
+
+def hf_greedy_logprobs(prompt: str, max_new_tokens: int) -> tuple[list[int], list[list[float]]]:
+    """Greedy tokens and log_softmax of HF's raw logits at each generated position (HF generate's output_logits)."""
+    import torch
+
+    from tests.conftest import load_cached
+
+    loaded = load_cached("tiny-llama")
+    ids = loaded.tokenizer(prompt, add_special_tokens=True, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id,
+                                    output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    return tokens, [torch.log_softmax(step[0].double(), dim=-1).tolist() for step in out.logits]
+
+
+def test_logprobs_shapes_and_values_on_both_endpoints(client: openai.OpenAI) -> None:
+    prompt = "def fibonacci(n):"
+    reply = client.completions.create(model="helios", prompt=prompt, max_tokens=8, temperature=0, logprobs=3)
+    choice = reply.choices[0]
+    tokens, reference = hf_greedy_logprobs(prompt, 8)
+    lp = choice.logprobs
+    n = reply.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for t in range(n):
+        assert lp.token_logprobs[t] == pytest.approx(reference[t][tokens[t]], abs=1e-4)  # HF's raw log-softmax
+        top = sorted(reference[t], reverse=True)[:3]
+        values = sorted(lp.top_logprobs[t].values(), reverse=True)
+        # Keys are token texts: byte tokens that decode alike (U+FFFD) share a key, so there may be fewer than 3.
+        assert 1 <= len(values) <= 4 and values[0] == pytest.approx(top[0], abs=1e-4)
+        assert all(any(v == pytest.approx(r, abs=1e-4) for r in top) for v in values)
+    sampled = client.completions.create(model="helios", prompt=prompt, max_tokens=8, temperature=1.5, seed=1,
+                                        logprobs=0).choices[0].logprobs
+    assert all(len(top) == 1 for top in sampled.top_logprobs)  # logprobs=0: the chosen token only
+    chat = client.chat.completions.create(model="helios", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                          temperature=0.8, seed=2, logprobs=True, top_logprobs=4)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens  # (EOS is neither content nor counted)
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        values = [alt.logprob for alt in entry.top_logprobs]
+        assert len(values) == 4 and values == sorted(values, reverse=True) and entry.logprob <= values[0] + 1e-6
+    assert client.chat.completions.create(model="helios", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4).choices[0].logprobs is None
+    streamed: list = []
+    for chunk in client.chat.completions.create(model="helios", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=8, temperature=0.8, seed=2, logprobs=True, top_logprobs=4,
+                                                stream=True):
+        for c in chunk.choices:
+            if c.logprobs and c.logprobs.content:
+                streamed += c.logprobs.content
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+
+def test_bad_sampling_parameters_get_400_naming_valid_values(server: ThreadServer) -> None:
+    url, chat = server.url + "/v1/completions", server.url + "/v1/chat/completions"
+    ok = {"model": "helios", "prompt": "hi", "max_tokens": 2}
+    ok_chat = {"model": "helios", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [(url, {"temperature": -1}, "temperature", "[0, 2]"), (url, {"temperature": 3}, "temperature", "[0, 2]"),
+             (url, {"top_p": 0}, "top_p", "(0, 1]"), (chat, {"top_p": 1.5}, "top_p", "(0, 1]"),
+             (url, {"top_k": -3}, "top_k", ">= 1, or 0 / -1"), (url, {"logprobs": 21}, "logprobs", "0..20"),
+             (url, {"n": 0}, "n", "at least 1"), (url, {"n": 65}, "n", "at most 64"),
+             (url, {"echo": True, "logprobs": 1}, "echo", "echo=false"),
+             (chat, {"top_logprobs": 2}, "top_logprobs", "logprobs=true"),
+             (chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "0..20")]
+    for endpoint, extra, param, valid in cases:
+        body = {**(ok if endpoint == url else ok_chat), **extra}
+        error = assert_openai_error(httpx.post(endpoint, json=body), 400)
+        assert error["param"] == param and valid in error["message"], (extra, error)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match=r"\[0, 2\]"):
+        client.completions.create(model="helios", prompt="hi", max_tokens=2, temperature=-1)
 
 
 def test_streaming_is_incremental(client: openai.OpenAI, server: ThreadServer) -> None:
@@ -158,7 +289,7 @@ def test_streaming_is_incremental(client: openai.OpenAI, server: ThreadServer) -
     try:
         pieces = []
         for chunk in client.completions.create(model="helios", prompt="def fibonacci(n):", max_tokens=12,
-                                               stream=True):
+                                               stream=True, temperature=0):
             if chunk.choices and chunk.choices[0].text:
                 pieces.append(chunk.choices[0].text)
                 client_saw_text.set()

@@ -11,6 +11,12 @@ Streaming is incremental: the engine calls back after every decode step and the 
 soon as it is final (whole characters only, never text that may still turn into a stop string), so the first chunk
 leaves after the prefill, not after the batch. The response starts only once the worker has accepted the prompt,
 so a prompt over the context window is still a 400, not a broken stream.
+
+Sampling: each request becomes one SamplingParams per choice (`n` choices per prompt, choice i seeded with seed + i
+when a seed is given), validated here so that a bad value is a 400 naming its valid range. Logprobs are rendered
+in OpenAI's shapes (legacy `text_offset/token_logprobs/tokens/top_logprobs` on completions, `content[]` on chat);
+in a stream they come with each choice's final chunk (the text is streamed as it is decoded, the logprobs are read
+from the device once the batch ends).
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from helios.sampling import MAX_LOGPROBS, SamplingParams
 from helios.serving.batcher import Batcher, GenerationOutput, GenerationRequest, RequestError
 from helios.serving.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from helios.serving.protocol import (
-    ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamChoice,
-    ChatCompletionStreamResponse, ChatResponseMessage, CompletionChoice, CompletionRequest, CompletionResponse,
-    CompletionStreamResponse, DeltaMessage, ErrorInfo, ErrorResponse, ModelCard, ModelList, UsageInfo, random_id,
+    ChatCompletionChoice, ChatCompletionLogProbs, ChatCompletionRequest, ChatCompletionResponse,
+    ChatCompletionStreamChoice, ChatCompletionStreamResponse, ChatLogProb, ChatLogProbsContent, ChatResponseMessage,
+    CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse, CompletionStreamResponse,
+    DeltaMessage, ErrorInfo, ErrorResponse, ModelCard, ModelList, SamplingFields, UsageInfo, random_id,
 )
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -48,6 +56,46 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     body = ErrorResponse(error=ErrorInfo(message=message, type=ERROR_TYPES.get(status, "invalid_request_error"),
                                          param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+def sampling_params(body: SamplingFields, logprobs: int | None, choice: int) -> SamplingParams:
+    """Choice `choice`'s decoding settings; a value out of range is a 400 naming the parameter and its range."""
+    seed = None if body.seed is None else body.seed + choice
+    try:
+        return SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
+                              top_p=1.0 if body.top_p is None else body.top_p,
+                              top_k=0 if body.top_k is None else body.top_k, seed=seed, logprobs=logprobs)
+    except ValueError as error:  # SamplingParams' messages start with the parameter's name
+        raise APIError(400, str(error), str(error).split()[0], "invalid_value") from error
+
+
+def completion_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]] | None,
+                        offset: int = 0) -> CompletionLogProbs | None:
+    """The legacy shape; `top_logprobs` holds the chosen token beside its alternatives (as OpenAI and vLLM do)."""
+    if entries is None:
+        return None
+    out = CompletionLogProbs()
+    for text, logprob, top in entries:
+        out.text_offset.append(offset)
+        offset += len(text)
+        out.tokens.append(text)
+        out.token_logprobs.append(logprob)
+        # Keyed by text, so tokens that decode alike (e.g. lone bytes of a multi-byte character, all U+FFFD) share
+        # one key: the most likely of them keeps it (a limit of the legacy shape; chat's list has no such collision).
+        alternatives: dict[str, float] = {}
+        for alt, alt_lp in [*top, (text, logprob)]:
+            alternatives.setdefault(alt, alt_lp)
+        out.top_logprobs.append(alternatives)
+    return out
+
+
+def chat_logprobs(entries: list[tuple[str, float, list[tuple[str, float]]]] | None) -> ChatCompletionLogProbs | None:
+    if entries is None:
+        return None
+    return ChatCompletionLogProbs(content=[
+        ChatLogProbsContent(token=text, logprob=logprob, bytes=list(text.encode()), top_logprobs=[
+            ChatLogProb(token=alt, logprob=alt_lp, bytes=list(alt.encode())) for alt, alt_lp in top])
+        for text, logprob, top in entries])
 
 
 def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: str = "helios",
@@ -188,9 +236,16 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
         body = ErrorResponse(error=ErrorInfo(message=str(error) or type(error).__name__, type="server_error"))
         return f"data: {body.model_dump_json()}\n\n"
 
-    def usage(output: GenerationOutput) -> UsageInfo:
-        return UsageInfo(prompt_tokens=output.prompt_tokens, completion_tokens=len(output.token_ids),
-                         total_tokens=output.prompt_tokens + len(output.token_ids))
+    def usage(outputs: list[GenerationOutput]) -> UsageInfo:
+        prompt, completion = sum(o.prompt_tokens for o in outputs), sum(len(o.token_ids) for o in outputs)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def check_count(jobs: int, prompts: int, n: int) -> None:
+        if n < 1:
+            raise APIError(400, f"n must be at least 1; got {n}", "n", "invalid_value")
+        if jobs > max_prompts:
+            raise APIError(400, f"prompts x n must be at most {max_prompts}; got {prompts} x {n}", "n",
+                           "invalid_value")
 
     # ------------------------------------------------------------------------------------------ endpoints
 
@@ -213,17 +268,24 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
         started = time.perf_counter()
         check_model(body.model)
         max_tokens = check_max_tokens(body.max_tokens, "max_tokens")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs (prompt logprobs) is not supported; valid: echo=false or "
+                                "logprobs=null", "echo", "unsupported")
+        sampling = [sampling_params(body, body.logprobs, i) for i in range(max(body.n, 1))]
         texts = body.prompt_texts()
         if texts is not None:
             if not texts or len(texts) > max_prompts:
                 raise APIError(400, f"prompt must hold 1..{max_prompts} strings", "prompt", "invalid_value")
-            jobs = [dict(prompt=t, max_tokens=max_tokens, stop=body.stop_strings()) for t in texts]
+            prompts: list[dict[str, Any]] = [dict(prompt=t) for t in texts]
         else:
             if not body.prompt:
                 raise APIError(400, "the prompt is empty", "prompt", "empty_prompt")
-            ids = [int(t) for t in body.prompt]  # type: ignore[arg-type]
-            jobs = [dict(prompt_ids=ids, max_tokens=max_tokens, stop=body.stop_strings())]
-        prefix = [t if body.echo else "" for t in (texts or [""] * len(jobs))]
+            prompts = [dict(prompt_ids=[int(t) for t in body.prompt])]  # type: ignore[union-attr]
+        check_count(len(prompts) * body.n, len(prompts), body.n)
+        # OpenAI's order: choice index = prompt index x n + i.
+        jobs = [dict(**p, max_tokens=max_tokens, stop=body.stop_strings(), sampling=params)
+                for p in prompts for params in sampling]
+        prefix = [t if body.echo else "" for t in (texts or [""] * len(prompts)) for _ in sampling]
         if not body.stream:
             outputs: list[GenerationOutput] = list(await asyncio.gather(*(generate(**job) for job in jobs)))
             metrics.request_latency.labels("/v1/completions").observe(time.perf_counter() - started)
@@ -232,14 +294,15 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
             total.total_tokens = total.prompt_tokens + total.completion_tokens
             return CompletionResponse(model=served_model_name, usage=total, system_fingerprint=outputs[0].arm,
                                       choices=[CompletionChoice(index=i, text=prefix[i] + o.text,
+                                                                logprobs=completion_logprobs(o.logprobs),
                                                                 finish_reason=o.finish_reason)  # type: ignore[arg-type]
                                                for i, o in enumerate(outputs)])
         events, requests, early = await open_stream(jobs)
         rid, created = random_id("cmpl"), int(time.time())
 
-        def chunk(index: int, text: str, finish: str | None = None) -> str:
+        def chunk(index: int, text: str, finish: str | None = None, logprobs: CompletionLogProbs | None = None) -> str:
             return sse(CompletionStreamResponse(id=rid, created=created, model=served_model_name, choices=[
-                CompletionChoice(index=index, text=text, finish_reason=finish)]))  # type: ignore[arg-type]
+                CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)]))  # type: ignore[arg-type]
 
         async def stream() -> AsyncIterator[str]:
             prompt_tokens = completion_tokens = 0
@@ -253,7 +316,7 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
                     elif kind == "end":
                         prompt_tokens += payload.prompt_tokens
                         completion_tokens += len(payload.token_ids)
-                        yield chunk(index, "", payload.finish_reason)
+                        yield chunk(index, "", payload.finish_reason, completion_logprobs(payload.logprobs))
                     else:
                         yield stream_error(payload)
                 if body.stream_options and body.stream_options.include_usage:
@@ -272,43 +335,56 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         started = time.perf_counter()
         check_model(body.model)
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported by this server", "logprobs", "unsupported")
+        if body.top_logprobs is not None:
+            if not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
+            if isinstance(body.top_logprobs, bool) or not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+                raise APIError(400, f"top_logprobs must be an integer in 0..{MAX_LOGPROBS}; got {body.top_logprobs}",
+                               "top_logprobs", "invalid_value")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        sampling = [sampling_params(body, logprobs, i) for i in range(max(body.n, 1))]
+        check_count(body.n, 1, body.n)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = check_max_tokens(body.max_completion_tokens if body.max_completion_tokens is not None
                                       else body.max_tokens, param)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        job = dict(messages=messages, max_tokens=max_tokens, stop=body.stop_strings())
+        jobs = [dict(messages=messages, max_tokens=max_tokens, stop=body.stop_strings(), sampling=params)
+                for params in sampling]
         if not body.stream:
-            output = await generate(**job)
+            outputs: list[GenerationOutput] = list(await asyncio.gather(*(generate(**job) for job in jobs)))
             metrics.request_latency.labels("/v1/chat/completions").observe(time.perf_counter() - started)
-            choice = ChatCompletionChoice(index=0, message=ChatResponseMessage(content=output.text),
-                                          finish_reason=output.finish_reason)  # type: ignore[arg-type]
-            return ChatCompletionResponse(model=served_model_name, usage=usage(output), system_fingerprint=output.arm,
-                                          choices=[choice])
-        events, requests, early = await open_stream([job])
+            choices = [ChatCompletionChoice(index=i, message=ChatResponseMessage(content=o.text),
+                                            logprobs=chat_logprobs(o.logprobs),
+                                            finish_reason=o.finish_reason)  # type: ignore[arg-type]
+                       for i, o in enumerate(outputs)]
+            return ChatCompletionResponse(model=served_model_name, usage=usage(outputs),
+                                          system_fingerprint=outputs[0].arm, choices=choices)
+        events, requests, early = await open_stream(jobs)
         rid, created, arm = random_id("chatcmpl"), int(time.time()), batcher.arm["label"]
 
-        def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
+        def chunk(index: int, delta: DeltaMessage, finish: str | None = None,
+                  logprobs: ChatCompletionLogProbs | None = None) -> str:
             return sse(ChatCompletionStreamResponse(id=rid, created=created, model=served_model_name,
                                                     system_fingerprint=arm, choices=[
-                    ChatCompletionStreamChoice(index=0, delta=delta, finish_reason=finish)]))  # type: ignore[arg-type]
+                    ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=finish,  # type: ignore[arg-type]
+                                               logprobs=logprobs)]))
 
         async def stream() -> AsyncIterator[str]:
             try:
-                yield chunk(DeltaMessage(role="assistant", content=""))
-                output = None
-                async for _, kind, payload in stream_events(events, early, 1):
+                for index in range(len(jobs)):
+                    yield chunk(index, DeltaMessage(role="assistant", content=""))
+                outputs: list[GenerationOutput] = []
+                async for index, kind, payload in stream_events(events, early, len(jobs)):
                     if kind == "piece":
-                        yield chunk(DeltaMessage(content=payload))
+                        yield chunk(index, DeltaMessage(content=payload))
                     elif kind == "end":
-                        output = payload
-                        yield chunk(DeltaMessage(), output.finish_reason)
+                        outputs.append(payload)
+                        yield chunk(index, DeltaMessage(), payload.finish_reason, chat_logprobs(payload.logprobs))
                     else:
                         yield stream_error(payload)
-                if output is not None and body.stream_options and body.stream_options.include_usage:
+                if outputs and body.stream_options and body.stream_options.include_usage:
                     yield sse(ChatCompletionStreamResponse(id=rid, created=created, model=served_model_name,
-                                                           choices=[], usage=usage(output)))
+                                                           choices=[], usage=usage(outputs)))
                 yield "data: [DONE]\n\n"
                 metrics.request_latency.labels("/v1/chat/completions").observe(time.perf_counter() - started)
             finally:

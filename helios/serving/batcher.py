@@ -6,8 +6,9 @@ The engine call is blocking torch, so it never runs on the event loop: handlers 
 thread-safe queue and await an asyncio future that the worker resolves with `loop.call_soon_threadsafe`.
 
 Batching: the worker takes the oldest waiting request, then waits up to `max_wait_s` for more, up to the current
-arm's batch size (what the memory budget allows beside its weights). The batch decodes `max(max_tokens)` greedily;
-each request keeps its own first `max_tokens` (greedy tokens of a row do not depend on how long the batch runs).
+arm's batch size (what the memory budget allows beside its weights). The batch decodes `max(max_tokens)` with each
+request's own SamplingParams (greedy or sampled, per row); each request keeps its own first `max_tokens` (a row's
+tokens, greedy or seeded, do not depend on how long the batch runs or on the other rows).
 
 Epochs and switching: after a batch, when `epoch_s` has passed and the epoch served something, the worker turns the
 epoch's telemetry into the environment's observation and SLO reward, lets the policy learn (if online) and act, and
@@ -29,6 +30,7 @@ import numpy as np
 
 from envs.model_depth import OBS_RATIO_MAX
 from helios.engine import EarlyExitEngine, ExitConfig
+from helios.sampling import GREEDY, SamplingParams, TokenLogprob
 from helios.serving.metrics import ServerMetrics
 
 log = logging.getLogger("helios.serving")
@@ -56,6 +58,7 @@ class GenerationRequest:
     prompt_ids: list[int] | None = None
     messages: list[dict[str, str]] | None = None
     stop: list[str] = dataclasses.field(default_factory=list)
+    sampling: SamplingParams = GREEDY  # one sequence's decoding settings (n > 1 is n requests, see api.py)
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     # Streaming: the worker puts (stream_index, kind, payload) here as the batch decodes: ("start", None) once the
     # prompt is accepted, ("piece", text) per text increment, then ("end", GenerationOutput) or ("error", exception).
@@ -71,6 +74,9 @@ class GenerationOutput:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     exit_layers: list[int]
     arm: str
+    # When the request asked for logprobs: per returned token, (text, logprob, [(text, logprob)] alternatives),
+    # rendered with the tokenizer of the arm that served it. See helios.sampling for what the numbers mean.
+    logprobs: list[tuple[str, float, list[tuple[str, float]]]] | None = None
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -132,6 +138,28 @@ class TextStream:
     def rest(self, final_text: str) -> str:
         """What is left to send of the final text once decoding has ended."""
         return final_text[len(self.sent):] if final_text.startswith(self.sent) else ""
+
+
+def kept_tokens(tokenizer: Any, tokens: list[int], text: str) -> int:
+    """How many leading tokens it takes to produce `text` (a stop-string cut of their decode): the shortest prefix
+    whose decode is at least as long. Binary search, so only O(log n) decodes."""
+    low, high = 0, len(tokens)
+    while low < high:
+        mid = (low + high) // 2
+        if len(tokenizer.decode(tokens[:mid], skip_special_tokens=True)) >= len(text):
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+def render_logprobs(tokenizer: Any, entries: list[TokenLogprob]) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    """Token ids as text, one token at a time (as vLLM reports them: a byte of a multi-byte character decodes to
+    U+FFFD on its own)."""
+    def text(token_id: int) -> str:
+        return tokenizer.decode([token_id])
+
+    return [(text(e.token_id), e.logprob, [(text(i), lp) for i, lp in e.top]) for e in entries]
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -341,7 +369,8 @@ class Batcher:
         self.meter.start()
         try:
             result = self.engine.generate([ids for _, ids in encoded], max_new, exit_config,
-                                          on_token=on_token if streams else None)
+                                          on_token=on_token if streams else None,
+                                          sampling=[request.sampling for request, _ in encoded])
         finally:
             reading = self.meter.stop()
         finished = time.perf_counter()
@@ -355,10 +384,17 @@ class Batcher:
             if tokens and tokens[-1] in eos:
                 tokens, exits, finish = tokens[:-1], exits[:-1], "stop"  # EOS ends the text; it is not content
             text = tokenizer.decode(tokens, skip_special_tokens=True)
+            cut_by_stop = False
             for stop in request.stop:
                 cut = text.find(stop)
                 if cut >= 0:
-                    text, finish = text[:cut], "stop"
+                    text, finish, cut_by_stop = text[:cut], "stop", True
+            logprobs = None
+            if request.sampling.logprobs is not None and result.logprobs is not None:
+                entries = result.logprobs[row][: len(tokens)]
+                if cut_by_stop:  # only the tokens that made the returned text
+                    entries = entries[: kept_tokens(tokenizer, tokens, text)]
+                logprobs = render_logprobs(tokenizer, entries)
             generated += len(tokens)
             self.metrics.prompt_tokens.inc(len(ids))
             for layer in exits:
@@ -369,7 +405,7 @@ class Batcher:
                 rest = streams[row].rest(text)
                 if rest:
                     self._emit(request, "piece", rest)
-            self._resolve(request, GenerationOutput(text, tokens, len(ids), finish, exits, arm["label"]))
+            self._resolve(request, GenerationOutput(text, tokens, len(ids), finish, exits, arm["label"], logprobs))
         self.metrics.generated_tokens.inc(generated)
         self.epoch["tokens"] += generated
         self.epoch["busy_s"] += finished - started

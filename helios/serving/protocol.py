@@ -2,9 +2,10 @@
 
     python -c "from helios.serving.protocol import CompletionRequest; print(CompletionRequest.model_json_schema())"
 
-Only what the engine can honour is accepted: decoding is greedy (temperature/top_p are accepted and ignored, as a
-greedy server must), one choice per prompt (`n` must be 1), no logprobs. Unknown extra fields are ignored, as
-OpenAI's own server does, so that clients sending newer parameters still work.
+Sampling: `temperature` (default 1, OpenAI's; 0 is greedy), `top_p`, `top_k` (vLLM's extra parameter), `seed`, `n`,
+and logprobs (`logprobs` as an integer on /v1/completions; `logprobs` + `top_logprobs` on chat). Their ranges are
+checked by helios.sampling.SamplingParams in the handler, so that a bad value gets a 400 naming the valid range.
+Unknown extra fields are ignored, as OpenAI's own server does, so that clients sending newer parameters still work.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ class SamplingFields(OpenAIBase):
 
     model: str
     max_tokens: int | None = Field(default=None, description="new tokens; default: the server's default_max_tokens")
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # accepted; decoding is greedy regardless
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1)
+    # Ranges are SamplingParams' (checked in the handler, one message per parameter naming its valid values).
+    temperature: float | None = Field(default=None, description="[0, 2]; default 1 (OpenAI's); 0 is greedy")
+    top_p: float | None = Field(default=None, description="(0, 1]; default 1")
+    top_k: int | None = Field(default=None, description="vLLM's extra parameter: >= 1, or 0 / -1 for no filter")
+    n: int = Field(default=1, description="choices per prompt, >= 1; choice i is seeded with seed + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -77,7 +80,7 @@ class SamplingFields(OpenAIBase):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int]
     echo: bool = False
-    logprobs: None = None  # not supported: a value other than null is a validation error (400)
+    logprobs: int | None = Field(default=None, description="0..20 alternatives per token (the chosen one always)")
 
     def prompt_texts(self) -> list[str] | None:
         """The prompt as texts (None when it was given as token ids)."""
@@ -88,10 +91,20 @@ class CompletionRequest(SamplingFields):
         return None
 
 
+class CompletionLogProbs(OpenAIBase):
+    """The legacy completions shape: parallel lists per token; `top_logprobs` maps token text to logprob (the chosen
+    token and its alternatives)."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
 class CompletionChoice(OpenAIBase):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogProbs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -121,6 +134,7 @@ class ChatMessage(OpenAIBase):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = Field(default=None)
+    top_logprobs: int | None = Field(default=None, description="0..20; needs logprobs=true")
     max_completion_tokens: int | None = None  # the newer name of max_tokens; either is accepted
 
 
@@ -129,10 +143,24 @@ class ChatResponseMessage(OpenAIBase):
     content: str
 
 
+class ChatLogProb(OpenAIBase):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogProbsContent(ChatLogProb):
+    top_logprobs: list[ChatLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(OpenAIBase):
+    content: list[ChatLogProbsContent] | None = None
+
+
 class ChatCompletionChoice(OpenAIBase):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatCompletionLogProbs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -154,7 +182,7 @@ class DeltaMessage(OpenAIBase):
 class ChatCompletionStreamChoice(OpenAIBase):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatCompletionLogProbs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
