@@ -248,6 +248,25 @@ def test_logprobs_shapes_and_values_on_both_endpoints(client: openai.OpenAI) -> 
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
 
 
+def test_logprobs_stop_with_the_text_a_stop_string_cuts(client: openai.OpenAI) -> None:
+    """With a stop string, logprobs cover exactly the tokens that make the returned text: the shortest prefix of
+    HF's greedy tokens whose decode starts with that text."""
+    from tests.conftest import load_cached
+
+    prompt = "def fibonacci(n):"
+    full = hf_greedy_text(prompt, 12)
+    stop = next(c for c in full[3:] if c != "\ufffd" and c.isprintable())
+    reply = client.completions.create(model="helios", prompt=prompt, max_tokens=12, temperature=0, logprobs=0,
+                                      stop=[stop])
+    text, lp = reply.choices[0].text, reply.choices[0].logprobs
+    assert text == full[: full.index(stop)] and reply.choices[0].finish_reason == "stop"
+    tokens, reference = hf_greedy_logprobs(prompt, 12)
+    decode = load_cached("tiny-llama").tokenizer.decode
+    kept = len(lp.tokens)
+    assert decode(tokens[:kept]).startswith(text) and not decode(tokens[: kept - 1]).startswith(text)
+    assert lp.token_logprobs == pytest.approx([reference[t][tokens[t]] for t in range(kept)], abs=1e-4)
+
+
 def test_bad_sampling_parameters_get_400_naming_valid_values(server: ThreadServer) -> None:
     url, chat = server.url + "/v1/completions", server.url + "/v1/chat/completions"
     ok = {"model": "helios", "prompt": "hi", "max_tokens": 2}

@@ -142,11 +142,12 @@ class TextStream:
 
 def kept_tokens(tokenizer: Any, tokens: list[int], text: str) -> int:
     """How many leading tokens it takes to produce `text` (a stop-string cut of their decode): the shortest prefix
-    whose decode is at least as long. Binary search, so only O(log n) decodes."""
+    whose decode starts with it (a prefix that ends inside a multi-byte character decodes to U+FFFD there, so it does
+    not count). Binary search, so only O(log n) decodes."""
     low, high = 0, len(tokens)
     while low < high:
         mid = (low + high) // 2
-        if len(tokenizer.decode(tokens[:mid], skip_special_tokens=True)) >= len(text):
+        if tokenizer.decode(tokens[:mid], skip_special_tokens=True).startswith(text):
             high = mid
         else:
             low = mid + 1
