@@ -374,7 +374,9 @@ class EarlyExitEngine:
         """Decoding of `max_new_tokens` per prompt (fewer when EOS comes first and `stop_at_eos`).
 
         `sampling`: None (greedy for every row), one SamplingParams for all rows, or one per prompt; rows may mix
-        greedy and sampled settings. A row's sampled tokens depend on its seed and prompt, not on the other rows.
+        greedy and sampled settings. A row's sampled tokens depend on its seed and prompt, not on the other rows; so
+        one seeded SamplingParams shared by several rows gives them one noise stream (correlated draws): give rows
+        distinct seeds (e.g. seed + i) for independent samples.
         Logprobs, when asked, come back in `GenerationResult.logprobs`.
 
         `forced_tokens` (teacher forcing): per prompt, the continuation to feed back instead of the engine's own
@@ -626,12 +628,20 @@ def main() -> None:
     parser.add_argument("--exit-points", default="")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--prompt", action="append", default=None)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     loaded = load_candidate(args.name, args.depth)
     engine = EarlyExitEngine(loaded)
     points = tuple(int(x) for x in args.exit_points.split(",") if x)
     prompts = args.prompt or ["The capital of France is", "def fibonacci(n):"]
-    result = engine.generate(prompts, args.max_new_tokens, ExitConfig(args.criterion, args.threshold, points))
+    # Prompt i is seeded with seed + i (as the server's n): one seed for all rows would give them one noise stream.
+    sampling = [SamplingParams(args.temperature, args.top_p, args.top_k, None if args.seed is None else args.seed + i)
+                for i in range(len(prompts))]
+    result = engine.generate(prompts, args.max_new_tokens, ExitConfig(args.criterion, args.threshold, points),
+                             sampling=sampling)
     for prompt, tokens, exits in zip(prompts, result.tokens, result.exit_layers):
         print(f"--- {prompt!r}\n{loaded.tokenizer.decode(tokens)!r}\n    exit layers: {exits}")
     print(

@@ -1,6 +1,6 @@
 """Per-row sampling parameters and a vectorised, per-row-seeded sampler for the early-exit engine.
 
-    python -m pytest -q -p no:cacheprovider tests/test_sampling.py
+    python -m helios.engine tiny-llama --temperature 0.8 --top-p 0.9 --seed 0 --criterion max_prob --exit-points 2,4
 
 `SamplingParams` holds one sequence's decoding settings (temperature, top_p, top_k, seed, logprobs); a batch may
 mix greedy and sampled rows with different settings. `BatchSampler` turns one step's logits into tokens for every
@@ -27,6 +27,8 @@ Why this shape:
   * Exit criteria (`max_prob`, `margin`) keep reading the exit head's untempered softmax (CALM's confidence), not
     the tempered one: the confidence that the exit head agrees with the final layer is a property of the model, and
     a temperature-dependent threshold would make one exit setting mean different things for different requests.
+    `cosine` and `probe` read hidden states only, so sampling cannot change them at the step being decided. A
+    step's exit decision therefore never depends on the row's noise; only the token emitted at the exit does.
   * Greedy rows (temperature 0) are exactly argmax of the raw logits, and when every row is greedy and no row asks
     for logprobs the sampler is bypassed altogether (`BatchSampler.trivial`): the greedy decode path does no extra
     work.
@@ -79,7 +81,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 <= t <= MAX_TEMPERATURE:
+        if (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                or not 0.0 <= t <= MAX_TEMPERATURE):
             raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy); got {t!r}")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 < p <= 1.0:
@@ -243,6 +246,6 @@ class BatchSampler:
                 out.append([])
                 continue
             out.append([TokenLogprob(token, max(chosen[b][t], LOGPROB_FLOOR),
-                                     [(i, max(lp, LOGPROB_FLOOR)) for i, lp in zip(top_ids[b][t][:k], top_lp[b][t][:k])])
+                                     [(i, max(v, LOGPROB_FLOOR)) for i, v in zip(top_ids[b][t][:k], top_lp[b][t][:k])])
                         for t, token in enumerate(row)])
         return out

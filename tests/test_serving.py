@@ -352,7 +352,8 @@ def test_concurrent_requests_are_batched(server: ThreadServer) -> None:
 
     def batches_so_far() -> float:
         metrics = httpx.get(server.url + "/metrics").text
-        return float(next(line for line in metrics.splitlines() if line.startswith("helios_batch_size_count")).split()[-1])
+        line = next(line for line in metrics.splitlines() if line.startswith("helios_batch_size_count"))
+        return float(line.split()[-1])
 
     before = batches_so_far()  # the module's server has served other tests' batches already
     texts = asyncio.run(run())

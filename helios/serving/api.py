@@ -302,7 +302,8 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
 
         def chunk(index: int, text: str, finish: str | None = None, logprobs: CompletionLogProbs | None = None) -> str:
             return sse(CompletionStreamResponse(id=rid, created=created, model=served_model_name, choices=[
-                CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)]))  # type: ignore[arg-type]
+                CompletionChoice(index=index, text=text, finish_reason=finish,  # type: ignore[arg-type]
+                                 logprobs=logprobs)]))
 
         async def stream() -> AsyncIterator[str]:
             prompt_tokens = completion_tokens = 0
