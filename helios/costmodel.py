@@ -61,15 +61,18 @@ class CostModel:
 
 
 def simulate_features(
-    exit_layers: Sequence[Sequence[int]], depth: int, exit_config: ExitConfig, prompt_len: int
+    exit_layers: Sequence[Sequence[int]], depth: int, exit_config: ExitConfig, prompt_len: int | Sequence[int]
 ) -> tuple[dict[str, float], dict[str, float]]:
     """The engine's work counters for one compacted batch, from each row's exit layer at every decode step.
 
     `exit_layers[b][t]` is the layer count that produced row b's token t (t = 0 comes from prefill at full loaded
     depth; decode step s feeds token s-1 and produces token s). Mirrors EarlyExitEngine.generate with compact=True
-    and no early stop.
+    and no early stop. `prompt_len`: each row's prompt length (or one for all): prefill runs the batch padded to
+    the longest, and a decode step's attention reads each active row's own context.
     """
     batch = len(exit_layers)
+    lens = [prompt_len] * batch if isinstance(prompt_len, (int, np.integer)) else [int(n) for n in prompt_len]
+    prompt_len = max(lens)
     steps = len(exit_layers[0])
     prefill = {
         "prefill_calls": 1.0,
@@ -80,7 +83,6 @@ def simulate_features(
     cosine = exit_config.criterion == "cosine"
     f = dict.fromkeys(DECODE_FEATURES, 0.0)
     for step in range(1, steps):
-        pos = prompt_len + step - 1
         exits = [row[step] for row in exit_layers]
         f["steps"] += 1
         f["step_rows"] += batch
@@ -89,7 +91,7 @@ def simulate_features(
             if active:
                 f["layer_calls"] += 1
                 f["layer_rows"] += active
-                f["attention_row_positions"] += active * (pos + 1)
+                f["attention_row_positions"] += sum(n + step for n, e in zip(lens, exits) if e >= layer)
         for point in points:
             active = sum(1 for e in exits if e >= point)
             if not active:

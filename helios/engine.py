@@ -2,6 +2,11 @@
 
     python -m helios.engine smollm2-135m --depth 20 --criterion max_prob --threshold 0.8 --exit-points 12,16
 
+Step API (continuous batching, after Orca, OSDI 2022): `batch = engine.batch(exit_config)`; `batch.add(ids, prompts,
+max_new_tokens)` prefills sequences into a running batch; `batch.step()` advances every running sequence by one
+token; `batch.remove(ids)` retires any of them at any step. `generate` is a short loop over it. DecodeBatch's
+docstring gives the K/V layout.
+
 The engine drives the decoder layers of any Hugging Face causal LM itself (embed -> layers -> norm -> head), so that
 rows of a batch whose token has exited stop costing compute in deeper layers (row compaction).
 
@@ -23,8 +28,8 @@ Early exit (Schuster et al. 2022, CALM; Elhoushi et al. 2024, LayerSkip):
   * `compact=True` gathers the still-active rows before each layer; `compact=False` runs every row through every
     layer and freezes exited rows' hidden states (which writes the same propagated K/V). Both give the same tokens;
     only compaction saves compute. Compaction needs the exit count on the host, i.e. one device sync per exit
-    point; on CUDA the default is therefore `compact=False` (no host round-trips inside the decode loop except an
-    all-finished check every `sync_every` steps), where truncation, not per-row exit, is the knob that saves time.
+    point; on CUDA the default is therefore `compact=False` (no host round-trips inside a decode step; one per step
+    to hand the tokens to the caller), where truncation, not per-row exit, is the knob that saves time.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import inspect
 import sys
 import time
 from pathlib import Path
+from collections.abc import Hashable
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -125,41 +131,74 @@ class GenerationResult:
 
 
 class EngineKVCache:
-    """Preallocated per-layer K/V of shape [batch, kv_heads, max_len, head_dim], written in place.
+    """Per-layer K/V of shape [slots, kv_heads, capacity, head_dim], written in place.
 
     HF attention modules call `update(k, v, layer_idx)`; `rows` (set by the engine before each layer) says which
     batch rows the call's tensors belong to, so that compacted batches read and write their own rows only.
+    `write_pos` is either one cache index for every row (prefill, and static batches that share positions) or a
+    LongTensor of one index per slot (continuous batching: each sequence writes its next token at its own length);
+    then `read_len` says how many positions an attention call reads. `active` is the number of leading slots in use
+    (rows=None means slots 0..active-1). `grow` enlarges slots and capacity, keeping what is stored.
     """
 
     def __init__(self, batch_size: int, max_len: int) -> None:
-        self.batch_size = batch_size
-        self.max_len = max_len
+        self.batch_size = batch_size  # slots
+        self.max_len = max_len  # capacity, in positions
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.rows: torch.Tensor | None = None  # None: all rows, in order
-        self.write_pos = 0  # cache index of the first query position of the current call
+        self.rows: torch.Tensor | None = None  # None: all active rows, in order
+        self.write_pos: int | torch.Tensor = 0
+        self.read_len: int = 0
+        self.active = batch_size
 
     def _allocate(self, layer_idx: int, like: torch.Tensor) -> None:
         shape = (self.batch_size, like.shape[1], self.max_len, like.shape[3])
         self.keys[layer_idx] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.values[layer_idx] = torch.zeros(shape, dtype=like.dtype, device=like.device)
 
+    def grow(self, slots: int, max_len: int) -> None:
+        """At least `slots` slots of `max_len` positions (amortised: sizes at least double when they grow)."""
+        if slots <= self.batch_size and max_len <= self.max_len:
+            return
+        new_slots = max(slots, min(2 * self.batch_size, slots + self.batch_size)) if slots > self.batch_size else self.batch_size
+        new_len = max(max_len, 2 * self.max_len) if max_len > self.max_len else self.max_len
+        for store in (self.keys, self.values):
+            for layer_idx, old in store.items():
+                grown = old.new_zeros((new_slots, old.shape[1], new_len, old.shape[3]))
+                grown[: old.shape[0], :, : old.shape[2]] = old
+                store[layer_idx] = grown
+        self.batch_size, self.max_len = new_slots, new_len
+
+    def move_slot(self, src: int, dst: int) -> None:
+        for store in (self.keys, self.values):
+            for tensor in store.values():
+                tensor[dst] = tensor[src]
+
     def write(self, layer_idx: int, rows: torch.Tensor | None, key: torch.Tensor, value: torch.Tensor) -> None:
         if layer_idx not in self.keys:
             self._allocate(layer_idx, key)
+        if isinstance(self.write_pos, torch.Tensor):  # one new position per row, each at its own index
+            slots = torch.arange(key.shape[0], device=key.device) if rows is None else rows
+            positions = self.write_pos[slots]
+            self.keys[layer_idx][slots, :, positions] = key[:, :, 0]
+            self.values[layer_idx][slots, :, positions] = value[:, :, 0]
+            return
         end = self.write_pos + key.shape[2]
         if rows is None:
-            self.keys[layer_idx][:, :, self.write_pos : end] = key
-            self.values[layer_idx][:, :, self.write_pos : end] = value
+            self.keys[layer_idx][: key.shape[0], :, self.write_pos : end] = key
+            self.values[layer_idx][: key.shape[0], :, self.write_pos : end] = value
         else:
             self.keys[layer_idx][rows, :, self.write_pos : end] = key
             self.values[layer_idx][rows, :, self.write_pos : end] = value
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         self.write(layer_idx, self.rows, key_states, value_states)
-        end = self.write_pos + key_states.shape[2]
+        if isinstance(self.write_pos, torch.Tensor):
+            end = self.read_len
+        else:
+            end = self.write_pos + key_states.shape[2]
         if self.rows is None:
-            return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+            return self.keys[layer_idx][: self.active, :, :end], self.values[layer_idx][: self.active, :, :end]
         return self.keys[layer_idx][self.rows, :, :end], self.values[layer_idx][self.rows, :, :end]
 
     @property
@@ -309,9 +348,12 @@ class EarlyExitEngine:
             masks[layer_type] = mask
         return masks
 
-    def _run_layer(self, i: int, hidden, rows, masks, pos_emb, position_ids, cache) -> torch.Tensor:
+    def _run_layer(self, i: int, hidden, rows, masks, pos_emb, position_ids, cache, slots=None) -> torch.Tensor:
+        """Layer i on `hidden`, whose rows are cache rows `rows` (None: all, in order; masks and positions are
+        per batch row and get narrowed to `rows`), or, for a prefill into other slots, cache rows `slots` (masks and
+        positions already per hidden row)."""
         layer_type = self.layer_types[i]
-        cache.rows = rows
+        cache.rows = rows if slots is None else slots
         mask, (cos, sin) = masks[layer_type], pos_emb[layer_type]
         if rows is not None:
             mask, cos, sin, position_ids = mask[rows], cos[rows], sin[rows], position_ids[rows]
@@ -356,6 +398,20 @@ class EarlyExitEngine:
             ]
         return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
 
+    def batch(self, exit_config: ExitConfig = ExitConfig(), *, compact: bool | None = None) -> DecodeBatch:
+        """An empty running batch on this engine (the step API: `add`, `step`, `remove`; see DecodeBatch)."""
+        return DecodeBatch(self, exit_config, compact=compact)
+
+    def check_exit_config(self, exit_config: ExitConfig) -> None:
+        exit_config.validate(self.depth)
+        if exit_config.criterion == "probe":
+            trained = self.exit_probes.exit_layers if self.exit_probes is not None else []
+            missing = [e for e in exit_config.exit_points if e not in trained]
+            if missing:
+                raise ValueError(
+                    f"criterion 'probe' needs exit probes at layers {missing} for these exit heads (trained: "
+                    f"{trained}); run: python scripts/tune_exits.py candidate=<name> heads=false probes=true")
+
     @torch.inference_mode()
     def generate(
         self,
@@ -366,7 +422,6 @@ class EarlyExitEngine:
         compact: bool | None = None,
         stop_at_eos: bool = True,
         measure_decisions: bool = False,
-        sync_every: int = 16,
         forced_tokens: list[list[int]] | None = None,
         on_token: Callable[[int, torch.Tensor], None] | None = None,
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -379,225 +434,94 @@ class EarlyExitEngine:
         distinct seeds (e.g. seed + i) for independent samples.
         Logprobs, when asked, come back in `GenerationResult.logprobs`.
 
+        A short loop over the step API: every prompt joins one batch, then one decode step at a time, retiring each
+        sequence as it finishes (so finished rows cost nothing).
+
         `forced_tokens` (teacher forcing): per prompt, the continuation to feed back instead of the engine's own
         predictions; the predictions and their exit layers are still what is returned. Replay traces are recorded
         this way, and it is how live runs are compared with them token for token.
 
         `on_token(step, tokens)` (streaming): called with each step's token per row (a device tensor of shape
         [batch]; step 0 is the prefill's token, rows that have finished hold the pad id) as soon as it is decided.
-        Reading it on the host is a device sync, so on CUDA pass it only when a client streams.
         """
         if not prompts:
             raise ValueError("generate needs at least one prompt")
         if prompts and isinstance(prompts[0], str):
             prompts = self.encode(list(prompts))  # type: ignore[arg-type]
         prompts = [list(map(int, p)) for p in prompts]  # type: ignore[union-attr]
-        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
-        if empty:
-            raise ValueError(f"empty prompt(s) at index {empty}: every prompt needs at least one token")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
-        exit_config.validate(self.depth)
-        row_params = per_row(sampling, len(prompts))
-        if exit_config.criterion == "probe":
-            trained = self.exit_probes.exit_layers if self.exit_probes is not None else []
-            missing = [e for e in exit_config.exit_points if e not in trained]
-            if missing:
-                raise ValueError(
-                    f"criterion 'probe' needs exit probes at layers {missing} for these exit heads (trained: "
-                    f"{trained}); run: python scripts/tune_exits.py candidate=<name> heads=false probes=true")
-        compact = (self.device.type == "cpu") if compact is None else compact
-        if forced_tokens is not None:
-            if len(forced_tokens) != len(prompts) or any(len(f) < max_new_tokens - 1 for f in forced_tokens):
-                raise ValueError("forced_tokens needs one continuation of >= max_new_tokens - 1 tokens per prompt")
-            forced = torch.tensor([list(f[: max_new_tokens - 1]) + [0] for f in forced_tokens], device=self.device)
-        max_context = int(getattr(self.config, "max_position_embeddings", 1 << 30))
-        prompt_len = max(len(p) for p in prompts)
-        if prompt_len + max_new_tokens > max_context:
+        if forced_tokens is not None and (
+                len(forced_tokens) != len(prompts) or any(len(f) < max_new_tokens - 1 for f in forced_tokens)):
+            raise ValueError("forced_tokens needs one continuation of >= max_new_tokens - 1 tokens per prompt")
+        prompt_len = max(len(p) for p in prompts) if all(prompts) else 0
+        if prompt_len + max_new_tokens > self.max_context:
             raise ValueError(
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context window "
-                f"of {max_context} tokens"
+                f"of {self.max_context} tokens"
             )
-
-        device, batch = self.device, len(prompts)
-        total_len = prompt_len + max_new_tokens
-        ids = torch.full((batch, prompt_len), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((batch, total_len), dtype=torch.bool)
-        for b, p in enumerate(prompts):  # left padding, as HF generate does for decoder-only models
-            ids[b, prompt_len - len(p) :] = torch.tensor(p)
-            valid[b, prompt_len - len(p) :] = True
-        ids, valid = ids.to(device), valid.to(device)
-        position_ids = (valid[:, :prompt_len].long().cumsum(-1) - 1).clamp(min=0)
-        cache = EngineKVCache(batch, total_len)
-        eos = torch.tensor(self.eos_ids or [-1], device=device)
-        clock = _Clock(device)
-        decision_s = 0.0
-        dtype = self.loaded.dtype
-        sampler = BatchSampler(row_params, int(self.head.weight.shape[0]), max_new_tokens, device)
-
-        # Prefill: the whole prompt through every loaded layer (prompt K/V are needed at every depth anyway).
+        n = len(prompts)
+        row_params = per_row(sampling, n)
+        running = self.batch(exit_config, compact=compact)
+        running.measure_decisions = measure_decisions
+        clock = _Clock(self.device)
         clock.mark()
-        hidden = self.embed(ids)
-        pos_emb = self._position_embeddings(hidden, position_ids)
-        masks = self._masks(valid, 0, prompt_len, dtype)
-        cache.write_pos = 0
-        for i in range(self.depth):
-            hidden = self._run_layer(i, hidden, None, masks, pos_emb, position_ids, cache)
-        sampler.begin_step()
-        token = sampler.choose(self.logits(hidden[:, -1], self.depth), None, 0)
-        out_tokens = torch.full((batch, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
-        out_exit = torch.full((batch, max_new_tokens), self.depth, dtype=torch.long, device=device)
-        out_tokens[:, 0] = token
-        finished = torch.isin(token, eos) if stop_at_eos else torch.zeros(batch, dtype=torch.bool, device=device)
-        finished_at = torch.where(finished, 0, max_new_tokens - 1)
+        first = running.add(list(range(n)), prompts, max_new_tokens, row_params)
         clock.mark()
+        tokens: list[list[int]] = [[t] for t in first.tokens]
+        exits: list[list[int]] = [[e] for e in first.exit_layers]
+        asked = any(p.logprobs is not None for p in row_params)
+        logprobs: list[list[TokenLogprob]] = [[lp] if lp is not None else [] for lp in first.logprobs] if asked else []
+        finished_mark = [1 if stop_at_eos and t in self.eos_ids else -1 for t in first.tokens]
         if on_token is not None:
-            on_token(0, token)
-
-        exit_points = set(exit_config.exit_points) if exit_config.enabled else set()
-        feats = dict.fromkeys(COST_FEATURES, 0.0)
-        feats["prefill_calls"] = 1.0
-        feats["prefill_token_layers"] = float(batch * prompt_len * self.depth)
-        feats["prefill_attention"] = float(batch * prompt_len * prompt_len * self.depth)
-        layer_evals = 0
-        layer_evals_full = 0
-        decision_macs = 0
-        head_macs_per_token = self._macs["head"]
-        steps_done = 0
+            on_token(0, torch.tensor(first.tokens, device=self.device))
+        running.remove([i for i in range(n) if finished_mark[i] >= 0])
+        kv_bytes = running.cache.nbytes
         for step in range(1, max_new_tokens):
-            pos = prompt_len + step - 1  # cache index of the token being fed
-            valid[:, pos] = True
-            step_positions = position_ids[:, -1:] + step
-            feed = token if forced_tokens is None else torch.where(finished, token, forced[:, step - 1])
-            hidden = self.embed(feed[:, None])
-            pos_emb = self._position_embeddings(hidden, step_positions)
-            feats["steps"] += 1
-            feats["step_rows"] += batch
-            sampler.begin_step()  # the step's noise, read by whichever layer decides each row's token
-            masks = self._masks(valid, pos, 1, dtype)
-            cache.write_pos = pos
-            rows: torch.Tensor | None = None
-            if compact and bool(finished.any()):
-                rows = (~finished).nonzero().squeeze(1)
-                hidden = hidden[rows]
-            next_token = torch.full((batch,), self.pad_id, dtype=torch.long, device=device)
-            exited = torch.zeros(batch, dtype=torch.bool, device=device)  # for compact=False
-            frozen = hidden
-            pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, hidden) of tokens that exited
-            active_rows = batch if rows is None else int(rows.numel())
-            layer_evals_full += active_rows * self.depth
-            for i in range(self.depth):
-                for p_rows, p_hidden in pending:
-                    self._propagate_kv(i, p_hidden, p_rows, pos_emb, cache, masks, step_positions)
-                    feats["propagate_calls"] += 1
-                    feats["propagate_rows"] += int(p_rows.numel())
-                if active_rows == 0:
-                    continue  # every row has exited: only the propagated K/V of deeper layers remain to write
-                before = hidden
-                hidden = self._run_layer(i, hidden, rows, masks, pos_emb, step_positions, cache)
-                layer_evals += active_rows
-                feats["layer_calls"] += 1
-                feats["layer_rows"] += active_rows
-                feats["attention_row_positions"] += active_rows * (pos + 1)
-                if not compact and exit_points:
-                    hidden = torch.where(exited[:, None, None], frozen, hidden)
-                layer_count = i + 1
-                if layer_count not in exit_points:
-                    continue
-                t0 = time.perf_counter() if measure_decisions else 0.0
-                exits, exit_logits, macs = self._decide(exit_config, hidden, before, layer_count)
-                decision_macs += macs * active_rows
-                kind = exit_config.criterion if exit_config.criterion in ("cosine", "probe") else "head"
-                feats[f"decision_{kind}_calls"] += 1
-                feats[f"decision_{kind}_rows"] += active_rows
-                if measure_decisions:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    decision_s += time.perf_counter() - t0
-                if compact:
-                    if not bool(exits.any()):
-                        continue
-                    row_ids = torch.arange(batch, device=device) if rows is None else rows
-                    leaving = row_ids[exits]
-                    if exit_logits is None:
-                        exit_logits = self.logits(hidden[exits][:, -1], layer_count)
-                        feats["exit_head_calls"] += 1
-                        feats["exit_head_rows"] += int(exits.sum())
-                    else:
-                        exit_logits = exit_logits[exits]
-                    feats["compactions"] += 1
-                    next_token[leaving] = sampler.choose(exit_logits, leaving, step)
-                    out_exit[leaving, step] = layer_count
-                    pending.append((leaving, hidden[exits]))
-                    rows, hidden = row_ids[~exits], hidden[~exits]
-                    active_rows = int(rows.numel())
-                else:
-                    row_ids = torch.arange(batch, device=device)
-                    newly = exits & ~exited & ~finished
-                    if exit_logits is None:
-                        exit_logits = self.logits(hidden[:, -1], layer_count)
-                        feats["exit_head_calls"] += 1
-                        feats["exit_head_rows"] += batch
-                    next_token = torch.where(newly, sampler.choose(exit_logits, None, step, newly), next_token)
-                    out_exit[:, step] = torch.where(newly, layer_count, out_exit[:, step])
-                    exited = exited | newly
-                    frozen = torch.where(newly[:, None, None], hidden, frozen)
-            if active_rows > 0:
-                last_logits = self.logits(hidden[:, -1], self.depth)
-                feats["head_calls"] += 1
-                feats["head_rows"] += active_rows
-                if compact:
-                    row_ids = torch.arange(batch, device=device) if rows is None else rows
-                    next_token[row_ids] = sampler.choose(last_logits, row_ids, step)
-                else:
-                    last_tokens = sampler.choose(last_logits, None, step, None if not exit_points else ~exited)
-                    next_token = torch.where(exited, next_token, last_tokens)
-            next_token = torch.where(finished, self.pad_id, next_token)
-            out_tokens[:, step] = next_token
-            if on_token is not None:
-                on_token(step, next_token)
-            if stop_at_eos:
-                newly_finished = torch.isin(next_token, eos) & ~finished
-                finished_at = torch.where(newly_finished, step, finished_at)
-                finished = finished | newly_finished
-            token = next_token
-            steps_done = step
-            clock.mark()
-            # Host check of "all done": free on CPU, a sync on CUDA, so there only every `sync_every` steps.
-            if stop_at_eos and (device.type == "cpu" or step % sync_every == 0) and bool(finished.all()):
+            if not running.seq_ids:
                 break
-
+            feed = None if forced_tokens is None else [forced_tokens[i][step - 1] for i in running.seq_ids]
+            out = running.step(feed)
+            clock.mark()
+            done = []
+            for r, (i, token, layer) in enumerate(zip(out.seq_ids, out.tokens, out.exit_layers)):
+                tokens[i].append(token)
+                exits[i].append(layer)
+                if asked and out.logprobs[r] is not None:
+                    logprobs[i].append(out.logprobs[r])
+                if (stop_at_eos and token in self.eos_ids) or step == max_new_tokens - 1:
+                    finished_mark[i] = len(clock.marks) - 1
+                    done.append(i)
+            if on_token is not None:
+                row = dict(zip(out.seq_ids, out.tokens))
+                on_token(step, torch.tensor([row.get(i, self.pad_id) for i in range(n)], device=self.device))
+            kv_bytes = max(kv_bytes, running.cache.nbytes)
+            running.remove(done)
         marks = clock.seconds()
-        prefill_s = marks[1]
-        decode_s = marks[-1] - marks[1]
-        finished_at_host = finished_at.clamp(max=steps_done).tolist()
-        tokens_host, exits_host = out_tokens.tolist(), out_exit.tolist()
-        result_tokens, result_exits = [], []
-        for b in range(batch):
-            n = finished_at_host[b] + 1
-            result_tokens.append(tokens_host[b][:n])
-            result_exits.append(exits_host[b][:n])
-        generated_decode = sum(len(t) - 1 for t in result_tokens)
-        decode_macs = layer_evals * self._macs["layer"] + generated_decode * head_macs_per_token + decision_macs
+        last = len(marks) - 1
+        feats = running.features
+        generated_decode = sum(len(t) - 1 for t in tokens)
+        decode_macs = (running.layer_evals * self._macs["layer"] + generated_decode * self._macs["head"]
+                       + running.decision_macs)
         return GenerationResult(
-            tokens=result_tokens,
-            exit_layers=result_exits,
+            tokens=tokens,
+            exit_layers=exits,
             prompt_tokens=[len(p) for p in prompts],
-            prefill_s=prefill_s,
-            decode_s=decode_s,
-            ttft_s=prefill_s,
-            e2e_s=[marks[min(finished_at_host[b] + 1, len(marks) - 1)] for b in range(batch)],
+            prefill_s=marks[1],
+            decode_s=marks[-1] - marks[1],
+            ttft_s=marks[1],
+            e2e_s=[marks[m if m >= 0 else last] for m in finished_mark],
             weight_bytes=self.loaded.weight_bytes,
-            kv_cache_bytes=cache.nbytes,
+            kv_cache_bytes=kv_bytes,
             depth=self.depth,
-            batch_size=batch,
-            layer_evals=layer_evals,
-            layer_evals_full=layer_evals_full,
-            exit_decision_s=decision_s,
-            exit_decision_macs=decision_macs,
+            batch_size=n,
+            layer_evals=running.layer_evals,
+            layer_evals_full=running.layer_evals_full,
+            exit_decision_s=running.decision_s,
+            exit_decision_macs=running.decision_macs,
             decode_macs=decode_macs,
             cost_features=feats,
-            logprobs=sampler.logprobs(result_tokens),
+            logprobs=logprobs if asked else None,
         )
 
     def _decide(self, exit_config: ExitConfig, hidden, before, layer_count: int):
@@ -619,6 +543,272 @@ class EarlyExitEngine:
         return (top2[:, 0] - top2[:, 1]) >= exit_config.threshold, logits, macs
 
 
+@dataclasses.dataclass
+class StepOutput:
+    """One token per sequence, in the batch's order at the time of the call."""
+
+    seq_ids: list[Hashable]
+    tokens: list[int]
+    exit_layers: list[int]
+    logprobs: list[TokenLogprob | None] = dataclasses.field(default_factory=list)  # per row, where asked
+
+
+class DecodeBatch:
+    """The running set of a continuous batch on one engine: sequences join after their prefill (`add`), every running
+    sequence advances one token per `step`, and any can leave at any step (`remove`). Knows nothing of queues,
+    clocks or budgets: a scheduler (helios.scheduler) decides who runs, this runs them.
+
+    K/V layout: dense slots. Each running sequence owns one slot (a row of every layer's [slots, kv_heads, capacity,
+    head_dim] cache) and keeps its own positions: token t of a sequence is at cache index t and RoPE position t, so
+    no sequence is padded against another. Running sequences always occupy slots 0..n-1 (a leaving sequence's slot
+    is refilled by moving the last one into it), so a decode step reads a view of the cache, never a gather. Slots
+    and capacity grow by doubling. Why not pages (vLLM): paging saves the memory that one long sequence forces on
+    every slot, but attention over pages needs a kernel that reads them; HF's attention modules read one dense
+    tensor. The memory budget is the scheduler's (it reserves prompt + max_tokens per sequence); `cache.nbytes`
+    is what is physically allocated.
+
+    Host syncs: one per step (the tokens, which the caller needs for EOS, stop strings and streaming), plus one per
+    exit point when compacting rows (CPU default).
+    """
+
+    def __init__(self, engine: EarlyExitEngine, exit_config: ExitConfig, *, compact: bool | None = None) -> None:
+        engine.check_exit_config(exit_config)
+        self.engine = engine
+        self.exit_config = exit_config
+        self.exit_points = set(exit_config.exit_points) if exit_config.enabled else set()
+        self.compact = (engine.device.type == "cpu") if compact is None else compact
+        self.cache = EngineKVCache(0, 0)
+        self.seq_ids: list[Hashable] = []
+        self.lengths: list[int] = []  # tokens in the cache per slot
+        self.limits: list[int] = []  # prompt + max_new_tokens per slot (capacity this sequence may need)
+        self.last = torch.zeros(0, dtype=torch.long, device=engine.device)  # next token to feed, per slot
+        self.sampling: list[SamplingParams] = []  # per slot
+        self.generators: list[torch.Generator | None] = []  # per slot: a sampled sequence's own noise stream
+        self._sampler: BatchSampler | None = None  # the current call's
+        self._vocab = int(engine.head.weight.shape[0])
+        self.features = dict.fromkeys(COST_FEATURES, 0.0)
+        self.layer_evals = 0
+        self.layer_evals_full = 0
+        self.decision_macs = 0
+        self.decision_s = 0.0
+        self.measure_decisions = False
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    # ------------------------------------------------------------------------------------------ membership
+
+    @torch.inference_mode()
+    def add(self, seq_ids: list[Hashable], prompts: list[list[int]], max_new_tokens: int | list[int],
+            sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> StepOutput:
+        """Prefill `prompts` together (right-padded among themselves) into new slots; returns each one's first token
+        (from the full loaded depth). `max_new_tokens` sizes the cache, per sequence or for all. `sampling`: None
+        (greedy), one SamplingParams for all, or one per prompt (helios.sampling)."""
+        engine = self.engine
+        if len(seq_ids) != len(prompts):
+            raise ValueError(f"{len(seq_ids)} sequence ids for {len(prompts)} prompts")
+        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+        if empty:
+            raise ValueError(f"empty prompt(s) at index {empty}: every prompt needs at least one token")
+        clash = set(seq_ids) & set(self.seq_ids) or len(set(seq_ids)) != len(seq_ids)
+        if clash:
+            raise ValueError(f"sequence ids must be unique in a batch; repeated: {clash}")
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        limits = [len(p) + m for p, m in zip(prompts, limits)]
+        too_long = [i for i, lim in enumerate(limits) if lim > engine.max_context]
+        if too_long:
+            raise ValueError(f"prompt + max_new_tokens exceeds the context window of {engine.max_context} tokens "
+                             f"for prompt(s) {too_long}")
+        params = per_row(sampling, len(prompts))
+        if not prompts:
+            return StepOutput([], [], [])
+        generators = [None if p.greedy else BatchSampler.generator(p.seed, engine.device) for p in params]
+        device, dtype, count, start = engine.device, engine.loaded.dtype, len(prompts), len(self.seq_ids)
+        prompt_len = max(len(p) for p in prompts)
+        self.cache.grow(start + count, max([prompt_len, *limits, *self.limits]))
+        ids = torch.full((count, prompt_len), engine.pad_id, dtype=torch.long)
+        lengths = torch.tensor([len(p) for p in prompts])
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p)
+        ids, lengths = ids.to(device), lengths.to(device)
+        slots = torch.arange(start, start + count, device=device)
+        positions = torch.arange(prompt_len, device=device)[None].expand(count, -1)
+        query = positions[:, None, :, None]
+        key = torch.arange(prompt_len, device=device)[None, None, None, :]
+        base = (key <= query) & (key < lengths[:, None, None, None])
+        masks = engine.masks_by_layer_type(base, key, query, dtype, always=key == query)
+        hidden = engine.embed(ids)
+        pos_emb = engine._position_embeddings(hidden, positions)
+        self.cache.write_pos = 0
+        self.cache.active = start + count
+        for i in range(engine.depth):
+            hidden = engine._run_layer(i, hidden, None, masks, pos_emb, positions, self.cache, slots=slots)
+        last_hidden = hidden[torch.arange(count, device=device), lengths - 1]
+        self._sampler = BatchSampler(params, self._vocab, 1, device, generators=dict(enumerate(generators)))
+        self._sampler.begin_step()
+        token = self._choose(engine.logits(last_hidden, engine.depth))
+        logprobs = self._logprobs(token)
+        self.features["prefill_calls"] += 1
+        self.features["prefill_token_layers"] += float(count * prompt_len * engine.depth)
+        self.features["prefill_attention"] += float(count * prompt_len * prompt_len * engine.depth)
+        self.seq_ids += list(seq_ids)
+        self.lengths += [len(p) for p in prompts]
+        self.limits += limits
+        self.sampling += params
+        self.generators += generators
+        self.last = torch.cat([self.last, token])
+        return StepOutput(list(seq_ids), token.tolist(), [engine.depth] * count, logprobs)
+
+    @torch.inference_mode()
+    def remove(self, seq_ids: list[Hashable]) -> None:
+        """Retire sequences: each hole below the new end is refilled by a survivor from beyond it (one slot copy
+        per hole), so running slots stay 0..n-1."""
+        if not seq_ids:
+            return
+        unknown = set(seq_ids) - set(self.seq_ids)
+        if unknown:
+            raise ValueError(f"unknown sequence id(s) {sorted(map(str, unknown))}; running: {self.seq_ids}")
+        gone = set(seq_ids)
+        new_n = len(self.seq_ids) - len(gone)
+        order = list(range(len(self.seq_ids)))  # order[dst] = src
+        holes = [s for s in range(new_n) if self.seq_ids[s] in gone]
+        tail = [s for s in range(new_n, len(self.seq_ids)) if self.seq_ids[s] not in gone]
+        for dst, src in zip(holes, tail):
+            self.cache.move_slot(src, dst)
+            order[dst] = src
+        order = order[:new_n]
+        self.last = self.last[torch.tensor(order, dtype=torch.long, device=self.last.device)]
+        self.seq_ids = [self.seq_ids[s] for s in order]
+        self.lengths = [self.lengths[s] for s in order]
+        self.limits = [self.limits[s] for s in order]
+        self.sampling = [self.sampling[s] for s in order]
+        self.generators = [self.generators[s] for s in order]
+
+    # ------------------------------------------------------------------------------------------ decoding
+
+    def _choose(self, logits: torch.Tensor, rows: torch.Tensor | None = None,
+                where: torch.Tensor | None = None) -> torch.Tensor:
+        """The emitted token per row of `logits` (rows: their slots, None = all in order; `where`: with rows=None,
+        the rows that take their token from these logits now), by the current call's sampler (helios.sampling)."""
+        return self._sampler.choose(logits, rows, 0, where)
+
+    def _logprobs(self, tokens: torch.Tensor) -> list[TokenLogprob | None]:
+        """This call's logprobs per row (None where not asked); empty when no row asked (no host copy then)."""
+        rows = self._sampler.logprobs([[t] for t in tokens.tolist()]) if self._sampler.top_logprobs is not None else None
+        if rows is None:
+            return []
+        return [row[0] if row else None for row in rows]
+
+    @torch.inference_mode()
+    def step(self, feed: list[int] | None = None) -> StepOutput:
+        """One decode step for every running sequence: feed each its last token (or `feed`, teacher forcing) and
+        decide its next one, exiting early where the exit setting says so (see the module docstring)."""
+        engine, exit_config = self.engine, self.exit_config
+        batch = len(self.seq_ids)
+        if batch == 0:
+            return StepOutput([], [], [])
+        device, dtype, depth = engine.device, engine.loaded.dtype, engine.depth
+        if max(self.lengths) + 1 > self.cache.max_len:
+            self.cache.grow(batch, max(self.lengths) + 1)
+        positions_host = self.lengths
+        positions = torch.tensor(positions_host, device=device)
+        token = self.last if feed is None else torch.tensor(feed, dtype=torch.long, device=device)
+        hidden = engine.embed(token[:, None])
+        step_positions = positions[:, None]
+        pos_emb = engine._position_embeddings(hidden, step_positions)
+        read_len = max(positions_host) + 1
+        query = positions[:, None, None, None]
+        key = torch.arange(read_len, device=device)[None, None, None, :]
+        masks = engine.masks_by_layer_type(key <= query, key, query, dtype)
+        cache = self.cache
+        cache.write_pos, cache.read_len, cache.active = positions, read_len, batch
+        feats = self.features
+        feats["steps"] += 1
+        feats["step_rows"] += batch
+        # The step's noise is drawn before any layer runs and read by whichever layer decides each row's token.
+        self._sampler = BatchSampler(self.sampling, self._vocab, 1, device, generators=dict(enumerate(self.generators)))
+        self._sampler.begin_step()
+        compact = self.compact
+        rows: torch.Tensor | None = None
+        next_token = torch.full((batch,), engine.pad_id, dtype=torch.long, device=device)
+        exit_layer = torch.full((batch,), depth, dtype=torch.long, device=device)
+        exited = torch.zeros(batch, dtype=torch.bool, device=device)  # for compact=False
+        frozen = hidden
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, hidden) of tokens that exited
+        active_rows = batch
+        row_positions = float(sum(positions_host)) + batch  # attention positions read by the active rows
+        self.layer_evals_full += batch * depth
+        for i in range(depth):
+            for p_rows, p_hidden in pending:
+                engine._propagate_kv(i, p_hidden, p_rows, pos_emb, cache, masks, step_positions)
+                feats["propagate_calls"] += 1
+                feats["propagate_rows"] += int(p_rows.numel())
+            if active_rows == 0:
+                continue  # every row has exited: only the propagated K/V of deeper layers remain to write
+            before = hidden
+            hidden = engine._run_layer(i, hidden, rows, masks, pos_emb, step_positions, cache)
+            self.layer_evals += active_rows
+            feats["layer_calls"] += 1
+            feats["layer_rows"] += active_rows
+            feats["attention_row_positions"] += row_positions
+            if not compact and self.exit_points:
+                hidden = torch.where(exited[:, None, None], frozen, hidden)
+            layer_count = i + 1
+            if layer_count not in self.exit_points:
+                continue
+            t0 = time.perf_counter() if self.measure_decisions else 0.0
+            exits, exit_logits, macs = engine._decide(exit_config, hidden, before, layer_count)
+            self.decision_macs += macs * active_rows
+            kind = exit_config.criterion if exit_config.criterion in ("cosine", "probe") else "head"
+            feats[f"decision_{kind}_calls"] += 1
+            feats[f"decision_{kind}_rows"] += active_rows
+            if self.measure_decisions:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.decision_s += time.perf_counter() - t0
+            if compact:
+                if not bool(exits.any()):
+                    continue
+                row_ids = torch.arange(batch, device=device) if rows is None else rows
+                leaving = row_ids[exits]
+                if exit_logits is None:
+                    exit_logits = engine.logits(hidden[exits][:, -1], layer_count)
+                    feats["exit_head_calls"] += 1
+                    feats["exit_head_rows"] += int(exits.sum())
+                else:
+                    exit_logits = exit_logits[exits]
+                feats["compactions"] += 1
+                next_token[leaving] = self._choose(exit_logits, leaving)
+                exit_layer[leaving] = layer_count
+                pending.append((leaving, hidden[exits]))
+                rows, hidden = row_ids[~exits], hidden[~exits]
+                active_rows = int(rows.numel())
+                row_positions = float((positions[rows] + 1).sum()) if active_rows else 0.0
+            else:
+                newly = exits & ~exited
+                if exit_logits is None:
+                    exit_logits = engine.logits(hidden[:, -1], layer_count)
+                    feats["exit_head_calls"] += 1
+                    feats["exit_head_rows"] += batch
+                next_token = torch.where(newly, self._choose(exit_logits, None, newly), next_token)
+                exit_layer = torch.where(newly, layer_count, exit_layer)
+                exited = exited | newly
+                frozen = torch.where(newly[:, None, None], hidden, frozen)
+        if active_rows > 0:
+            last_logits = engine.logits(hidden[:, -1], depth)
+            feats["head_calls"] += 1
+            feats["head_rows"] += active_rows
+            if compact:
+                row_ids = torch.arange(batch, device=device) if rows is None else rows
+                next_token[row_ids] = self._choose(last_logits, row_ids)
+            else:
+                last_tokens = self._choose(last_logits, None, None if not self.exit_points else ~exited)
+                next_token = torch.where(exited, next_token, last_tokens)
+        self.last = next_token
+        self.lengths = [n + 1 for n in self.lengths]
+        return StepOutput(list(self.seq_ids), next_token.tolist(), exit_layer.tolist(), self._logprobs(next_token))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", default="smollm2-135m")
@@ -628,20 +818,12 @@ def main() -> None:
     parser.add_argument("--exit-points", default="")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--prompt", action="append", default=None)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
-    parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     loaded = load_candidate(args.name, args.depth)
     engine = EarlyExitEngine(loaded)
     points = tuple(int(x) for x in args.exit_points.split(",") if x)
     prompts = args.prompt or ["The capital of France is", "def fibonacci(n):"]
-    # Prompt i is seeded with seed + i (as the server's n): one seed for all rows would give them one noise stream.
-    sampling = [SamplingParams(args.temperature, args.top_p, args.top_k, None if args.seed is None else args.seed + i)
-                for i in range(len(prompts))]
-    result = engine.generate(prompts, args.max_new_tokens, ExitConfig(args.criterion, args.threshold, points),
-                             sampling=sampling)
+    result = engine.generate(prompts, args.max_new_tokens, ExitConfig(args.criterion, args.threshold, points))
     for prompt, tokens, exits in zip(prompts, result.tokens, result.exit_layers):
         print(f"--- {prompt!r}\n{loaded.tokenizer.decode(tokens)!r}\n    exit layers: {exits}")
     print(

@@ -103,13 +103,16 @@ class Replayer:
         self._exit_cache[key] = (exit_layer, tokens)
         return exit_layer, tokens
 
-    def batch_features(self, exit_matrix: np.ndarray, setting: Setting, prompt_len: int) -> tuple[dict, dict]:
-        """Vectorised `simulate_features` for one batch: exit_matrix [rows, tokens] of exit layer counts."""
+    def batch_features(self, exit_matrix: np.ndarray, setting: Setting, prompt_lens: np.ndarray) -> tuple[dict, dict]:
+        """Vectorised `simulate_features` for one batch: exit_matrix [rows, tokens] of exit layer counts,
+        prompt_lens [rows] (prefill is padded to the longest; decode attention reads each row's own context)."""
         depth = setting.depth
         rows, tokens = exit_matrix.shape
         e = exit_matrix[:, 1:]  # decode steps 1..tokens-1
         steps = tokens - 1
-        positions = prompt_len + np.arange(1, tokens)  # cache index + 1 of the fed token at each step
+        prompt_lens = np.broadcast_to(np.asarray(prompt_lens), (rows,))
+        prompt_len = int(prompt_lens.max())
+        positions = prompt_lens[:, None] + np.arange(1, tokens)[None, :]  # cache index + 1 of each fed token
         prefill = {"prefill_calls": 1.0, "prefill_token_layers": float(rows * prompt_len * depth),
                    "prefill_attention": float(rows * prompt_len * prompt_len * depth)}
         f = dict.fromkeys(DECODE_FEATURES, 0.0)
@@ -117,7 +120,7 @@ class Replayer:
         f["step_rows"] = float(rows * steps)
         f["layer_calls"] = float(e.max(0).sum()) if steps else 0.0
         f["layer_rows"] = float(e.sum())
-        f["attention_row_positions"] = float((e * positions[None, :]).sum())
+        f["attention_row_positions"] = float((e * positions).sum())
         at_depth = e >= depth
         f["head_calls"] = float(at_depth.any(0).sum())
         f["head_rows"] = float(at_depth.sum())
@@ -152,8 +155,9 @@ class Replayer:
             length = min(len(rows) for rows in batch) if new_tokens is None else new_tokens
             rows = np.stack([r[:length] for r in batch])
             exits_b = exit_layer[rows]
-            prompt_len = int(self.trace.prompt_len[rows[:, 0]].max())
-            pre, dec = self.batch_features(exits_b, setting, prompt_len)
+            prompt_lens = self.trace.prompt_len[rows[:, 0]].astype(np.int64)
+            prompt_len = int(prompt_lens.max())
+            pre, dec = self.batch_features(exits_b, setting, prompt_lens)
             p_s, d_s = self.cost.prefill_s(pre), self.cost.decode_s(dec)
             prefill_s.append(p_s)
             decode_s.append(d_s)

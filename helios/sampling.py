@@ -138,7 +138,20 @@ class BatchSampler:
     docstring). Created per `generate` call; `begin_step` draws the step's noise, `choose` picks tokens and records
     logprobs, `logprobs` returns them at the end."""
 
-    def __init__(self, params: list[SamplingParams], vocab: int, steps: int, device: torch.device) -> None:
+    @staticmethod
+    def generator(seed: int | None, device: torch.device) -> torch.Generator:
+        """A sequence's own noise stream: seeded by `seed`, or by a draw from torch's default generator (so
+        `torch.manual_seed` makes unseeded runs reproducible too)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        return generator
+
+    def __init__(self, params: list[SamplingParams], vocab: int, steps: int, device: torch.device,
+                 generators: dict[int, torch.Generator | None] | None = None) -> None:
+        """`generators` (row -> generator): streams that outlive this sampler (a continuous batch keeps each
+        sequence's across steps); rows without one get a fresh generator from their seed."""
         self.params = params
         self.batch, self.vocab, self.device = len(params), vocab, device
         self.sampled_rows = [b for b, p in enumerate(params) if not p.greedy]
@@ -156,14 +169,9 @@ class BatchSampler:
                                         dtype=torch.float32, device=device)
         self.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         self.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device).clamp(1, vocab)
-        self.generators: dict[int, torch.Generator] = {}
-        for b in self.sampled_rows:
-            seed = params[b].seed
-            if seed is None:  # from torch's default generator: reproducible under torch.manual_seed
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator = torch.Generator(device=device)
-            generator.manual_seed(seed)
-            self.generators[b] = generator
+        given = generators or {}
+        self.generators: dict[int, torch.Generator] = {
+            b: given.get(b) or self.generator(params[b].seed, device) for b in self.sampled_rows}
         self.noise = torch.ones((self.batch, vocab), dtype=torch.float32, device=device) if self.any_sampled else None
         if self.top_logprobs is not None:
             k = self.top_logprobs

@@ -41,7 +41,7 @@ def test_simulated_features_equal_engine_counters(name, exit_config) -> None:
     engine = EarlyExitEngine(load_cached(name), load_tuned_heads=False)
     prompts = engine.encode(["hello world, a prompt", "short", "a much longer prompt with many words in it"])
     result = engine.generate(prompts, 12, exit_config, stop_at_eos=False)
-    prefill, decode = simulate_features(result.exit_layers, engine.depth, exit_config, max(result.prompt_tokens))
+    prefill, decode = simulate_features(result.exit_layers, engine.depth, exit_config, result.prompt_tokens)
     assert {**prefill, **decode} == {k: result.cost_features[k] for k in {**prefill, **decode}}
 
 
@@ -55,8 +55,8 @@ def test_vectorised_batch_features_equal_reference_loop(tiny_trace) -> None:
         exits = rng.choice(choices, size=(5, 9))
         exits[:, 0] = depth
         setting = Setting(depth, exit_config, 5)
-        got = replayer.batch_features(exits, setting, prompt_len=7)
-        want = simulate_features(exits.tolist(), depth, exit_config, 7)
+        got = replayer.batch_features(exits, setting, np.array([7, 5, 9, 7, 6]))
+        want = simulate_features(exits.tolist(), depth, exit_config, [7, 5, 9, 7, 6])
         assert got == want
 
 
