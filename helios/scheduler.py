@@ -65,6 +65,7 @@ The executor (`StepExecutor`) is the only part that knows the model. It is small
   * `switch(arm, preempted) -> seconds`: make `arm` current. `preempted` are the in-flight sequences whose K/V
     must be dropped (recompute): they come back through `prefill`. With `keep`, `preempted` is empty while
     sequences are running: they continue on the new arm, and the executor must raise ValueError if it cannot.
+  * optionally `prompt_tokens(request) -> int`: the prompt's length under the current arm's tokenizer;
   Seconds are the step's compute time: measured (live, server) or modelled (replay). The wall clock ignores them
   for timekeeping (real time already passed) but still sums them as busy time.
 
@@ -84,7 +85,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Literal, Protocol
 
 SchedulingMode = Literal["continuous", "static"]
@@ -295,6 +296,11 @@ class StepExecutor(Protocol):
         """Make `arm` current; drop the K/V of `preempted`. Returns seconds (the load)."""
         ...
 
+    # Optional: `prompt_tokens(request: SequenceRequest) -> int`, the request's prompt length under the current
+    # arm's tokenizer (candidates tokenize differently). When the executor has it, the scheduler uses it when a
+    # request arrives and, after every switch, for every queued (and preempted) sequence; otherwise
+    # `SequenceRequest.prompt_tokens` stands.
+
 
 # ----------------------------------------------------------------------------------------------- the scheduler
 
@@ -375,6 +381,8 @@ class Scheduler:
         self._pending: _PendingSwitch | None = None
         self.rejected: list[Rejection] = []
         self._rejections_reported = 0
+        # Optional executor hook (see StepExecutor): prompt length under the current arm's tokenizer.
+        self._prompt_tokens: Callable[[SequenceRequest], int] | None = getattr(executor, "prompt_tokens", None)
         self.span = SpanStats(start_s=self.clock.now(), end_s=self.clock.now())
 
     # -- observation
@@ -490,7 +498,8 @@ class Scheduler:
             with self._lock:
                 while future and future[0][0] <= now:
                     request = heapq.heappop(future)[2]
-                    self._queue.append(SequenceState(request, request.prompt_tokens, request.max_tokens))
+                    prompt = self._prompt_tokens(request) if self._prompt_tokens else request.prompt_tokens
+                    self._queue.append(SequenceState(request, prompt, request.max_tokens))
 
     def _admit(self, span: SpanStats) -> list[SequenceState]:
         """Admit from the FIFO head while the budget holds; never skip the head (module docstring)."""
@@ -630,6 +639,9 @@ class Scheduler:
         with self._lock:
             if self._pending is pending:
                 self._pending = None
+        if self._prompt_tokens is not None:  # the new arm may tokenize differently
+            for seq in self._queue:
+                seq.prompt_tokens = self._prompt_tokens(seq.request)
         self._reject_unfit()
 
     def _reject_unfit(self) -> None:

@@ -365,3 +365,215 @@ def test_switch_with_keep_continues_in_flight_sequences() -> None:
     assert got["B"].finished_s == pytest.approx(1.3) and got["D"].finished_s == pytest.approx(1.1)
     with pytest.raises(ValueError, match="same weights"):
         scheduler.switch_arm(3, MemoryBudget(200, 120, 1), policy="keep")
+
+
+# ----------------------------------------------------------------------------------------------- replay executor
+
+NEW_TOKENS = 8
+PROMPT_TOKENS = 12
+EXIT_SETTINGS = [
+    ("none", (), 0.9),
+    ("max_prob", (2, 4), 0.05),
+    ("cosine", (1, 3, 5), 0.6),
+    ("margin", (3,), 0.02),
+]
+
+
+@pytest.fixture(scope="module")
+def lockstep_replayer():
+    """A trace of tiny-llama on 4 prompts of exactly PROMPT_TOKENS tokens (so that today's padded batch pricing and
+    the scheduler's per-row pricing see the same prompts), recorded with helios.profiling in-process (~2 s)."""
+    import torch
+
+    from helios.energy import make_meter
+    from helios.engine import EarlyExitEngine
+    from helios.profiling import record_trace
+    from helios.replay import Replayer
+    from tests.conftest import load_cached
+
+    engine = EarlyExitEngine(load_cached("tiny-llama"), load_tuned_heads=False)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 250) for _ in range(PROMPT_TOKENS)] for _ in range(4)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trace = record_trace(engine, prompts, ["qa", "code", "qa", "code"], new_tokens=NEW_TOKENS, batch_size=4,
+                             calibration_engines=[engine], meter=make_meter("model"), model_power_w=6.0,
+                             progress=False, calibration_runs=4)
+    finally:
+        torch.set_num_threads(before)
+    trace.meta["load_timings"] = [{"depth": 6, "weight_bytes": trace.meta["weight_bytes_by_depth"]["6"], "load_s": 0.25}]
+    return Replayer(trace)
+
+
+def _exit_config(criterion: str, points: tuple, threshold: float):
+    from helios.engine import ExitConfig
+
+    return ExitConfig(criterion, threshold, points) if criterion != "none" else ExitConfig()
+
+
+@pytest.mark.parametrize("mode", ["continuous", "static"])
+@pytest.mark.parametrize("batch", [4, 2])
+@pytest.mark.parametrize("setting", EXIT_SETTINGS, ids=[s[0] for s in EXIT_SETTINGS])
+def test_replay_executor_in_lockstep_equals_todays_batch_replay(lockstep_replayer, setting, batch, mode) -> None:
+    """Same arrival, same prompt and output lengths: continuous batching runs the same batches as today's replay
+    (helios.replay.Replayer.run), so busy time, TTFT, e2e and exit layers must agree. With batch 2 the budget (not a
+    sequence cap) holds two sequences: weights + 2 x (12 + 8) tokens x K/V per token."""
+    from helios.replay import Setting
+    from helios.replay_executor import ReplayArm, ReplayExecutor
+
+    replayer = lockstep_replayer
+    config = _exit_config(*setting)
+    arm = ReplayArm("tiny-llama", 6, config)
+    executor = ReplayExecutor({"tiny-llama": replayer}, arm, stop_at_eos=False)
+    kv_per_token = replayer.kv_bytes_per_token_layer * 6
+    budget_bytes = replayer.weight_bytes_by_depth[6] + batch * (PROMPT_TOKENS + NEW_TOKENS) * kv_per_token
+    budget = executor.budget(arm, budget_bytes)
+    assert budget.kv_bytes_per_token == kv_per_token
+    scheduler = Scheduler(executor, budget, VirtualClock(), arm=arm, mode=mode)
+    ids = replayer.trace.requests()
+    scheduler.submit_many(executor.request(f"r{i}", i, 0.0, NEW_TOKENS) for i in ids)
+    records = sorted(scheduler.run_until(math.inf), key=lambda r: r.request_id)
+    want = replayer.run(ids, Setting(6, config, batch), new_tokens=NEW_TOKENS)
+    assert scheduler.span.max_running == batch
+    assert scheduler.span.busy_s == pytest.approx(want.busy_s, rel=1e-9)
+    assert scheduler.span.prefill_s == pytest.approx(sum(want.prefill_s), rel=1e-9)
+    assert [r.ttft_s for r in records] == pytest.approx(want.ttft_s, rel=1e-9)
+    assert [r.e2e_s for r in records] == pytest.approx(want.e2e_s, rel=1e-9)
+    assert [list(r.exit_layers) for r in records] == want.exit_layers
+    assert all(r.output_tokens == NEW_TOKENS and r.finish_reason == "length" for r in records)
+
+
+def _step_features(exits: list[int], contexts: list[int], depth: int, config) -> dict[str, float]:
+    """One decode step's work counters, written out like costmodel.simulate_features' inner loop but with each row's
+    own context length (rows of a continuous batch are at different positions)."""
+    from helios.costmodel import DECODE_FEATURES
+
+    f = dict.fromkeys(DECODE_FEATURES, 0.0)
+    f["steps"], f["step_rows"] = 1.0, float(len(exits))
+    for layer in range(1, depth + 1):
+        active = [c for e, c in zip(exits, contexts) if e >= layer]
+        if active:
+            f["layer_calls"] += 1
+            f["layer_rows"] += len(active)
+            f["attention_row_positions"] += sum(active)
+    kind = "cosine" if config.criterion == "cosine" else "head"
+    for point in (sorted(p for p in config.exit_points if p < depth) if config.enabled else []):
+        reach = sum(1 for e in exits if e >= point)
+        if reach:
+            f[f"decision_{kind}_calls"] += 1
+            f[f"decision_{kind}_rows"] += reach
+        leaving = sum(1 for e in exits if e == point)
+        if leaving:
+            f["compactions"] += 1
+            f["propagate_calls"] += depth - point
+            f["propagate_rows"] += leaving * (depth - point)
+            if kind == "cosine":
+                f["exit_head_calls"] += 1
+                f["exit_head_rows"] += leaving
+    finals = sum(1 for e in exits if e >= depth)
+    if finals:
+        f["head_calls"] += 1
+        f["head_rows"] += finals
+    return f
+
+
+@pytest.mark.parametrize("setting", EXIT_SETTINGS[1:], ids=[s[0] for s in EXIT_SETTINGS[1:]])
+def test_replay_executor_prices_staggered_rows_by_their_own_context(lockstep_replayer, setting) -> None:
+    """Staggered arrivals and output lengths: every decode step mixes rows at different positions. Each call's price
+    must equal the cost model applied to that step's counters (written out above), and the span's busy time their
+    sum."""
+    from helios.replay_executor import ReplayArm, ReplayExecutor
+
+    replayer = lockstep_replayer
+    config = _exit_config(*setting)
+    arm = ReplayArm("tiny-llama", 6, config)
+    executor = ReplayExecutor({"tiny-llama": replayer}, arm, stop_at_eos=False)
+    expected: list[float] = []
+    inner_decode, inner_prefill = executor.decode, executor.prefill
+
+    def decode(seqs):
+        contexts = [s.context_tokens for s in seqs]
+        seconds = inner_decode(seqs)
+        f = _step_features([s.exit_layers[-1] for s in seqs], contexts, 6, config)
+        expected.append(replayer.cost.decode_s(f))
+        assert seconds == pytest.approx(expected[-1], rel=1e-9)
+        return seconds
+
+    def prefill(seqs):
+        longest = max(s.context_tokens for s in seqs)  # today's engine pads a prefill batch to its longest prompt
+        seconds = inner_prefill(seqs)
+        expected.append(replayer.cost.prefill_s({"prefill_calls": 1, "prefill_token_layers": len(seqs) * longest * 6,
+                                                 "prefill_attention": len(seqs) * longest**2 * 6}))
+        assert seconds == pytest.approx(expected[-1], rel=1e-9)
+        return seconds
+
+    executor.decode, executor.prefill = decode, prefill  # type: ignore[method-assign]
+    scheduler = Scheduler(executor, executor.budget(arm, 10**12), VirtualClock(), arm=arm)
+    one_step = replayer.cost.decode_s(_step_features([6], [PROMPT_TOKENS + 1], 6, config))
+    for k, (rid, max_tokens) in enumerate([(0, 8), (1, 3), (2, 6), (3, 8)]):
+        scheduler.submit(executor.request(k, rid, k * 1.5 * one_step, max_tokens))
+    records = scheduler.run_until(math.inf)
+    assert sorted(r.output_tokens for r in records) == [3, 6, 8, 8]
+    assert len(expected) > 8
+    assert scheduler.span.busy_s == pytest.approx(sum(expected), rel=1e-9)
+
+
+def test_replay_executor_stops_at_the_traces_eos(lockstep_replayer) -> None:
+    """Make token 3 of request 1 an EOS id: that request ends after 4 tokens (reason "eos"); the others run to
+    max_tokens (or to the end of the trace, reason "trace_end")."""
+    import dataclasses
+
+    from helios.replay import Replayer
+    from helios.replay_executor import ReplayArm, ReplayExecutor
+
+    trace = lockstep_replayer.trace
+    rows = lockstep_replayer.request_rows[1]
+    eos = int(trace.full_token[rows[3]])
+    # the first occurrence of that token in request 1's output decides where it ends
+    end = [int(t) for t in trace.full_token[rows]].index(eos) + 1
+    others = {rid: [int(t) for t in trace.full_token[r]] for rid, r in lockstep_replayer.request_rows.items()}
+    replayer = Replayer(dataclasses.replace(trace, meta={**trace.meta, "eos_ids": [eos]}))
+    arm = ReplayArm("tiny-llama", 6, _exit_config("none", (), 0.9))
+    executor = ReplayExecutor({"tiny-llama": replayer}, arm)
+    scheduler = Scheduler(executor, executor.budget(arm, 10**12), VirtualClock(), arm=arm)
+    scheduler.submit_many(executor.request(rid, rid, 0.0, 6 if rid == 0 else 20) for rid in range(4))
+    got = by_id(scheduler.run_until(math.inf))
+    assert got[1].output_tokens == end <= 4 and got[1].finish_reason == "eos"
+    for rid in (0, 2, 3):
+        tokens = others[rid]
+        stop = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+        limit = 6 if rid == 0 else 20
+        assert got[rid].output_tokens == min(stop, limit)
+
+
+def test_replay_switch_under_load_loses_no_request(lockstep_replayer) -> None:
+    """Depth 6 -> 4 while 4 sequences run (budget for 2 at a time). Both policies finish every request; recompute
+    re-prefills the two in flight; the switch costs the trace's load rate x the new depth's weights."""
+    from helios.replay_executor import ReplayArm, ReplayExecutor
+
+    replayer = lockstep_replayer
+    old = ReplayArm("tiny-llama", 6, _exit_config("none", (), 0.9))
+    new = ReplayArm("tiny-llama", 4, _exit_config("max_prob", (2,), 0.05))
+    load_s = 0.25 / replayer.weight_bytes_by_depth[6] * replayer.weight_bytes_by_depth[4]  # the fixture's timing
+    for policy in ("drain", "recompute"):
+        executor = ReplayExecutor({"tiny-llama": replayer}, old, stop_at_eos=False)
+        budget_bytes = replayer.weight_bytes_by_depth[6] + 2 * (PROMPT_TOKENS + NEW_TOKENS) * replayer.kv_bytes_per_token_layer * 6
+        scheduler = Scheduler(executor, executor.budget(old, budget_bytes), VirtualClock(), arm=old)
+        scheduler.submit_many(executor.request(i, i % 4, 0.0, NEW_TOKENS) for i in range(8))
+        first = scheduler.run_until(1e-9)  # one iteration: 2 admitted, prefilled, one decode step
+        assert first == [] and scheduler.running == 2 and scheduler.queue_len == 6
+        scheduler.switch_arm(new, executor.budget(new, budget_bytes), policy=policy)
+        records = scheduler.run_until(math.inf)
+        assert sorted(r.request_id for r in records) == list(range(8)) and not scheduler.rejected
+        assert all(r.output_tokens == NEW_TOKENS for r in records)
+        assert scheduler.span.switch_s == pytest.approx(load_s)
+        in_flight = [r for r in records if r.request_id in (0, 1)]
+        if policy == "drain":
+            assert all(set(r.exit_layers) == {6} for r in in_flight) and scheduler.span.recomputed == 0
+        else:
+            # tokens 0, 1 from depth 6; token 2 from the re-prefill at depth 4; the rest decoded at depth 4
+            assert all(r.exit_layers[:3] == (6, 6, 4) and max(r.exit_layers[3:]) <= 4 for r in in_flight)
+            assert scheduler.span.recomputed == 2 and all(r.recomputes == 1 for r in in_flight)
+        # the new arm holds more sequences (fewer layers of K/V per token): more than 2 ran at once after the switch
+        assert scheduler.span.max_running > 2
