@@ -113,7 +113,7 @@ class ReplayExecutor:
         self._candidates = {name: self._index(name, r, (load_s_per_byte or {}).get(name))
                             for name, r in replayers.items()}
         self._tables_cache: dict[tuple, _Tables] = {}
-        self._live: set[int] = set()  # id() of sequences holding K/V here
+        self._live: dict[int, SequenceState] = {}  # id() -> sequence, for those holding K/V here
         self.arm = arm
         self._cand = self._candidates[arm.candidate]
         self._tables = self._arm_tables(arm)
@@ -240,7 +240,6 @@ class ReplayExecutor:
             end, reason = cand.end[rid]
             if reason == "trace_end" and seq.max_tokens <= end:
                 end = seq.max_tokens + 1  # max_tokens comes first: the scheduler ends it, reason "length"
-            seq.state = (cand.offset[rid], end, reason)
             n = seq.output_tokens
             context = seq.prompt_tokens + n
             total += context
@@ -251,15 +250,18 @@ class ReplayExecutor:
                 seq.token_ids.append(t.tokens[cand.offset[rid] + n] if n < cand.rows[rid] else -1)
             if n + 1 >= end:
                 seq.finished, seq.finish_reason = True, reason
-            live.add(id(seq))
+            # [first row, index of the last token, why it ends, tables, tokens whose exit layers are recorded]
+            seq.state = [cand.offset[rid], end - 1, reason, t, n + 1]
+            live[id(seq)] = seq
         if self.pad_prefill:
             total, squares = len(seqs) * longest, len(seqs) * longest * longest
         return t.prefill_call_s + t.prefill_token_s * total + t.prefill_attention_s * squares
 
     def decode(self, seqs: list[SequenceState]) -> float:
+        # The hot loop of replay: lookups only. Exit layers are copied out of the tables in one slice per sequence
+        # when it retires or the arm changes (_flush), not appended per step.
         t = self._tables
-        row_cost, row_exit, row_bits, tokens = t.row_cost, t.row_exit, t.row_bits, t.tokens
-        record_tokens = self.record_tokens
+        row_cost, row_exit, row_bits = t.row_cost, t.row_exit, t.row_bits
         seconds = 0.0
         deepest = bits = 0
         for seq in seqs:
@@ -271,22 +273,33 @@ class ReplayExecutor:
             if e > deepest:
                 deepest = e
             bits |= row_bits[r]
-            seq.exit_layers.append(e)
-            if record_tokens:
-                seq.token_ids.append(tokens[r])
-            if n + 1 >= state[1]:
+            if n >= state[1]:
                 seq.finished = True
                 seq.finish_reason = state[2]
         if t.leave_cost is not None:
             return seconds + t.call_cost[deepest] + t.leave_cost[bits]
         return seconds + t.call_cost[deepest] + sum(c for k, c in enumerate(t.leave_point_cost) if bits >> k & 1)
 
+    def _flush(self, seq: SequenceState) -> None:
+        """Copy the exit layers (and tokens) of `seq`'s decoded tokens since the last flush out of the tables."""
+        state = seq.state
+        first, tables, done = state[0], state[3], state[4]
+        n = seq.output_tokens
+        if n > done:
+            seq.exit_layers.extend(tables.row_exit[first + done : first + n])
+            if self.record_tokens:
+                seq.token_ids.extend(tables.tokens[first + done : first + n])
+            state[4] = n
+
     def release(self, seq: SequenceState) -> None:
-        self._live.discard(id(seq))
+        self._flush(seq)
+        self._live.pop(id(seq), None)
 
     def switch(self, arm: Any, preempted: list[SequenceState]) -> float:
+        for seq in self._live.values():
+            self._flush(seq)
         for seq in preempted:
-            self._live.discard(id(seq))
+            self._live.pop(id(seq), None)
         same_weights = (arm.candidate, int(arm.depth)) == (self.arm.candidate, int(self.arm.depth))
         if not same_weights and self._live:
             raise ValueError(f"{len(self._live)} sequences still hold K/V of {self.arm.candidate}@{self.arm.depth}; "
@@ -297,4 +310,6 @@ class ReplayExecutor:
         self.arm = arm
         self._cand = self._candidates[arm.candidate]
         self._tables = self._arm_tables(arm)
+        for seq in self._live.values():  # 'keep': the running continue on the new exit setting's tables
+            seq.state[3] = self._tables
         return seconds

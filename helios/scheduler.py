@@ -58,10 +58,12 @@ The executor (`StepExecutor`) is the only part that knows the model. It is small
     tokens, `seq.context_tokens` in all) and produce exactly one new token per sequence;
   * `decode(seqs) -> seconds`: one decode step: exactly one new token for each sequence;
     for both: on entry `seq.output_tokens` is the count of tokens produced so far (the scheduler adds 1 after the
-    call returns). For each new token the executor appends its exit layer to `seq.exit_layers` (and, if it has
-    token ids, the id to `seq.token_ids`), and sets `seq.finished = True` with `seq.finish_reason` ("eos" or
-    "stop") when that token ends the sequence. `max_tokens` is the scheduler's job, not the executor's;
-  * `release(seq)`: the sequence retired: free its K/V. Called once per retired sequence, before its record;
+    call returns). For each new token the executor records its exit layer in `seq.exit_layers` (and, if it has
+    token ids, the id in `seq.token_ids`): at once, or at the latest in `release`/`switch` (replay copies them
+    out of its tables then); and it sets `seq.finished = True` with `seq.finish_reason` ("eos" or "stop") in the
+    call whose token ends the sequence. `max_tokens` is the scheduler's job, not the executor's;
+  * `release(seq)`: the sequence retired: free its K/V; on return `len(seq.exit_layers) == seq.output_tokens`.
+    Called once per retired sequence, before its record is made;
   * `switch(arm, preempted) -> seconds`: make `arm` current. `preempted` are the in-flight sequences whose K/V
     must be dropped (recompute): they come back through `prefill`. With `keep`, `preempted` is empty while
     sequences are running: they continue on the new arm, and the executor must raise ValueError if it cannot.
@@ -118,7 +120,7 @@ class SequenceState:
     admitted_s: float = math.nan  # first admission (a recompute re-admission keeps it)
     first_token_s: float = math.nan
     output_tokens: int = 0  # tokens produced so far (counted by the scheduler)
-    exit_layers: list[int] = dataclasses.field(default_factory=list)  # (executor) one per produced token
+    exit_layers: list[int] = dataclasses.field(default_factory=list)  # (executor) one per token (by release at the latest)
     token_ids: list[int] = dataclasses.field(default_factory=list)  # (executor) one per token, if it has ids
     finished: bool = False  # (executor) the last token ended the sequence (EOS or stop string)
     finish_reason: str | None = None  # (executor) "eos" | "stop"; the scheduler sets "length"
@@ -461,14 +463,15 @@ class Scheduler:
             now = clock.now()
             if now >= t_end_s:
                 break
-            self._arrive(now)
+            if self._future and self._future[0][0] <= now:
+                self._arrive(now)
             if self._pending is not None:
                 self._apply_switch(span, records)
-            new = self._admit(span)
+            new = self._admit(span) if self._queue else None
             if new:
                 self._prefill(new, span, records)
             if self._running:
-                self._decode(span, records)
+                self._decode(t_end_s, span, records)
                 continue
             if self._batch_done:  # static: every member of the batch finished at prefill
                 self._end_batch(span, records)
@@ -552,23 +555,42 @@ class Scheduler:
         if done:
             self._retire(span, records)
 
-    def _decode(self, span: SpanStats, records: list[RequestRecord]) -> None:
-        running = self._running
-        seconds = self.executor.decode(running)
-        self.clock.advance(seconds)
-        span.decode_s += seconds
-        span.decode_steps += 1
-        span.output_tokens += len(running)
-        done = False
-        for seq in running:
-            n = seq.output_tokens + 1
-            seq.output_tokens = n
-            if seq.finished or n >= seq.max_tokens:
-                done = True
-        if done:
-            self._retire(span, records)
-        if self.mode == "static" and not self._running and self._batch_done:
-            self._end_batch(span, records)
+    def _decode(self, t_end_s: float, span: SpanStats, records: list[RequestRecord]) -> None:
+        """Decode steps over the running set until something can change the schedule: a sequence retires, a
+        request arrives (continuous mode: it may be admissible), a switch is requested, or the span ends. One
+        step per loop; the loop only saves the per-step admission bookkeeping (replay runs tens of thousands of
+        steps per second, so that bookkeeping is most of its time)."""
+        decode, advance, now_fn = self.executor.decode, self.clock.advance, self.clock.now
+        future = self._future
+        watch_arrivals = self.mode == "continuous"  # a static batch admits nothing until it ends
+        decode_s = 0.0
+        steps = tokens = 0
+        try:
+            while True:
+                running = self._running
+                seconds = decode(running)
+                advance(seconds)
+                decode_s += seconds
+                steps += 1
+                tokens += len(running)
+                done = False
+                for seq in running:
+                    n = seq.output_tokens + 1
+                    seq.output_tokens = n
+                    if seq.finished or n >= seq.max_tokens:
+                        done = True
+                if done:
+                    self._retire(span, records)
+                    if not self._running and self._batch_done:
+                        self._end_batch(span, records)
+                    return
+                now = now_fn()
+                if now >= t_end_s or self._pending is not None or (watch_arrivals and future and future[0][0] <= now):
+                    return
+        finally:
+            span.decode_s += decode_s
+            span.decode_steps += steps
+            span.output_tokens += tokens
 
     def _retire(self, span: SpanStats, records: list[RequestRecord]) -> None:
         """Move finished sequences out of the running set: freed now (continuous) or at batch end (static)."""
