@@ -290,6 +290,40 @@ def test_idle_time_is_skipped_on_a_virtual_clock() -> None:
     assert records[-1].finished_s == pytest.approx(3600.0 * 199 + 0.3)
 
 
+def test_wall_clock_serves_a_request_submitted_while_idle() -> None:
+    """The server's case: the scheduler idles on the wall clock in its thread; a submit from another thread wakes it.
+    The toy's seconds are not slept (a wall clock ignores them), so the request is served within milliseconds."""
+    import threading
+
+    from helios.scheduler import WallClock
+
+    clock = WallClock()
+    scheduler = Scheduler(ToyExecutor({"late": 3}), BUDGET, clock)
+    t_end = clock.now() + 0.6
+    out: list[RequestRecord] = []
+    worker = threading.Thread(target=lambda: out.extend(scheduler.run_until(t_end)))
+    worker.start()
+    time.sleep(0.1)
+    submitted = clock.now()
+    scheduler.submit(SequenceRequest("late", submitted, 10, 10))
+    worker.join(timeout=5)
+    assert not worker.is_alive() and [r.request_id for r in out] == ["late"]
+    assert out[0].finished_s - submitted < 0.2 and out[0].output_tokens == 3
+    assert clock.now() >= t_end - 1e-3  # then idled (slept) to the span's end
+    # busy time sums the executor's seconds even though the wall clock did not advance by them
+    assert scheduler.span.busy_s == pytest.approx(0.1 + 0.2)
+
+
+def test_scheduler_and_replay_executor_import_without_torch() -> None:
+    """Replay must stay torch-free: importing the scheduler and its replay executor pulls in no torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, helios.scheduler, helios.replay_executor; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # ----------------------------------------------------------------------------------------------- switching under load
 
 
@@ -483,6 +517,7 @@ def test_replay_executor_prices_staggered_rows_by_their_own_context(lockstep_rep
     """Staggered arrivals and output lengths: every decode step mixes rows at different positions. Each call's price
     must equal the cost model applied to that step's counters (written out above), and the span's busy time their
     sum."""
+    from helios.replay import Setting
     from helios.replay_executor import ReplayArm, ReplayExecutor
 
     replayer = lockstep_replayer
@@ -492,10 +527,17 @@ def test_replay_executor_prices_staggered_rows_by_their_own_context(lockstep_rep
     expected: list[float] = []
     inner_decode, inner_prefill = executor.decode, executor.prefill
 
+    exit_layer, _ = replayer.exits(Setting(6, config, 1))  # today's replay: the exit layer of every trace row
+    mixed: list[bool] = []  # a step with rows at different context lengths
+    early: list[bool] = []  # a step where some row exited early
+
     def decode(seqs):
         contexts = [s.context_tokens for s in seqs]
+        exits = [int(exit_layer[replayer.request_rows[s.request.payload][s.output_tokens]]) for s in seqs]
         seconds = inner_decode(seqs)
-        f = _step_features([s.exit_layers[-1] for s in seqs], contexts, 6, config)
+        mixed.append(len(set(contexts)) > 1)
+        early.append(min(exits) < 6)
+        f = _step_features(exits, contexts, 6, config)
         expected.append(replayer.cost.decode_s(f))
         assert seconds == pytest.approx(expected[-1], rel=1e-9)
         return seconds
@@ -515,7 +557,9 @@ def test_replay_executor_prices_staggered_rows_by_their_own_context(lockstep_rep
         scheduler.submit(executor.request(k, rid, k * 1.5 * one_step, max_tokens))
     records = scheduler.run_until(math.inf)
     assert sorted(r.output_tokens for r in records) == [3, 6, 8, 8]
-    assert len(expected) > 8
+    for r in records:  # exit layers as today's replay gives them (the first token from prefill, at full depth)
+        assert list(r.exit_layers) == exit_layer[replayer.request_rows[r.request_id][: r.output_tokens]].tolist()
+    assert len(expected) > 8 and sum(mixed) >= 3 and any(early)
     assert scheduler.span.busy_s == pytest.approx(sum(expected), rel=1e-9)
 
 
