@@ -621,3 +621,32 @@ def test_replay_switch_under_load_loses_no_request(lockstep_replayer) -> None:
             assert scheduler.span.recomputed == 2 and all(r.recomputes == 1 for r in in_flight)
         # the new arm holds more sequences (fewer layers of K/V per token): more than 2 ran at once after the switch
         assert scheduler.span.max_running > 2
+
+
+def test_replay_recompute_onto_another_candidate_retokenizes_the_queue(lockstep_replayer) -> None:
+    """Candidates tokenize differently: after a switch, queued and preempted sequences take the new candidate's prompt
+    length (the executor's optional `prompt_tokens` hook), and re-prefill over it plus their generated tokens.
+    "other" is the same trace under another name with prompts 2 tokens longer."""
+    import dataclasses
+
+    from helios.replay import Replayer
+    from helios.replay_executor import ReplayArm, ReplayExecutor
+
+    trace = lockstep_replayer.trace
+    other = Replayer(dataclasses.replace(trace, prompt_len=trace.prompt_len + 2, meta={**trace.meta, "candidate": "other"}))
+    old = ReplayArm("tiny-llama", 6, _exit_config("none", (), 0.9))
+    new = ReplayArm("other", 6, _exit_config("none", (), 0.9))
+    executor = ReplayExecutor({"tiny-llama": lockstep_replayer, "other": other}, old, stop_at_eos=False)
+    budget_bytes = lockstep_replayer.weight_bytes_by_depth[6] + 2 * (PROMPT_TOKENS + 2 + NEW_TOKENS) * lockstep_replayer.kv_bytes_per_token_layer * 6
+    scheduler = Scheduler(executor, executor.budget(old, budget_bytes), VirtualClock(), arm=old)
+    scheduler.submit_many(executor.request(i, i, 0.0, NEW_TOKENS) for i in range(4))
+    scheduler.run_until(1e-9)
+    prefilled: list[list[int]] = []
+    inner = executor.prefill
+    executor.prefill = lambda seqs: prefilled.append([s.context_tokens for s in seqs]) or inner(seqs)  # type: ignore[method-assign]
+    scheduler.switch_arm(new, executor.budget(new, budget_bytes), policy="recompute")
+    records = scheduler.run_until(math.inf)
+    assert sorted(r.request_id for r in records) == [0, 1, 2, 3]
+    assert all(r.prompt_tokens == PROMPT_TOKENS + 2 and r.output_tokens == NEW_TOKENS for r in records)
+    # first re-prefill: requests 0 and 1 over 14 prompt + 2 generated tokens; then 2 and 3 over their 14-token prompts
+    assert prefilled == [[16, 16], [14, 14]]
