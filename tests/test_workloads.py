@@ -219,7 +219,7 @@ def test_phases_must_cover_the_episode() -> None:
 
 
 def test_other_bad_config() -> None:
-    with pytest.raises(ValueError, match=r"unknown arrival kind 'burst'; valid: \['closed', 'poisson'\]"):
+    with pytest.raises(ValueError, match=r"unknown arrival kind 'burst'; valid: \['closed', 'poisson', 'gamma'\]"):
         workload_from_config(_config(arrival={"kind": "burst"}))
     with pytest.raises(ValueError, match="rate_per_s and epoch_s must be > 0"):
         workload_from_config(_config(arrival={"kind": "poisson", "rate_per_s": 0}))
