@@ -1,25 +1,34 @@
 """Service-level objectives: what one served epoch is worth, given its metrics and a reference run's.
 
-    /work/main/.venv/bin/python -m helios.slo conf/slo/balanced.yaml      # prints the SLO and a worked example
+    python -m helios.slo conf/slo/balanced.yaml      # prints the SLO and a worked example
 
     slo = slo_from_config(OmegaConf.load("conf/slo/balanced.yaml"))      # or a plain dict
     reward = slo.evaluate(values, reference)     # both: {metric: value}, the metrics below in their raw units
     reward.total, reward.terms, reward.penalties
+    values |= request_metrics(records, span_s, slo.targets)      # the per-request metrics of an epoch span
 
 This module knows nothing of models or environments: it maps numbers to a reward.
 
 Metrics (raw units, one epoch):
 
-    name               unit                         better
-    throughput_tok_s   generated tokens per second  higher
-    latency_p95_s      seconds, p95 end-to-end      lower
-    energy_j_per_tok   joules per generated token   lower
-    accuracy           task score in [0, 1]         higher
+    name               unit                                                better
+    throughput_tok_s   generated tokens per second                         higher
+    latency_p95_s      seconds, p95 end-to-end                             lower
+    energy_j_per_tok   joules per generated token                          lower
+    accuracy           task score in [0, 1]                                higher
+    goodput_rps        requests/s that met both TTFT and TPOT targets      higher
+    attainment         share of requests that met both targets, in [0, 1]  higher
+    ttft_p95_s         seconds, p95 time to first token                    lower
+    tpot_p95_s         seconds, p95 time per output token                  lower
+
+Goodput and attainment judge requests against the SLO's `ttft_target_s` and `tpot_target_s` (both required when
+either metric is used). See `request_metrics` for how a span's requests are counted, unfinished ones included.
 
 Reward:
 
     score_m  = value_m / ref_m   (higher-better)      ref_m / value_m   (lower-better)
-               accuracy takes an additive epsilon: (acc + eps) / (ref + eps), so 0 / 0 scores 1
+               bounded metrics (accuracy, attainment) take an additive epsilon (`accuracy_eps`):
+               (v + eps) / (ref + eps), so 0 / 0 scores 1
                clipped to [1 / ratio_clip, ratio_clip]
     term_m   = w_m / sum(w) * log2(score_m)           (0 = as good as the reference, +1 = twice as good)
     penalty_c = penalty_c * (1 + v_c) if constraint c is violated, else 0
@@ -32,6 +41,8 @@ unchanged. Weights are normalised, so the objective of any SLO lies in [-log2(ra
 
 Constraints (hard limits that become penalties): `{metric, min | max | min_ratio | max_ratio, penalty}`; `min`/`max`
 bound the raw value, `min_ratio`/`max_ratio` bound it relative to the reference value (`accuracy >= 0.9 x ref`).
+A bounded metric whose bound is a fact of the SLO, not of the reference, takes an absolute bound:
+`{metric: attainment, min: 0.9}` ("90% of requests within targets"). Only relative bounds read the reference.
 """
 
 from __future__ import annotations
@@ -39,8 +50,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
+
+import numpy as np
 
 from helios.config import check_keys, plain
 
@@ -49,7 +62,13 @@ METRICS: dict[str, bool] = {  # name -> higher is better
     "latency_p95_s": False,
     "energy_j_per_tok": False,
     "accuracy": True,
+    "goodput_rps": True,
+    "attainment": True,
+    "ttft_p95_s": False,
+    "tpot_p95_s": False,
 }
+BOUNDED_METRICS: tuple[str, ...] = ("accuracy", "attainment")  # in [0, 1]: ratios take accuracy_eps
+TARGET_METRICS: tuple[str, ...] = ("goodput_rps", "attainment")  # need ttft_target_s and tpot_target_s
 BOUND_KEYS: tuple[str, ...] = ("min", "max", "min_ratio", "max_ratio")
 DEFAULT_RATIO_CLIP = 16.0
 DEFAULT_ACCURACY_EPS = 1e-3
@@ -104,6 +123,8 @@ class SLO:
     constraints: tuple[Constraint, ...] = ()
     ratio_clip: float = DEFAULT_RATIO_CLIP
     accuracy_eps: float = DEFAULT_ACCURACY_EPS
+    ttft_target_s: float | None = None  # a request meets its TTFT target when ttft_s <= this
+    tpot_target_s: float | None = None  # ... and its TPOT target when tpot_s <= this
     # (metric, normalised weight) of the weighted metrics: all the hot path (once per environment step) walks.
     _objective: tuple[tuple[str, float], ...] = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -113,13 +134,37 @@ class SLO:
             raise SLOConfigError(f"ratio_clip must be a finite number > 1; got {self.ratio_clip!r}")
         if not (math.isfinite(self.accuracy_eps) and self.accuracy_eps > 0.0):
             raise SLOConfigError(f"accuracy_eps must be a finite number > 0; got {self.accuracy_eps!r}")
+        for key in ("ttft_target_s", "tpot_target_s"):
+            target = getattr(self, key)
+            if target is not None and not (_is_number(target) and 0 < target < math.inf):
+                raise SLOConfigError(f"{key} must be a finite number of seconds > 0; got {target!r}")
+        needing = sorted(set(self.metrics_used) & set(TARGET_METRICS))
+        if needing and self.targets is None:
+            raise SLOConfigError(
+                f"SLO {self.name!r} uses {needing}, which judge requests against targets: give both ttft_target_s and "
+                f"tpot_target_s (seconds); got ttft_target_s={self.ttft_target_s!r}, tpot_target_s={self.tpot_target_s!r}"
+            )
         total = sum(self.weights.values())
         objective = tuple((metric, weight / total) for metric, weight in self.weights.items() if weight > 0)
         object.__setattr__(self, "_objective", objective)  # frozen: set once, here
 
+    @property
+    def metrics_used(self) -> tuple[str, ...]:
+        """The metrics `evaluate` reads: those with a weight > 0, then those of constraints (METRICS order)."""
+        used = {metric for metric, weight in self.weights.items() if weight > 0}
+        used |= {constraint.metric for constraint in self.constraints}
+        return tuple(metric for metric in METRICS if metric in used)
+
+    @property
+    def targets(self) -> RequestTargets | None:
+        """The per-request targets to pass to `request_metrics`, or None when the SLO gives no (or only one) target."""
+        if self.ttft_target_s is None or self.tpot_target_s is None:
+            return None
+        return RequestTargets(ttft_s=float(self.ttft_target_s), tpot_s=float(self.tpot_target_s))
+
     def score(self, metric: str, value: float, reference: float) -> float:
         """How much better than the reference `value` is (1 = equal), clipped to [1/ratio_clip, ratio_clip]."""
-        if metric == "accuracy":
+        if metric in BOUNDED_METRICS:
             ratio = (value + self.accuracy_eps) / (reference + self.accuracy_eps)
         elif METRICS[metric]:
             ratio = value / max(reference, _TINY)
@@ -128,7 +173,8 @@ class SLO:
         return min(max(ratio, 1.0 / self.ratio_clip), self.ratio_clip)
 
     def evaluate(self, values: Mapping[str, float], reference: Mapping[str, float]) -> Reward:
-        """The reward of an epoch with metric `values` against the `reference` run's (both keyed by METRICS)."""
+        """The reward of an epoch with metric `values` against the `reference` run's (both keyed by METRICS; only
+        `metrics_used` are read, and of the reference only the weighted metrics and relative constraints')."""
         terms: dict[str, float] = {}
         scores: dict[str, float] = {}
         for metric, weight in self._objective:
@@ -137,10 +183,139 @@ class SLO:
             terms[metric] = weight * math.log2(score)
         penalties: dict[str, float] = {}
         for constraint in self.constraints:
-            violation = constraint.violation(values[constraint.metric], reference[constraint.metric])
+            # An absolute bound needs no reference value: an SLO may bound attainment without a reference run's.
+            ref = reference[constraint.metric] if constraint.relative else 0.0
+            violation = constraint.violation(values[constraint.metric], ref)
             penalties[constraint.name] = constraint.penalty * (1.0 + violation) if violation > 0.0 else 0.0
         objective = sum(terms.values())
         return Reward(objective - sum(penalties.values()), objective, terms, scores, penalties)
+
+
+# ----------------------------------------------------------------------------------------------- per-request metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestTargets:
+    """Per-request latency targets: a request is *good* when ttft <= ttft_s and tpot <= tpot_s (DistServe)."""
+
+    ttft_s: float
+    tpot_s: float
+
+    def __post_init__(self) -> None:
+        for key in ("ttft_s", "tpot_s"):
+            value = getattr(self, key)
+            if not (_is_number(value) and 0 < value < math.inf):
+                raise SLOConfigError(f"RequestTargets.{key} must be a finite number of seconds > 0; got {value!r}")
+
+
+REQUEST_FIELDS: tuple[str, ...] = ("arrival_s", "ttft_s", "tpot_s", "e2e_s", "output_tokens")
+
+
+def _field(record: Any, name: str) -> Any:
+    if isinstance(record, Mapping):
+        return record.get(name)
+    return getattr(record, name, None)
+
+
+def _tpot_s(record: Any, ttft_s: float, e2e_s: float) -> float | None:
+    """The record's tpot_s, or DistServe's (e2e - ttft) / (output_tokens - 1); None for a single-token output."""
+    tpot_s = _field(record, "tpot_s")
+    if tpot_s is not None:
+        return float(tpot_s)
+    tokens = _field(record, "output_tokens")
+    if tokens is None:
+        raise ValueError(f"a finished request record needs tpot_s or output_tokens; got {record!r}")
+    return (e2e_s - ttft_s) / (int(tokens) - 1) if int(tokens) > 1 else None
+
+
+def request_metrics(
+    records: Sequence[Any], span_s: float, targets: RequestTargets | None, *, span_start_s: float = 0.0
+) -> dict[str, float]:
+    """Goodput, attainment and TTFT/TPOT p95 of one span [span_start_s, span_start_s + span_s) of serving.
+
+    `records`: every request that finished in the span, and every request still in the system (queued or running)
+    at its end; objects or mappings with `arrival_s` (on the span's clock), `ttft_s` (None: no first token yet),
+    `e2e_s` (None: unfinished), and `tpot_s` or `output_tokens`. Records of requests that finished before the span
+    may be passed too: they are ignored, as their outcome was counted in an earlier span.
+
+    Each request is judged once, in the span in which its outcome becomes known:
+      met     it finished with ttft_s <= targets.ttft_s and tpot_s <= targets.tpot_s (a single-token output has no
+              TPOT and meets it); judged when it finishes.
+      missed  its first token came late, or had not come when it had waited longer than targets.ttft_s: judged at its
+              TTFT deadline, arrival_s + targets.ttft_s, finished or not; or it finished on time for its first token
+              but over the TPOT target: judged when it finishes.
+    DistServe counts completed requests only; under overload that hides the backlog (a span that finishes a few
+    requests on time looks good while the queue grows). Judging a queued request at its TTFT deadline charges the
+    backlog as it forms, and judging each request once keeps spans additive: summed over an episode, met + missed
+    counts every request whose outcome is known.
+
+    `targets` None (an SLO without ttft_target_s and tpot_target_s): only ttft_p95_s and tpot_p95_s are returned.
+
+    Returns (keys of METRICS, then counts):
+      goodput_rps   met / span_s, DistServe's goodput (only requests that finished within target add to it)
+      attainment    met / (met + missed); 1.0 when nothing was judged (an idle span misses nothing)
+      ttft_p95_s    p95 TTFT of the first tokens that came in the span, together with the wait so far of each request
+                    still waiting for one at its end (a lower bound of its TTFT, so the backlog shows); 0.0 when none
+      tpot_p95_s    p95 TPOT of requests finished in the span with more than one token; 0.0 when none
+      met_requests, missed_requests, missed_unfinished_requests (of the missed, those not yet finished)
+    Percentiles are numpy's linear interpolation, as helios's other p95 latencies.
+    """
+    if not (_is_number(span_s) and 0 < span_s < math.inf):
+        raise ValueError(f"span_s must be a finite number of seconds > 0; got {span_s!r}")
+    if targets is not None and not isinstance(targets, RequestTargets):
+        raise TypeError(f"targets must be RequestTargets (an SLO's .targets) or None; got {targets!r}")
+    judging = targets is not None
+    # Without targets nothing is late: the p95s below do not depend on them.
+    ttft_target_s, tpot_target_s = (targets.ttft_s, targets.tpot_s) if targets is not None else (math.inf, math.inf)
+    span_end_s = span_start_s + span_s
+    met = missed = missed_unfinished = 0
+    ttfts_s: list[float] = []
+    tpots_s: list[float] = []
+    for record in records:
+        arrival_s = _field(record, "arrival_s")
+        if arrival_s is None:
+            raise ValueError(f"a request record needs arrival_s (seconds, on the span's clock); got {record!r}")
+        ttft_s, e2e_s = _field(record, "ttft_s"), _field(record, "e2e_s")
+        if e2e_s is not None and ttft_s is None:
+            raise ValueError(f"a finished request record (e2e_s={e2e_s!r}) needs ttft_s; got {record!r}")
+        arrival_s, finished = float(arrival_s), e2e_s is not None
+        if finished and arrival_s + float(e2e_s) < span_start_s:
+            continue  # finished before this span: judged then
+        if ttft_s is None:
+            waited_s = span_end_s - arrival_s
+            ttfts_s.append(waited_s)  # a lower bound of its TTFT, so that the backlog shows in the p95
+            late = waited_s > ttft_target_s
+        else:
+            if arrival_s + float(ttft_s) >= span_start_s:  # first token in this span (earlier ones counted then)
+                ttfts_s.append(float(ttft_s))
+            late = float(ttft_s) > ttft_target_s
+        tpot_s = _tpot_s(record, float(ttft_s), float(e2e_s)) if finished else None
+        if tpot_s is not None:
+            tpots_s.append(tpot_s)
+        if late:  # judged at its TTFT deadline, in whichever span that falls
+            if span_start_s <= arrival_s + ttft_target_s < span_end_s:
+                missed += 1
+                missed_unfinished += not finished
+        elif finished:  # on time for its first token: judged when it finishes
+            if tpot_s is None or tpot_s <= tpot_target_s:
+                met += 1
+            else:
+                missed += 1
+    latencies = {
+        "ttft_p95_s": float(np.percentile(ttfts_s, 95)) if ttfts_s else 0.0,
+        "tpot_p95_s": float(np.percentile(tpots_s, 95)) if tpots_s else 0.0,
+    }
+    if not judging:
+        return latencies
+    judged = met + missed
+    return {
+        "goodput_rps": met / span_s,
+        "attainment": met / judged if judged else 1.0,
+        **latencies,
+        "met_requests": met,
+        "missed_requests": missed,
+        "missed_unfinished_requests": missed_unfinished,
+    }
 
 
 def _is_number(value: Any) -> bool:
@@ -163,7 +338,7 @@ def _check_weights(weights: Mapping[str, float]) -> None:
 
 # ----------------------------------------------------------------------------------------------- config
 
-_TOP_KEYS = ("name", "weights", "constraints", "ratio_clip", "accuracy_eps")
+_TOP_KEYS = ("name", "weights", "constraints", "ratio_clip", "accuracy_eps", "ttft_target_s", "tpot_target_s")
 _CONSTRAINT_KEYS = ("metric", *BOUND_KEYS, "penalty")
 
 
@@ -191,7 +366,8 @@ def constraint_from_config(cfg: Mapping[str, Any], where: str = "constraint") ->
 
 
 def slo_from_config(cfg: Any) -> SLO:
-    """An SLO from a `conf/slo/*.yaml` node (DictConfig or dict): name, weights, constraints, ratio_clip, accuracy_eps."""
+    """An SLO from a `conf/slo/*.yaml` node (DictConfig or dict): name, weights, constraints, ratio_clip, accuracy_eps,
+    and the per-request targets ttft_target_s and tpot_target_s (seconds; required by goodput_rps and attainment)."""
     cfg = plain(cfg)
     if not isinstance(cfg, Mapping):
         raise SLOConfigError(f"an SLO config is a mapping with keys {list(_TOP_KEYS)}; got {type(cfg).__name__}")
@@ -210,6 +386,8 @@ def slo_from_config(cfg: Any) -> SLO:
         constraints=constraints,
         ratio_clip=float(cfg.get("ratio_clip", DEFAULT_RATIO_CLIP)),
         accuracy_eps=float(cfg.get("accuracy_eps", DEFAULT_ACCURACY_EPS)),
+        ttft_target_s=cfg.get("ttft_target_s"),
+        tpot_target_s=cfg.get("tpot_target_s"),
     )
 
 
@@ -220,12 +398,16 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     slo = slo_from_config(OmegaConf.load(args.config))
-    print(f"SLO {slo.name!r}: weights {slo.weights}; constraints {[c.name for c in slo.constraints]}")
-    reference = {"throughput_tok_s": 100.0, "latency_p95_s": 2.0, "energy_j_per_tok": 0.5, "accuracy": 0.4}
-    values = {"throughput_tok_s": 200.0, "latency_p95_s": 1.0, "energy_j_per_tok": 0.5, "accuracy": 0.3}
+    targets = "" if slo.targets is None else f"; targets TTFT <= {slo.ttft_target_s:g} s, TPOT <= {slo.tpot_target_s:g} s"
+    print(f"SLO {slo.name!r}: weights {slo.weights}; constraints {[c.name for c in slo.constraints]}{targets}")
+    reference = {"throughput_tok_s": 100.0, "latency_p95_s": 2.0, "energy_j_per_tok": 0.5, "accuracy": 0.4,
+                 "goodput_rps": 2.0, "attainment": 0.95, "ttft_p95_s": 0.5, "tpot_p95_s": 0.05}
+    values = {"throughput_tok_s": 200.0, "latency_p95_s": 1.0, "energy_j_per_tok": 0.5, "accuracy": 0.3,
+              "goodput_rps": 1.5, "attainment": 0.85, "ttft_p95_s": 0.8, "tpot_p95_s": 0.04}
     reward = slo.evaluate(values, reference)
-    print(f"example: {values}\n     vs reference {reference}\n  -> total {reward.total:+.4f}; terms {reward.terms}; "
-          f"penalties {reward.penalties}")
+    used = slo.metrics_used
+    print(f"example: { {m: values[m] for m in used} }\n     vs reference { {m: reference[m] for m in used} }\n"
+          f"  -> total {reward.total:+.4f}; terms {reward.terms}; penalties {reward.penalties}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Serving workloads: requests drawn from a mix of prompt sources whose weights drift over an episode.
 
-    /work/main/.venv/bin/python -m helios.workloads conf/workload/drift3.yaml      # prints the schedule + samples
+    python -m helios.workloads conf/workload/drift3.yaml                        # prints the schedule + samples
+    python -m helios.workloads conf/workload/bursts.yaml --capacity-rps 2.5     # capacity-relative rates need one
 
     from omegaconf import OmegaConf
     workload = workload_from_config(OmegaConf.load("conf/workload/drift3.yaml"))
@@ -26,9 +27,36 @@ phase uses its mixture from its first epoch; a `linear` phase interpolates from 
 own, reaching it on its last epoch (epoch j of n has weight (j+1)/n on the new mixture). Phases must cover the
 episode exactly.
 
-Arrivals: `closed` gives one batch of `batch_size` requests per epoch, all at arrival_s = 0 (closed loop: the next
-batch is issued when this one finishes); `poisson` draws exponential inter-arrival gaps at `rate_per_s` within an
-epoch of `epoch_s` seconds, so the request count varies (and may be 0). `arrival_s` is seconds from epoch start.
+Arrivals (`arrival`), all times in seconds from the start of the request's epoch, in [0, epoch_s):
+  closed   one batch of `batch_size` requests per epoch, all at arrival_s = 0 (closed loop: the next batch is issued
+           when this one finishes).
+  poisson  exponential inter-arrival gaps at the epoch's rate within an epoch of `epoch_s` seconds, so the request
+           count varies (and may be 0).
+  gamma    a renewal process with Gamma inter-arrival gaps of mean 1 / rate and coefficient of variation `cv`
+           (shape 1/cv^2): cv = 1 is Poisson, cv > 1 is bursty, as production LLM traces are (gaps of cv 2-4 are
+           reported). Each epoch starts the process in its stationary state (see `Workload._arrivals`), so an epoch
+           holds rate x epoch_s requests on average; epochs are drawn independently, which keeps epoch(i) a pure
+           function of (seed, i) at the price of no burst straddling an epoch boundary.
+Open-loop rates: the rate of epoch i is `load_at(i)` x a base rate, where the base is `rate_per_s` requests/s or,
+with `rate_x_capacity: r` and `capacity_of: "<candidate>@<depth>"`, r x that arm's measured capacity in requests/s,
+so that a scenario loads any machine alike. The capacity is measured (and cached) by the env, not here: it is
+passed in as `capacity_rps`, and `capacity_arm(cfg)` says which arm to measure. Each phase has a `load` (default 1);
+a `linear` phase ramps the load from the previous phase's as it ramps the mixture (a diurnal ramp), and alternating
+abrupt phases make bursts. `rate_at(i)` gives the rate in requests/s.
+
+Output lengths (`output_tokens`, optional): each request's `max_tokens` is drawn from its source's distribution
+(`OutputLength`: fixed, uniform or lognormal, clipped to [min_tokens, max_tokens]; per-source defaults in
+DEFAULT_OUTPUT_LENGTHS), from a random stream apart from arrivals and prompts. Without `output_tokens`,
+max_tokens is None: the env generates its `new_tokens` for every request, as before.
+
+Config (conf/workload/*.yaml; bursts.yaml and diurnal.yaml show load):
+    seed: 0
+    episode_epochs: 20
+    arrival: {kind: gamma, cv: 2.0, epoch_s: 10.0, rate_x_capacity: 1.0, capacity_of: "smollm2-135m@30"}
+    output_tokens: {code: {median_tokens: 96}, qa: {dist: fixed, tokens: 8}}    # {} = the defaults
+    phases:
+      - {epochs: 10, load: 0.6, mixture: {code: 0.7, qa: 0.3}}
+      - {epochs: 10, load: 2.0, mixture: {code: 0.3, qa: 0.7}, transition: linear}
 """
 
 from __future__ import annotations
@@ -36,6 +64,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
@@ -48,9 +77,12 @@ from helios.corpus import CorpusUnavailableError
 BASE_SOURCES: tuple[str, ...] = ("code", "prose", "qa")
 CHAT_PREFIX = "chat:"
 SOURCE_NAMES: tuple[str, ...] = (*BASE_SOURCES, *(CHAT_PREFIX + name for name in BASE_SOURCES))
-ARRIVAL_KINDS: tuple[str, ...] = ("closed", "poisson")
+ARRIVAL_KINDS: tuple[str, ...] = ("closed", "poisson", "gamma")
+OPEN_LOOP_KINDS: tuple[str, ...] = ("poisson", "gamma")
+OUTPUT_DISTS: tuple[str, ...] = ("fixed", "uniform", "lognormal")
 TRANSITIONS: tuple[str, ...] = ("abrupt", "linear")
 WEIGHT_TOLERANCE = 1e-6
+OUTPUT_LENGTH_STREAM = 2  # third seed word of the output-length stream: apart from arrivals and prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +93,10 @@ class Request:
     source: str
     prompt: str
     reference: str | None
-    arrival_s: float  # seconds from the start of its epoch
+    arrival_s: float  # seconds from the start of its epoch, in [0, epoch_s)
     epoch: int
     chat: bool = False
+    max_tokens: int | None = None  # tokens it may generate, from its source's output-length draw; None: the env's new_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +290,105 @@ def make_source(name: str, **options: Any) -> Source:
     return _load_source(name, _freeze(options))
 
 
+# ----------------------------------------------------------------------------------------------- output lengths
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputLength:
+    """How many tokens a request may generate (its `max_tokens`), drawn per request and clipped to
+    [min_tokens, max_tokens].
+
+    fixed      always `tokens`
+    uniform    an integer uniform on [min_tokens, max_tokens], both included
+    lognormal  exp(N(log(median_tokens), sigma^2)), rounded to an integer: the long right tail that production
+               traces of LLM output lengths show (a few long answers among many short ones)
+    """
+
+    dist: Literal["fixed", "uniform", "lognormal"]
+    tokens: int | None = None  # fixed
+    median_tokens: float | None = None  # lognormal
+    sigma: float | None = None  # lognormal: standard deviation of log(tokens), dimensionless
+    min_tokens: int = 1
+    max_tokens: int | None = None  # uniform, lognormal
+
+    def validate(self, where: str) -> None:
+        if self.dist not in OUTPUT_DISTS:
+            raise ValueError(f"{where}: unknown dist {self.dist!r}; valid: {list(OUTPUT_DISTS)}")
+        needs = {"fixed": ("tokens",), "uniform": ("max_tokens",), "lognormal": ("median_tokens", "sigma", "max_tokens")}
+        missing = [key for key in needs[self.dist] if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"{where}: dist {self.dist!r} needs {list(needs[self.dist])}; missing {missing}")
+        if self.dist == "fixed":
+            if not _is_int(self.tokens) or self.tokens < 1:  # type: ignore[operator]
+                raise ValueError(f"{where}: tokens must be an integer >= 1; got {self.tokens!r}")
+            return
+        if not _is_int(self.min_tokens) or self.min_tokens < 1:
+            raise ValueError(f"{where}: min_tokens must be an integer >= 1; got {self.min_tokens!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < self.min_tokens:  # type: ignore[operator]
+            raise ValueError(f"{where}: max_tokens must be an integer >= min_tokens = {self.min_tokens}; "
+                             f"got {self.max_tokens!r}")
+        if self.dist == "lognormal":
+            if not (_is_number(self.median_tokens) and self.median_tokens > 0):  # type: ignore[operator]
+                raise ValueError(f"{where}: median_tokens must be a number > 0; got {self.median_tokens!r}")
+            if not (_is_number(self.sigma) and 0 <= self.sigma < math.inf):  # type: ignore[operator]
+                raise ValueError(f"{where}: sigma must be a finite number >= 0; got {self.sigma!r}")
+
+    def draw(self, rng: np.random.Generator) -> int:
+        if self.dist == "fixed":
+            return int(self.tokens)  # type: ignore[arg-type]
+        if self.dist == "uniform":
+            return int(rng.integers(self.min_tokens, int(self.max_tokens) + 1))  # type: ignore[arg-type]
+        tokens = round(float(rng.lognormal(math.log(float(self.median_tokens)), float(self.sigma))))  # type: ignore[arg-type]
+        return int(min(max(tokens, self.min_tokens), int(self.max_tokens)))  # type: ignore[arg-type]
+
+
+# Per-source defaults, in tokens of a BPE tokenizer like SmolLM2's. Short enough for CPU serving; the shapes follow
+# the tasks: HumanEval bodies run to a few dozen lines (long tail), prose continuations of ~200 characters are
+# ~50 tokens, and qa answers are a word or a number plus whatever the model appends before it stops.
+DEFAULT_OUTPUT_LENGTHS: dict[str, OutputLength] = {
+    "code": OutputLength("lognormal", median_tokens=64, sigma=0.6, min_tokens=8, max_tokens=256),
+    "prose": OutputLength("lognormal", median_tokens=48, sigma=0.5, min_tokens=8, max_tokens=192),
+    "qa": OutputLength("uniform", min_tokens=2, max_tokens=16),
+}
+_OUTPUT_KEYS = tuple(f.name for f in dataclasses.fields(OutputLength))
+
+
+def output_lengths_from_config(cfg: Mapping[str, Any] | None) -> dict[str, OutputLength] | None:
+    """Per-source output-length distributions from a workload's `output_tokens` mapping, or None (no mapping: every
+    request's max_tokens is None, the env's `new_tokens`).
+
+    A source's entry overrides its default (DEFAULT_OUTPUT_LENGTHS) key by key when it keeps the default's `dist`, and
+    replaces it when it names another; sources without an entry get the default, so `output_tokens: {}` means "the
+    defaults". A `chat:X` entry applies to chat:X only; without one, chat:X uses X's."""
+    if cfg is None:
+        return None
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"workload output_tokens must be a mapping of source -> {{dist, ...}}; got {cfg!r}")
+    unknown = sorted(set(cfg) - set(SOURCE_NAMES))
+    if unknown:
+        raise ValueError(f"output_tokens for unknown source(s) {unknown}; valid: {', '.join(SOURCE_NAMES)}")
+    lengths: dict[str, OutputLength] = {}
+    for name in SOURCE_NAMES:
+        base = DEFAULT_OUTPUT_LENGTHS[name.removeprefix(CHAT_PREFIX)]
+        if name.startswith(CHAT_PREFIX) and name not in cfg:
+            lengths[name] = lengths[name.removeprefix(CHAT_PREFIX)]
+            continue
+        entry = cfg.get(name) or {}
+        where = f"output_tokens[{name!r}]"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} must be a mapping with keys {list(_OUTPUT_KEYS)}; got {entry!r}")
+        check_keys(where, entry, _OUTPUT_KEYS)
+        if entry.get("dist", base.dist) == base.dist:
+            length = dataclasses.replace(base, **entry)
+        else:
+            if "dist" not in entry:
+                raise ValueError(f"{where} needs `dist`: one of {list(OUTPUT_DISTS)}")
+            length = OutputLength(**entry)
+        length.validate(where)
+        lengths[name] = length
+    return lengths
+
+
 # ----------------------------------------------------------------------------------------------- schedule
 
 
@@ -265,26 +397,87 @@ class Phase:
     epochs: int
     mixture: dict[str, float]
     transition: Literal["abrupt", "linear"] = "abrupt"
+    # Multiplier of the arrival's base rate (open loop only). A linear phase ramps it from the previous phase's value,
+    # as it ramps the mixture: a diurnal ramp. Alternating phases make bursts. 0 is a silent phase.
+    load: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Arrival:
-    kind: Literal["closed", "poisson"] = "closed"
+    """How requests arrive within an epoch (see the module docstring). Fields after `epoch_s` are open loop only."""
+
+    kind: Literal["closed", "poisson", "gamma"] = "closed"
     batch_size: int = 8  # closed
-    rate_per_s: float = 1.0  # poisson
-    epoch_s: float = 10.0  # poisson
+    rate_per_s: float = 1.0  # poisson, gamma: base rate in requests/s (unless rate_x_capacity is set)
+    epoch_s: float = 10.0  # poisson, gamma
+    cv: float = 1.0  # gamma: coefficient of variation of inter-arrival gaps (1 = Poisson; > 1 = bursty)
+    rate_x_capacity: float | None = None  # base rate as a multiple of the measured capacity of `capacity_of`
+    capacity_of: str | None = None  # the arm whose capacity is the unit: "<candidate>@<depth>", exits off
+
+    @property
+    def rate_unit(self) -> Literal["per_s", "capacity"]:
+        """"capacity" when the base rate is rate_x_capacity x a measured capacity, "per_s" when it is rate_per_s."""
+        return "capacity" if self.rate_x_capacity is not None else "per_s"
 
     def validate(self) -> None:
         if self.kind not in ARRIVAL_KINDS:
             raise ValueError(f"unknown arrival kind {self.kind!r}; valid: {list(ARRIVAL_KINDS)}")
-        if self.kind == "closed" and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ValueError(f"closed-loop batch_size must be a positive integer; got {self.batch_size!r}")
-        if self.kind == "poisson" and not (float(self.rate_per_s) > 0 and float(self.epoch_s) > 0):
-            raise ValueError(f"poisson rate_per_s and epoch_s must be > 0; got {self.rate_per_s!r}, {self.epoch_s!r}")
+        if self.kind == "closed":
+            if not _is_int(self.batch_size) or self.batch_size < 1:
+                raise ValueError(f"closed-loop batch_size must be a positive integer; got {self.batch_size!r}")
+            if self.rate_x_capacity is not None or self.capacity_of is not None or self.cv != 1.0:
+                raise ValueError("closed-loop arrivals have no rate: rate_x_capacity, capacity_of and cv apply to "
+                                 f"kind {OPEN_LOOP_KINDS}")
+            return
+        if not (_is_number(self.epoch_s) and 0 < self.epoch_s < math.inf):
+            raise ValueError(f"{self.kind} rate_per_s and epoch_s must be > 0; got {self.rate_per_s!r}, {self.epoch_s!r}")
+        if self.rate_x_capacity is None:
+            if self.capacity_of is not None:
+                raise ValueError(f"arrival capacity_of={self.capacity_of!r} needs rate_x_capacity (the base rate as a "
+                                 "multiple of that arm's capacity); or drop capacity_of and give rate_per_s")
+            if not (_is_number(self.rate_per_s) and 0 < self.rate_per_s < math.inf):
+                raise ValueError(f"{self.kind} rate_per_s and epoch_s must be > 0; got {self.rate_per_s!r}, "
+                                 f"{self.epoch_s!r}")
+        else:
+            if not (_is_number(self.rate_x_capacity) and 0 < self.rate_x_capacity < math.inf):
+                raise ValueError(f"arrival rate_x_capacity must be a finite number > 0; got {self.rate_x_capacity!r}")
+            parse_capacity_arm(self.capacity_of)
+        if self.kind == "poisson" and self.cv != 1.0:
+            raise ValueError(f"poisson arrivals have cv 1; got cv={self.cv!r}: use kind 'gamma' for another cv")
+        if not (_is_number(self.cv) and 0 < self.cv < math.inf):
+            raise ValueError(f"gamma cv must be a finite number > 0; got {self.cv!r}")
+
+
+def parse_capacity_arm(name: Any) -> tuple[str, int]:
+    """("smollm2-135m", 30) from "smollm2-135m@30": the candidate and depth whose capacity is a workload's rate unit."""
+    candidate, _, depth = name.rpartition("@") if isinstance(name, str) else ("", "", "")
+    if not candidate or not depth.isdigit() or int(depth) < 1:
+        raise ValueError(f"arrival capacity_of must name an arm as '<candidate>@<depth>', e.g. 'smollm2-135m@30'; "
+                         f"got {name!r}")
+    return candidate, int(depth)
+
+
+def gamma_shape_scale(rate_per_s: float, cv: float) -> tuple[float, float]:
+    """Gamma(shape k, scale theta) inter-arrival gaps with mean 1 / rate_per_s and coefficient of variation cv:
+    mean = k theta and cv = 1 / sqrt(k), so k = 1 / cv^2 and theta = cv^2 / rate_per_s."""
+    shape = 1.0 / cv**2
+    return shape, 1.0 / (rate_per_s * shape)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 class Workload:
-    """A seeded, reproducible stream of request batches over `episode_epochs` epochs (see module docstring)."""
+    """A seeded, reproducible stream of request batches over `episode_epochs` epochs (see module docstring).
+
+    `capacity_rps` is the measured capacity (requests/s) of `arrival.capacity_of`, required when the arrival rate
+    is capacity-relative (`arrival.rate_x_capacity`) and ignored otherwise. `output_tokens` maps sources to their
+    output-length distributions (`output_lengths_from_config`); None keeps every request's max_tokens None."""
 
     def __init__(
         self,
@@ -293,6 +486,8 @@ class Workload:
         episode_epochs: int,
         seed: int = 0,
         source_options: Mapping[str, Mapping[str, Any]] | None = None,
+        output_tokens: Mapping[str, OutputLength] | None = None,
+        capacity_rps: float | None = None,
     ) -> None:
         if isinstance(episode_epochs, bool) or not isinstance(episode_epochs, int) or episode_epochs < 1:
             raise ValueError(f"episode_epochs must be a positive integer; got {episode_epochs!r}")
@@ -304,6 +499,8 @@ class Workload:
         self.episode_epochs = episode_epochs
         self.seed = int(seed)
         self._validate_phases()
+        self.base_rate_per_s: float | None = self._base_rate(capacity_rps)
+        self.capacity_rps = None if capacity_rps is None else float(capacity_rps)
         named = [name for phase in self.phases for name in phase.mixture]
         self.sources: tuple[str, ...] = tuple(name for name in SOURCE_NAMES if name in named)
         source_options = dict(source_options or {})
@@ -314,8 +511,34 @@ class Workload:
         for name in self.sources:
             base = name.removeprefix(CHAT_PREFIX)
             self._sources[name] = make_source(name, **dict(source_options.get(base, {})))
+        self.output_tokens: dict[str, OutputLength] | None = None
+        if output_tokens is not None:
+            missing = [name for name in self.sources if name not in output_tokens]
+            if missing:
+                raise ValueError(f"output_tokens lacks source(s) {missing} of this workload; "
+                                 "build it with output_lengths_from_config, which fills in the defaults")
+            self.output_tokens = {name: output_tokens[name] for name in self.sources}
+            for name, length in self.output_tokens.items():
+                length.validate(f"output_tokens[{name!r}]")
         # First epoch of every phase, and the episode end, for phase_at.
         self._starts = np.cumsum([0] + [phase.epochs for phase in self.phases])
+
+    def _base_rate(self, capacity_rps: float | None) -> float | None:
+        """Requests/s at load 1: rate_per_s, or rate_x_capacity x capacity_rps; None for closed loop."""
+        arrival = self.arrival
+        if arrival.kind == "closed":
+            return None
+        if arrival.rate_unit == "per_s":
+            return float(arrival.rate_per_s)
+        if capacity_rps is None:
+            raise ValueError(
+                f"this workload's arrival rate is {arrival.rate_x_capacity:g} x capacity({arrival.capacity_of}) but no "
+                f"capacity was given: measure {arrival.capacity_of}'s capacity in requests/s and pass it as "
+                "Workload(..., capacity_rps=...) or workload_from_config(cfg, capacity_rps=...)"
+            )
+        if not (_is_number(capacity_rps) and 0 < capacity_rps < math.inf):
+            raise ValueError(f"capacity_rps must be a finite number of requests/s > 0; got {capacity_rps!r}")
+        return float(arrival.rate_x_capacity) * float(capacity_rps)  # type: ignore[arg-type]
 
     def _validate_phases(self) -> None:
         for index, phase in enumerate(self.phases):
@@ -337,6 +560,12 @@ class Workload:
             total = sum(float(w) for w in phase.mixture.values())
             if abs(total - 1.0) > WEIGHT_TOLERANCE:
                 raise ValueError(f"{where}: mixture weights {dict(phase.mixture)} sum to {total:g}; they must sum to 1")
+            if not (_is_number(phase.load) and 0 <= phase.load < math.inf):
+                raise ValueError(f"{where}: load must be a finite number >= 0 (a multiple of the base rate); "
+                                 f"got {phase.load!r}")
+            if self.arrival.kind == "closed" and phase.load != 1.0:
+                raise ValueError(f"{where}: load={phase.load!r} needs open-loop arrivals (kind {OPEN_LOOP_KINDS}); "
+                                 "a closed loop issues batch_size requests per epoch whatever the load")
         covered = sum(phase.epochs for phase in self.phases)
         if covered != self.episode_epochs:
             lengths = [phase.epochs for phase in self.phases]
@@ -372,33 +601,69 @@ class Workload:
         mixture = self.mixture_at(i)
         return np.array([mixture.get(name, 0.0) for name in SOURCE_NAMES], dtype=np.float32)
 
-    def _arrivals(self, rng: np.random.Generator) -> np.ndarray:
-        if self.arrival.kind == "closed":
-            return np.zeros(self.arrival.batch_size)
+    def load_at(self, i: int) -> float:
+        """The load multiplier of epoch i: its phase's `load`, ramped from the previous phase's on a linear phase
+        exactly as the mixture is (epoch j of n has (j+1)/n of the new value). Always 1.0 for closed loop."""
+        index = self.phase_at(i)
+        phase = self.phases[index]
+        if phase.transition == "linear":
+            alpha = (i - int(self._starts[index]) + 1) / phase.epochs
+            return (1 - alpha) * self.load_at(int(self._starts[index]) - 1) + alpha * float(phase.load)
+        return float(phase.load)
+
+    def rate_at(self, i: int) -> float:
+        """Mean arrival rate of epoch i in requests/s: load_at(i) x the base rate (rate_per_s, or rate_x_capacity x
+        capacity_rps). Closed loop has no rate: it issues batch_size requests per epoch, so this raises."""
+        if self.base_rate_per_s is None:
+            raise ValueError(f"closed-loop arrivals have no rate (batch_size={self.arrival.batch_size} requests per "
+                             f"epoch); rate_at needs kind {OPEN_LOOP_KINDS}")
+        return self.load_at(i) * self.base_rate_per_s
+
+    def _arrivals(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        arrival = self.arrival
+        if arrival.kind == "closed":
+            return np.zeros(arrival.batch_size)
+        rate_per_s = self.rate_at(i)
+        if rate_per_s <= 0.0:
+            return np.zeros(0)
         times: list[float] = []
-        t = float(rng.exponential(1.0 / self.arrival.rate_per_s))
-        while t < self.arrival.epoch_s:
+        if arrival.kind == "poisson":  # unchanged draws: the same seed gives today's arrivals
+            t = float(rng.exponential(1.0 / rate_per_s))
+            while t < arrival.epoch_s:
+                times.append(t)
+                t += float(rng.exponential(1.0 / rate_per_s))
+            return np.array(times)
+        shape, scale = gamma_shape_scale(rate_per_s, arrival.cv)
+        # Each epoch starts the renewal process in its stationary state, so that an epoch of span T holds
+        # rate x T requests on average whatever cv: the gap that straddles the epoch start is length-biased
+        # (Gamma(k + 1, theta)) and the start falls uniformly inside it. Starting with a fresh Gamma(k, theta) gap
+        # instead would add (cv^2 - 1) / 2 requests to every epoch on average.
+        t = float(rng.uniform() * rng.gamma(shape + 1.0, scale))
+        while t < arrival.epoch_s:
             times.append(t)
-            t += float(rng.exponential(1.0 / self.arrival.rate_per_s))
+            t += float(rng.gamma(shape, scale))
         return np.array(times)
 
     def epoch(self, i: int) -> list[Request]:
         """The requests of epoch i, a pure function of (seed, i): epochs can be drawn in any order, or again."""
         mixture = self.mixture_at(i)
         rng = np.random.default_rng([self.seed, i])
-        arrivals = self._arrivals(rng)
+        arrivals = self._arrivals(i, rng)
         names = list(mixture)
         weights = np.array([mixture[name] for name in names])
         weights = weights / weights.sum()  # absorb float rounding of interpolated weights
+        # Output lengths from a stream of their own, so that configuring them leaves arrivals and prompts unchanged.
+        length_rng = np.random.default_rng([self.seed, i, OUTPUT_LENGTH_STREAM])
         requests = []
         for k, arrival_s in enumerate(arrivals):
             name = names[int(rng.choice(len(names), p=weights))]
             item = self._sources[name].draw(rng)
             chat = name.startswith(CHAT_PREFIX)
+            max_tokens = None if self.output_tokens is None else self.output_tokens[name].draw(length_rng)
             requests.append(
                 Request(
                     request_id=f"e{i}-r{k}", source=name, prompt=item.chat_message if chat else item.prompt,
-                    reference=item.reference, arrival_s=float(arrival_s), epoch=i, chat=chat,
+                    reference=item.reference, arrival_s=float(arrival_s), epoch=i, chat=chat, max_tokens=max_tokens,
                 )
             )
         return requests
@@ -428,13 +693,26 @@ class Workload:
 
 # ----------------------------------------------------------------------------------------------- config
 
-_TOP_KEYS = ("seed", "episode_epochs", "arrival", "phases", "source_options")
+_TOP_KEYS = ("seed", "episode_epochs", "arrival", "phases", "source_options", "output_tokens")
 _PHASE_KEYS = tuple(f.name for f in dataclasses.fields(Phase))
 _ARRIVAL_KEYS = tuple(f.name for f in dataclasses.fields(Arrival))
 
 
-def workload_from_config(cfg: Any) -> Workload:
-    """Build a Workload from a `conf/workload/*.yaml` node (DictConfig or dict); see conf/workload/drift3.yaml."""
+def capacity_arm(cfg: Any) -> str | None:
+    """The arm ("<candidate>@<depth>") whose capacity a workload config's rate is relative to, or None when its rate
+    is absolute (or closed loop): what the env measures (and caches) before calling workload_from_config."""
+    cfg = plain(cfg)
+    arrival = dict((cfg.get("arrival") if isinstance(cfg, Mapping) else None) or {})
+    if arrival.get("rate_x_capacity") is None:
+        return None
+    parse_capacity_arm(arrival.get("capacity_of"))
+    return str(arrival["capacity_of"])
+
+
+def workload_from_config(cfg: Any, capacity_rps: float | None = None) -> Workload:
+    """Build a Workload from a `conf/workload/*.yaml` node (DictConfig or dict); see conf/workload/drift3.yaml, and
+    conf/workload/bursts.yaml for load. `capacity_rps`: the measured capacity of `capacity_arm(cfg)` in requests/s,
+    required when the config's rate is capacity-relative."""
     cfg = plain(cfg)
     if not isinstance(cfg, Mapping):
         raise ValueError(f"workload config must be a mapping with keys {list(_TOP_KEYS)}; got {type(cfg).__name__}")
@@ -444,20 +722,27 @@ def workload_from_config(cfg: Any) -> Workload:
             raise ValueError(f"workload config lacks {key!r}; required: ['episode_epochs', 'phases']")
     arrival_cfg = dict(cfg.get("arrival") or {})
     check_keys("workload.arrival", arrival_cfg, _ARRIVAL_KEYS)
+    if "rate_per_s" in arrival_cfg and arrival_cfg.get("rate_x_capacity") is not None:
+        raise ValueError("workload.arrival gives both rate_per_s (absolute) and rate_x_capacity (relative to "
+                         f"capacity_of); give one: rate_per_s={arrival_cfg['rate_per_s']!r}, "
+                         f"rate_x_capacity={arrival_cfg['rate_x_capacity']!r}")
     if not isinstance(cfg["phases"], list):
-        raise ValueError("workload.phases must be a list of {epochs, mixture, transition} mappings")
+        raise ValueError("workload.phases must be a list of {epochs, mixture, transition, load} mappings")
     phases = []
     for index, phase_cfg in enumerate(cfg["phases"]):
         if not isinstance(phase_cfg, Mapping) or "epochs" not in phase_cfg or "mixture" not in phase_cfg:
             raise ValueError(f"workload.phases[{index}] must be a mapping with 'epochs' and 'mixture'; got {phase_cfg!r}")
         check_keys(f"workload.phases[{index}]", phase_cfg, _PHASE_KEYS)
-        phases.append(Phase(phase_cfg["epochs"], dict(phase_cfg["mixture"]), phase_cfg.get("transition", "abrupt")))
+        phases.append(Phase(phase_cfg["epochs"], dict(phase_cfg["mixture"]), phase_cfg.get("transition", "abrupt"),
+                            phase_cfg.get("load", 1.0)))
     return Workload(
         phases=phases,
         arrival=Arrival(**arrival_cfg),
         episode_epochs=cfg["episode_epochs"],
         seed=cfg.get("seed", 0),
         source_options=cfg.get("source_options"),
+        output_tokens=output_lengths_from_config(cfg["output_tokens"]) if "output_tokens" in cfg else None,
+        capacity_rps=capacity_rps,
     )
 
 
@@ -495,14 +780,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="a conf/workload/*.yaml file")
     parser.add_argument("--show", type=int, default=2, help="sample requests to print per phase")
+    parser.add_argument("--capacity-rps", type=float, default=None,
+                        help="capacity of the config's capacity_of arm in requests/s (capacity-relative rates only)")
     args = parser.parse_args()
     from omegaconf import OmegaConf
 
-    workload = workload_from_config(OmegaConf.load(args.config))
+    cfg = OmegaConf.load(args.config)
+    arm = capacity_arm(cfg)
+    if arm is not None and args.capacity_rps is None:
+        parser.error(f"{args.config} rates are relative to capacity({arm}): give --capacity-rps (requests/s)")
+    workload = workload_from_config(cfg, capacity_rps=args.capacity_rps)
     for i in range(workload.episode_epochs):
         requests = workload.epoch(i)
         weights = " ".join(f"{name}={w:.2f}" for name, w in workload.mixture_at(i).items())
-        print(f"epoch {i:3d} phase {workload.phase_at(i)} {weights}  requests={len(requests)}")
+        rate = "" if workload.base_rate_per_s is None else f" load={workload.load_at(i):.2f} rate={workload.rate_at(i):.2f}/s"
+        lengths = [r.max_tokens for r in requests if r.max_tokens is not None]
+        tokens = f" max_tokens mean={np.mean(lengths):.1f}" if lengths else ""
+        print(f"epoch {i:3d} phase {workload.phase_at(i)} {weights}{rate}  requests={len(requests)}{tokens}")
         if i in set(int(s) for s in workload._starts[:-1]):
             for request in requests[: args.show]:
                 print(f"    [{request.source}] {request.prompt[-80:]!r} -> {str(request.reference)[:40]!r}")

@@ -1,5 +1,9 @@
-"""Workloads: reproducibility, drift boundaries and interpolation by hand, Poisson statistics, sources against the
-corpora they read, configs through Hydra, and one bad-input test per error."""
+"""Workloads: reproducibility, drift boundaries and interpolation by hand, Poisson and Gamma statistics, load ramps
+and capacity-relative rates by hand, output-length bounds, sources against the corpora they read, configs through
+Hydra, and one bad-input test per error.
+
+    python -m pytest -q tests/test_workloads.py
+"""
 
 import importlib.util
 from pathlib import Path
@@ -13,12 +17,17 @@ from helios.corpus import CorpusUnavailableError
 from helios.workloads import (
     CAPITALS,
     CHEMICAL_SYMBOLS,
+    DEFAULT_OUTPUT_LENGTHS,
     SOURCE_NAMES,
     Arrival,
+    OutputLength,
     Phase,
     Workload,
+    capacity_arm,
     encode_requests,
+    gamma_shape_scale,
     make_source,
+    output_lengths_from_config,
     workload_from_config,
 )
 from tests.conftest import load_cached
@@ -148,11 +157,31 @@ def test_chat_template_of_smollm2() -> None:
     assert text.endswith(f"<|im_start|>user\n{request.prompt}<|im_end|>\n<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize("name", ["steady", "drift3", "gradual", "poisson"])
+@pytest.mark.parametrize("name", ["steady", "drift3", "gradual", "poisson", "bursts", "diurnal"])
 def test_shipped_configs_build(name: str) -> None:
-    workload = workload_from_config(OmegaConf.load(CONF / f"{name}.yaml"))
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    capacity_rps = 2.0 if capacity_arm(cfg) else None
+    workload = workload_from_config(cfg, capacity_rps=capacity_rps)
     requests = workload.epoch(workload.episode_epochs - 1)
     assert all(r.source in workload.sources for r in requests)
+
+
+def test_bursts_and_diurnal_scenarios() -> None:
+    bursts = workload_from_config(OmegaConf.load(CONF / "bursts.yaml"), capacity_rps=2.0)
+    assert capacity_arm(OmegaConf.load(CONF / "bursts.yaml")) == "smollm2-135m@30"
+    # 1.0 x 2 requests/s of capacity x load, alternating 0.6 and 2.0 every 5 epochs; the mix moves at epoch 20.
+    assert [bursts.rate_at(i) for i in (0, 4, 5, 9, 10, 35)] == pytest.approx([1.2, 1.2, 4.0, 4.0, 1.2, 4.0])
+    assert bursts.mixture_at(19)["code"] == 0.7 and bursts.mixture_at(20)["prose"] == 0.7
+    assert all(r.max_tokens is not None for i in range(40) for r in bursts.epoch(i))
+    diurnal = workload_from_config(OmegaConf.load(CONF / "diurnal.yaml"), capacity_rps=2.0)
+    # Morning ramp (epochs 6-17): epoch 6 + j has load 0.3 + (j + 1) / 12 x (1.3 - 0.3).
+    assert diurnal.load_at(6) == pytest.approx(0.3 + 1 / 12) and diurnal.load_at(17) == pytest.approx(1.3)
+    assert diurnal.rate_at(23) == pytest.approx(2.6) and diurnal.rate_at(47) == pytest.approx(0.6)
+    # Evening ramp (epochs 30-41) from 1.3 down: epoch 35 is j = 5, 1.3 - 6 / 12 x 1.0 = 0.8; it ends at 0.3.
+    assert diurnal.load_at(29) == pytest.approx(1.3) and diurnal.load_at(35) == pytest.approx(0.8)
+    assert diurnal.load_at(41) == pytest.approx(0.3)
+    assert diurnal.output_tokens["chat:qa"] == OutputLength("uniform", min_tokens=4, max_tokens=24)
+    assert diurnal.output_tokens["chat:code"] == DEFAULT_OUTPUT_LENGTHS["code"]
 
 
 def test_drift3_config_through_hydra_compose() -> None:
@@ -219,7 +248,7 @@ def test_phases_must_cover_the_episode() -> None:
 
 
 def test_other_bad_config() -> None:
-    with pytest.raises(ValueError, match=r"unknown arrival kind 'burst'; valid: \['closed', 'poisson'\]"):
+    with pytest.raises(ValueError, match=r"unknown arrival kind 'burst'; valid: \['closed', 'poisson', 'gamma'\]"):
         workload_from_config(_config(arrival={"kind": "burst"}))
     with pytest.raises(ValueError, match="rate_per_s and epoch_s must be > 0"):
         workload_from_config(_config(arrival={"kind": "poisson", "rate_per_s": 0}))
@@ -241,3 +270,170 @@ def test_encode_requests_keeps_the_most_recent_prompt_tokens() -> None:
     assert tokenizer.decode(encode_requests([request], tokenizer)[0]) == "abcdefghij"
     with pytest.raises(ValueError, match=">= 1"):
         encode_requests([request], tokenizer, max_prompt_tokens=0)
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+def _gamma(cv: float, rate_per_s: float, epoch_s: float, epochs: int, seed: int = 0, **arrival: float) -> Workload:
+    return Workload([Phase(epochs, {"qa": 1.0})], Arrival("gamma", rate_per_s=rate_per_s, epoch_s=epoch_s, cv=cv,
+                                                          **arrival), epochs, seed=seed)
+
+
+def test_gamma_shape_and_scale_by_hand() -> None:
+    # cv 2 -> shape 1/4; mean 1/4 s -> scale = mean / shape = 1 s.   cv 0.5 -> shape 4, scale 0.25 / 4.
+    assert gamma_shape_scale(4.0, 2.0) == (0.25, 1.0)
+    assert gamma_shape_scale(4.0, 0.5) == (4.0, 0.0625)
+    assert gamma_shape_scale(2.0, 1.0) == (1.0, 0.5)  # cv 1: exponential with mean 1/2 s
+
+
+@pytest.mark.parametrize("cv", [0.5, 1.0, 2.0, 3.0])
+def test_gamma_gaps_have_the_asked_mean_and_cv(cv: float) -> None:
+    rate_per_s, epoch_s = 5.0, 2000.0  # one long epoch: ~10,000 gaps, so the window's edges bias the CV by < 0.1%
+    times = np.array([r.arrival_s for r in _gamma(cv, rate_per_s, epoch_s, 1, seed=3).epoch(0)])
+    assert np.all(np.diff(times) >= 0) and times[0] >= 0 and times[-1] < epoch_s
+    gaps = np.diff(times)  # the first arrival is the stationary start, not a gap: left out
+    # Sample mean and CV of ~10^4 gamma gaps: standard errors ~cv% and < 2.5% (cv 3: fourth moments are large).
+    assert np.mean(gaps) == pytest.approx(1 / rate_per_s, rel=0.06)
+    assert np.std(gaps) / np.mean(gaps) == pytest.approx(cv, rel=0.08)
+    assert len(times) == pytest.approx(rate_per_s * epoch_s, rel=0.08)
+
+
+def test_gamma_cv1_is_exponential() -> None:
+    # cv 1 gives shape 1: exponential gaps, std == mean == 1 / rate, as the Poisson arrivals test checks.
+    times = np.array([r.arrival_s for r in _gamma(1.0, 2.0, 4000.0, 1, seed=5).epoch(0)])
+    gaps = np.diff(times)
+    assert np.mean(gaps) == pytest.approx(0.5, rel=0.04)
+    assert np.std(gaps) == pytest.approx(0.5, rel=0.06)
+    assert np.median(gaps) == pytest.approx(0.5 * np.log(2), rel=0.06)  # exponential median: ln 2 / rate
+
+
+def test_gamma_epochs_are_stationary_and_bursty() -> None:
+    # Stationary start: mean count rate x T exactly (a fresh gap at 0 would give 20 + (cv^2 - 1) / 2 = 21.5);
+    # bursty: counts of a renewal process have variance ~ cv^2 x mean (Poisson: = mean), here 4 x 20 = 80.
+    workload = _gamma(2.0, 2.0, 10.0, 400, seed=1)
+    counts = np.array([len(workload.epoch(i)) for i in range(400)])
+    assert np.mean(counts) == pytest.approx(20.0, abs=1.2)  # standard error sqrt(80 / 400) = 0.45
+    assert np.var(counts) / np.mean(counts) == pytest.approx(4.0, rel=0.3)
+    assert all(0 <= r.arrival_s < 10.0 for i in range(5) for r in workload.epoch(i))
+    assert workload.epoch(7) == _gamma(2.0, 2.0, 10.0, 400, seed=1).epoch(7)  # a pure function of (seed, i)
+
+
+def test_load_ramps_linearly_like_the_mixture() -> None:
+    phases = [Phase(2, {"code": 1.0}, load=0.5), Phase(4, {"qa": 1.0}, "linear", load=2.5), Phase(1, {"qa": 1.0})]
+    workload = Workload(phases, Arrival("poisson", rate_per_s=2.0), episode_epochs=7)
+    # Epoch 2 + j of the 4-epoch ramp: load 0.5 + (j + 1) / 4 x 2 = 1.0, 1.5, 2.0, 2.5; then phase 2's own 1.0.
+    assert [workload.load_at(i) for i in range(7)] == pytest.approx([0.5, 0.5, 1.0, 1.5, 2.0, 2.5, 1.0])
+    assert [workload.rate_at(i) for i in range(7)] == pytest.approx([1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 2.0])
+    assert workload.mixture_at(3)["qa"] == pytest.approx(0.5)  # the mix ramps on the same schedule
+
+
+def test_load_scales_the_arrival_count() -> None:
+    quiet = Workload([Phase(200, {"qa": 1.0}, load=0.5)], Arrival("poisson", rate_per_s=4.0, epoch_s=5.0), 200, seed=2)
+    busy = Workload([Phase(200, {"qa": 1.0}, load=3.0)], Arrival("poisson", rate_per_s=4.0, epoch_s=5.0), 200, seed=2)
+    # Mean counts 0.5 x 4 x 5 = 10 and 3 x 4 x 5 = 60 (Poisson standard errors 0.22 and 0.55 over 200 epochs).
+    assert np.mean([len(quiet.epoch(i)) for i in range(200)]) == pytest.approx(10.0, abs=1.0)
+    assert np.mean([len(busy.epoch(i)) for i in range(200)]) == pytest.approx(60.0, abs=2.5)
+    silent = Workload([Phase(1, {"qa": 1.0}, load=0.0)], Arrival("gamma", rate_per_s=4.0, cv=2.0), 1)
+    assert silent.epoch(0) == [] and silent.rate_at(0) == 0.0
+
+
+def test_capacity_relative_rate_is_load_times_capacity() -> None:
+    arrival = Arrival("gamma", cv=2.0, rate_x_capacity=1.5, capacity_of="smollm2-135m@30")
+    phases = [Phase(1, {"qa": 1.0}, load=0.6), Phase(1, {"qa": 1.0}, load=2.0)]
+    workload = Workload(phases, arrival, 2, capacity_rps=3.0)
+    # base = 1.5 x 3 requests/s = 4.5; x load 0.6 and 2.0.
+    assert workload.base_rate_per_s == pytest.approx(4.5) and arrival.rate_unit == "capacity"
+    assert [workload.rate_at(0), workload.rate_at(1)] == pytest.approx([2.7, 9.0])
+    assert Arrival("poisson", rate_per_s=2.0).rate_unit == "per_s"
+    cfg = _config(arrival={"kind": "gamma", "rate_x_capacity": 2.0, "capacity_of": "tiny-llama@2"},
+                  phases=[{"epochs": 4, "mixture": {"qa": 1.0}, "load": 0.25}])
+    assert capacity_arm(cfg) == "tiny-llama@2" and capacity_arm(_config()) is None
+    assert workload_from_config(cfg, capacity_rps=10.0).rate_at(3) == pytest.approx(0.25 * 2.0 * 10.0)
+
+
+def test_missing_capacity_is_a_clear_error() -> None:
+    cfg = _config(arrival={"kind": "gamma", "rate_x_capacity": 1.5, "capacity_of": "smollm2-135m@30"})
+    with pytest.raises(ValueError, match=r"1.5 x capacity\(smollm2-135m@30\) but no capacity was given.*capacity_rps"):
+        workload_from_config(cfg)
+    with pytest.raises(ValueError, match="capacity_rps must be a finite number of requests/s > 0"):
+        workload_from_config(cfg, capacity_rps=0.0)
+
+
+def test_closed_and_absolute_workloads_ignore_capacity() -> None:
+    closed = workload_from_config(_config(), capacity_rps=5.0)
+    assert closed.base_rate_per_s is None and closed.load_at(0) == 1.0
+    with pytest.raises(ValueError, match="closed-loop arrivals have no rate"):
+        closed.rate_at(0)
+
+
+def test_output_lengths_stay_in_bounds_per_source() -> None:
+    lengths = output_lengths_from_config({"code": {"median_tokens": 40, "max_tokens": 60},
+                                          "qa": {"dist": "fixed", "tokens": 5}})
+    assert lengths is not None
+    # code keeps its default's sigma 0.6 and min 8; qa is replaced; prose is the default; chat:X follows X.
+    assert lengths["code"] == OutputLength("lognormal", median_tokens=40, sigma=0.6, min_tokens=8, max_tokens=60)
+    assert lengths["qa"] == OutputLength("fixed", tokens=5) and lengths["chat:qa"] == lengths["qa"]
+    assert lengths["prose"] == DEFAULT_OUTPUT_LENGTHS["prose"]
+    workload = Workload([Phase(30, {"code": 0.4, "prose": 0.3, "qa": 0.3})], Arrival("closed", batch_size=20), 30,
+                        seed=4, output_tokens=lengths)
+    drawn: dict[str, list[int]] = {"code": [], "prose": [], "qa": []}
+    for i in range(30):
+        for request in workload.epoch(i):
+            drawn[request.source].append(request.max_tokens)
+    assert set(drawn["qa"]) == {5}
+    assert min(drawn["code"]) >= 8 and max(drawn["code"]) == 60  # median 40 x e^(0.6 x 0.68) > 60: the clip binds
+    assert np.median(drawn["code"]) == pytest.approx(40, abs=3)
+    assert 8 <= min(drawn["prose"]) and max(drawn["prose"]) <= 192
+    assert np.median(drawn["prose"]) == pytest.approx(48, abs=4)
+
+
+def test_uniform_lengths_cover_their_range() -> None:
+    rng = np.random.default_rng(0)
+    draws = [OutputLength("uniform", min_tokens=2, max_tokens=4).draw(rng) for _ in range(300)]
+    assert set(draws) == {2, 3, 4}
+
+
+def test_output_lengths_leave_arrivals_and_prompts_unchanged() -> None:
+    plain = Workload([Phase(3, {"code": 0.5, "qa": 0.5})], Arrival("poisson", rate_per_s=3.0), 3, seed=9)
+    sized = Workload([Phase(3, {"code": 0.5, "qa": 0.5})], Arrival("poisson", rate_per_s=3.0), 3, seed=9,
+                     output_tokens=output_lengths_from_config({}))
+    for i in range(3):
+        a, b = plain.epoch(i), sized.epoch(i)
+        assert [(r.prompt, r.arrival_s) for r in a] == [(r.prompt, r.arrival_s) for r in b]
+        assert all(r.max_tokens is None for r in a) and all(isinstance(r.max_tokens, int) for r in b)
+
+
+def test_bad_load_config_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"load=2.0 needs open-loop arrivals \(kind \('poisson', 'gamma'\)\)"):
+        workload_from_config(_config(phases=[{"epochs": 4, "mixture": {"qa": 1.0}, "load": 2.0}]))
+    with pytest.raises(ValueError, match="phase 0: load must be a finite number >= 0"):
+        workload_from_config(_config(arrival={"kind": "gamma"}, phases=[{"epochs": 4, "mixture": {"qa": 1.0}, "load": -1}]))
+    with pytest.raises(ValueError, match="gamma cv must be a finite number > 0"):
+        workload_from_config(_config(arrival={"kind": "gamma", "cv": 0}))
+    with pytest.raises(ValueError, match="poisson arrivals have cv 1.*use kind 'gamma'"):
+        workload_from_config(_config(arrival={"kind": "poisson", "cv": 2.0}))
+    with pytest.raises(ValueError, match="give one: rate_per_s=2.0, rate_x_capacity=1.0"):
+        workload_from_config(_config(arrival={"kind": "gamma", "rate_per_s": 2.0, "rate_x_capacity": 1.0,
+                                              "capacity_of": "smollm2-135m@30"}))
+    with pytest.raises(ValueError, match=r"capacity_of must name an arm as '<candidate>@<depth>'.*got 'smollm2-135m'"):
+        workload_from_config(_config(arrival={"kind": "gamma", "rate_x_capacity": 1.0, "capacity_of": "smollm2-135m"}))
+    with pytest.raises(ValueError, match="capacity_of='smollm2-135m@30' needs rate_x_capacity"):
+        workload_from_config(_config(arrival={"kind": "gamma", "capacity_of": "smollm2-135m@30"}))
+    with pytest.raises(ValueError, match="closed-loop arrivals have no rate"):
+        workload_from_config(_config(arrival={"kind": "closed", "rate_x_capacity": 1.0, "capacity_of": "a@1"}))
+
+
+def test_bad_output_tokens_config_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"unknown dist 'zipf'; valid: \['fixed', 'uniform', 'lognormal'\]"):
+        output_lengths_from_config({"code": {"dist": "zipf"}})
+    with pytest.raises(ValueError, match=r"output_tokens for unknown source\(s\) \['poetry'\]; valid: code, prose"):
+        output_lengths_from_config({"poetry": {}})
+    with pytest.raises(ValueError, match=r"dist 'fixed' needs \['tokens'\]; missing \['tokens'\]"):
+        output_lengths_from_config({"qa": {"dist": "fixed"}})
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= min_tokens = 8; got 4"):
+        output_lengths_from_config({"code": {"max_tokens": 4}})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['mean'\] in output_tokens\['prose'\]"):
+        output_lengths_from_config({"prose": {"mean": 3}})
+    with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
+        output_lengths_from_config({"prose": {"sigma": -1.0}})
