@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from helios.paths import atomic_file
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-def _pyplot():
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,14 +29,14 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     with atomic_file(path) as handle:
         fig.savefig(handle, format="png", dpi=110)
     _pyplot().close(fig)
     return path
 
 
-def _shade_phases(ax, phases: Sequence[int]) -> None:
+def _shade_phases(ax: Axes, phases: Sequence[int]) -> None:
     """Vertical lines at the first epoch of every workload phase after the first."""
     for boundary in phases[1:]:
         ax.axvline(boundary - 0.5, color="tab:red", lw=0.8, ls="--")
@@ -42,6 +47,12 @@ def plot_reward_and_regret(records: list[dict], phases: Sequence[int], path: Pat
     """Reward per epoch (with the oracle and static yardsticks when the records carry them) above the cumulative
     regret vs the oracle. Without yardsticks (live backend, oracle=false) the lower panel shows the cumulative
     reward instead and says on the plot why regret is absent (`why_no_regret`), rather than staying empty."""
+    return _save(reward_and_regret_figure(records, phases, title, why_no_regret), path)
+
+
+def reward_and_regret_figure(records: list[dict], phases: Sequence[int], title: str,
+                             why_no_regret: str | None = None) -> Figure:
+    """The figure plot_reward_and_regret saves (axes[0]: rewards, axes[1]: cumulative regret or reward)."""
     plt = _pyplot()
     epochs = np.array([r["epoch"] for r in records])
     reward = np.array([r["reward"] for r in records])
@@ -68,7 +79,7 @@ def plot_reward_and_regret(records: list[dict], phases: Sequence[int], path: Pat
         _shade_phases(ax, phases)
     axes[1].set_xlabel("epoch (workload phases: dashed)")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_arms(records: list[dict], arm_labels: Sequence[str], phases: Sequence[int], path: Path, title: str) -> Path:
