@@ -1,6 +1,6 @@
 """Service-level objectives: what one served epoch is worth, given its metrics and a reference run's.
 
-    /work/main/.venv/bin/python -m helios.slo conf/slo/balanced.yaml      # prints the SLO and a worked example
+    python -m helios.slo conf/slo/balanced.yaml      # prints the SLO and a worked example
 
     slo = slo_from_config(OmegaConf.load("conf/slo/balanced.yaml"))      # or a plain dict
     reward = slo.evaluate(values, reference)     # both: {metric: value}, the metrics below in their raw units

@@ -1,6 +1,6 @@
 """Serving workloads: requests drawn from a mix of prompt sources whose weights drift over an episode.
 
-    /work/main/.venv/bin/python -m helios.workloads conf/workload/drift3.yaml      # prints the schedule + samples
+    python -m helios.workloads conf/workload/drift3.yaml      # prints the schedule + samples
 
     from omegaconf import OmegaConf
     workload = workload_from_config(OmegaConf.load("conf/workload/drift3.yaml"))

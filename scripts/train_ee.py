@@ -1,7 +1,7 @@
 """Build one LayerSkip-style early-exit checkpoint into the helios cache and print its per-layer table.
 
-    /work/main/.venv/bin/python scripts/train_ee.py name=helios-ee-4l
-    /work/main/.venv/bin/python scripts/train_ee.py name=helios-ee-8l force=true   # retrain over an existing one
+    python scripts/train_ee.py name=helios-ee-4l
+    python scripts/train_ee.py name=helios-ee-8l force=true   # retrain over an existing one
 """
 
 from __future__ import annotations
