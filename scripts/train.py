@@ -5,9 +5,12 @@
     python scripts/train.py -m agent=ucb,sw_ucb,thompson,helios,ppo seed=0,1,2   # Hydra multirun
     python scripts/train.py resume=outputs/train/<run dir>          # continue a killed run from its checkpoint
 
+Every agent is played by agents/rollout.py (bandits through its `play` loop, SB3 through model.learn on its
+wrapper), which records each epoch and, on replay, the yardsticks (oracle, static full depth) and regret.
 Writes into the Hydra run directory: metrics.jsonl (one line per epoch), summary.json, the resolved config
 (.hydra/config.yaml), policy.json (the agent's exported state), checkpoint.json, and PNG plots (reward and regret
-against the oracle, arms over time with the drift phases marked, the throughput-accuracy front of the arms).
+against the oracle, or on live the cumulative reward with the reason there is no regret; arms over time with the
+drift phases marked; the throughput-accuracy front of the arms).
 Logs to W&B offline by default (logger=wandb|tensorboard|none).
 """
 
@@ -18,7 +21,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
@@ -28,6 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from agents import AGENTS, make_agent
 from agents.rollout import Rollout, play, summarise
 from helios.paths import atomic_file
+
+if TYPE_CHECKING:
+    import gymnasium
 
 ENV_IDS = {"live": "helios/ModelDepth-v0", "replay": "helios/ModelDepthReplay-v0"}
 # conf/hydra/launcher/{joblib,submitit_slurm}.yaml share their names with the plugins' schemas, which validate them
@@ -60,7 +66,7 @@ def validate_agent(cfg: DictConfig) -> None:
     make_agent(name, 1_000_000, seed=0, **hyper)
 
 
-def make_env(cfg: DictConfig, backend: str):
+def make_env(cfg: DictConfig, backend: str) -> gymnasium.Env:
     import gymnasium
 
     import envs  # noqa: F401  (registers the helios ids)
@@ -72,7 +78,7 @@ def make_env(cfg: DictConfig, backend: str):
     return gymnasium.make(ENV_IDS[backend], **kwargs)
 
 
-def arm_point_summary(records: list[dict], arm_labels: list[str]) -> list[dict]:
+def arm_point_summary(records: list[dict[str, Any]], arm_labels: list[str]) -> list[dict[str, Any]]:
     points = {}
     for r in records:
         if r["masked_action"]:
@@ -110,6 +116,13 @@ class Logger:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
+
+    def abort(self) -> None:
+        """Close a run that failed (e.g. no static arm), so W&B marks it failed instead of leaving it open."""
+        if self.run is not None:
+            self.run.finish(exit_code=1)
+        if self.writer is not None:
+            self.writer.close()
 
     def finish(self, plots: list[Path], policy: Path, summary: dict[str, Any]) -> None:
         if self.run is not None:
@@ -268,6 +281,9 @@ def main(cfg: DictConfig) -> None:
             rollout = train_sb3(cfg, backend, run_dir, make_env, checkpoint, on_record=epoch_log)
         else:
             rollout = train_bandit(cfg, backend, run_dir, checkpoint, epoch_log)
+    except BaseException:
+        logger.abort()
+        raise
     finally:
         epoch_log.close()
     write_outputs(cfg, backend, run_dir, records + rollout.records, rollout, logger, started)
