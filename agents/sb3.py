@@ -4,9 +4,11 @@
     python scripts/train.py agent=maskable_ppo env=replay episodes=20
 
 Schulman et al. 2017 (PPO), Mnih et al. 2016 (A2C), Mnih et al. 2015 (DQN), Huang & Ontañón 2020 (invalid action
-masking, MaskablePPO). SB3 owns its training loop, so these agents train through `model.learn`; a callback records
-every epoch in the same metrics.jsonl format as the bandits, so runs compare line for line. Only MaskablePPO sees the
-action mask; the others learn from the env's penalty for a masked (infeasible) arm.
+masking, MaskablePPO). SB3 owns its training loop, so these agents train through `model.learn` on the env wrapped in
+the rollout wrapper (agents/rollout.py), which records every epoch with the same fields and yardsticks as the bandit
+loop, so runs compare line for line. Training stops after exactly `episodes` episodes (PPO/A2C would otherwise finish
+their last `n_steps` rollout past the end). Only MaskablePPO sees the action mask; the others learn from the env's
+penalty for a masked (infeasible) arm.
 
 Checkpoint and resume: after every episode the model (and DQN's replay buffer) is saved atomically beside
 metrics.jsonl and checkpoint.json records the epochs done; `resume=<run dir>` reloads them and learns the remaining
@@ -20,10 +22,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+import gymnasium
+
+from agents.rollout import Rollout
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.base_class import BaseAlgorithm
 
 ALGORITHMS = ("ppo", "a2c", "dqn", "maskable_ppo")
 # Hyper-parameters forwarded to the SB3 constructor, with their valid ranges (checked before any model loads).
@@ -49,7 +57,7 @@ def validate_sb3_config(name: str, hyper: dict[str, Any]) -> None:
                              f"{sorted([*RANGES, *INT_KEYS, 'policy', 'net_arch'])}")
 
 
-def algorithm_class(name: str):
+def algorithm_class(name: str) -> type[BaseAlgorithm]:
     """The SB3 (or sb3-contrib) class of an agent name in ALGORITHMS."""
     if name == "maskable_ppo":
         from sb3_contrib import MaskablePPO
@@ -60,7 +68,7 @@ def algorithm_class(name: str):
     return {"ppo": sb3.PPO, "a2c": sb3.A2C, "dqn": sb3.DQN}[name]
 
 
-def build_model(name: str, env, hyper: dict[str, Any], seed: int):
+def build_model(name: str, env: gymnasium.Env, hyper: dict[str, Any], seed: int) -> BaseAlgorithm:
     hyper = dict(hyper)
     policy = hyper.pop("policy", "MlpPolicy")
     net_arch = hyper.pop("net_arch", None)
@@ -68,47 +76,11 @@ def build_model(name: str, env, hyper: dict[str, Any], seed: int):
     return algorithm_class(name)(policy, env, seed=seed, verbose=0, **hyper, **kwargs)
 
 
-def with_oracle(env):
-    """Replay: add the epoch's oracle reward (best arm, no switch) and the static full-depth arm's reward to `info`
-    before each step, as the bandit loop records them; `env` is returned unchanged without `evaluate_arms`."""
-    import gymnasium
-
-    base = env.unwrapped
-    if not hasattr(base, "evaluate_arms") or getattr(base, "backend_kind", "replay") != "replay":
-        return env
-    static_arm = base.reference_arm_index if base.reference_arm_index is not None else 0
-
-    class OracleInfo(gymnasium.Wrapper):
-        def step(self, action):
-            rewards = base.evaluate_arms()
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            info = {**info, "oracle_reward": float(np.max(rewards)), "oracle_action": int(np.argmax(rewards)),
-                    "static_reward": float(rewards[static_arm])}
-            return obs, reward, terminated, truncated, info
-
-    return OracleInfo(env)
-
-
 CHECKPOINT_MODEL = "sb3_checkpoint.zip"
 CHECKPOINT_BUFFER = "sb3_replay_buffer.pkl"
 
 
-def episode_seeds(env, base_seed: int, first_episode: int):
-    """Reset episode k with base_seed * 1000 + k whatever seed SB3 passes (the bandit loop's schedule)."""
-    import gymnasium
-
-    class EpisodeSeeds(gymnasium.Wrapper):
-        episode = first_episode
-
-        def reset(self, *, seed: int | None = None, options: dict | None = None):
-            obs, info = self.env.reset(seed=base_seed * 1000 + self.episode, options=options)
-            self.episode += 1
-            return obs, info
-
-    return EpisodeSeeds(env)
-
-
-def save_checkpoint(model, run_dir: Path) -> None:
+def save_checkpoint(model: BaseAlgorithm, run_dir: Path) -> None:
     """Model (and replay buffer) to temporary names, then renamed: a kill leaves the previous checkpoint whole."""
     model.save(str(run_dir / "sb3_checkpoint.tmp.zip"))
     os.replace(run_dir / "sb3_checkpoint.tmp.zip", run_dir / CHECKPOINT_MODEL)
@@ -117,16 +89,20 @@ def save_checkpoint(model, run_dir: Path) -> None:
         os.replace(run_dir / "sb3_replay_buffer.tmp.pkl", run_dir / CHECKPOINT_BUFFER)
 
 
-def load_checkpoint(name: str, env, run_dir: Path):
+def load_checkpoint(name: str, env: gymnasium.Env, run_dir: Path) -> BaseAlgorithm:
     model = algorithm_class(name).load(str(run_dir / CHECKPOINT_MODEL), env=env)
     if (run_dir / CHECKPOINT_BUFFER).exists() and hasattr(model, "load_replay_buffer"):
         model.load_replay_buffer(str(run_dir / CHECKPOINT_BUFFER))
     return model
 
 
-def train_sb3(cfg, backend: str, run_dir: Path, make_env: Callable, checkpoint: dict | None = None) -> None:
-    """Train with model.learn, logging each epoch like the bandit loop; save the model and a JSON policy stub.
-    `checkpoint` (from resume=): continue from the last episode's saved model."""
+def train_sb3(cfg: Any, backend: str, run_dir: Path, make_env: Callable[[Any, str], gymnasium.Env],
+              checkpoint: dict[str, Any] | None = None,
+              on_record: Callable[[dict[str, Any]], None] | None = None) -> Rollout:
+    """Train with model.learn through the rollout wrapper (agents/rollout.py: episode seeds, records, yardsticks);
+    save the model and a JSON policy stub; checkpoint after every episode. `checkpoint` (from resume=): continue
+    from the last episode's saved model. `on_record(record)` gets every epoch's record (scripts/train.py writes
+    metrics.jsonl with it). Returns the rollout, whose `records` are this session's epochs."""
     from omegaconf import OmegaConf
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm.auto import tqdm
@@ -135,68 +111,39 @@ def train_sb3(cfg, backend: str, run_dir: Path, make_env: Callable, checkpoint: 
 
     hyper = OmegaConf.to_container(cfg.agent, resolve=True)
     name = hyper.pop("name")
-    env = with_oracle(make_env(cfg, backend)) if cfg.get("oracle", True) else make_env(cfg, backend)
-    base_env = env.unwrapped
-    episode_epochs = base_env.episode_epochs
     done = int(checkpoint["epochs_done"]) if checkpoint else 0
-    env = episode_seeds(env, int(cfg.seed), done // episode_epochs)
-    labels = [a["label"] for a in base_env.arm_table]
+    rollout = Rollout(make_env(cfg, backend), int(cfg.seed), yardsticks=bool(cfg.get("oracle", True)),
+                      first_epoch=done, on_record=on_record)
+    base_env = rollout.base
+    episode_epochs = rollout.episode_epochs
     total = int(cfg.episodes) * episode_epochs
-    model = load_checkpoint(name, env, run_dir) if done else build_model(name, env, hyper, int(cfg.seed))
-    metrics_path = run_dir / "metrics.jsonl"
+    model = load_checkpoint(name, rollout, run_dir) if done else build_model(name, rollout, hyper, int(cfg.seed))
     progress = tqdm(total=total, initial=done, desc=f"{name} on {backend}", unit="epoch")
 
-    class Record(BaseCallback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.handle = metrics_path.open("a")
-            self.epoch = done
+    class EpisodeCheckpoint(BaseCallback):
+        """Progress per step; after each whole episode but the last, the model and the epochs done; stops
+        training at `total` epochs (False ends model.learn, even inside a PPO/A2C rollout)."""
 
         def _on_step(self) -> bool:
-            info = self.locals["infos"][0]
-            action = int(np.asarray(self.locals["actions"]).reshape(-1)[0])
-            record = {"epoch": self.epoch, "episode": self.epoch // base_env.episode_epochs, "phase": info["phase"],
-                      "action": action, "arm": labels[action], "reward": float(self.locals["rewards"][0]),
-                      "batch_size": int(info["batch_size"]), "masked_action": bool(info["masked_action"]),
-                      "switch_s": float(info["switch_s"]), "metrics": info["metrics"],
-                      "reward_terms": info["reward_terms"], "penalties": info["penalties"]}
-            if "oracle_reward" in info:
-                record.update({key: info[key] for key in ("oracle_reward", "oracle_action", "static_reward")})
-                record["regret"] = record["oracle_reward"] - record["reward"]
-            self.handle.write(json.dumps(record) + "\n")
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-            self.epoch += 1
             progress.update(1)
-            if self.epoch % episode_epochs == 0 and self.epoch < total:
+            epochs = rollout.next_epoch
+            if epochs % episode_epochs == 0 and epochs < total:
                 save_checkpoint(self.model, run_dir)
                 with atomic_file(run_dir / "checkpoint.json", "w") as handle:
-                    json.dump({"epochs_done": self.epoch, "backend": backend, "agent": name}, handle)
-            return True
+                    json.dump({"epochs_done": epochs, "backend": backend, "agent": name}, handle)
+            return epochs < total
 
-        def _on_training_end(self) -> None:
-            self.handle.close()
-
-    if done < total:
-        model.learn(total_timesteps=total - done, callback=Record(), reset_num_timesteps=not done)
-    progress.close()
+    try:
+        if done < total:
+            model.learn(total_timesteps=total - done, callback=EpisodeCheckpoint(), reset_num_timesteps=not done)
+    finally:
+        progress.close()
     model.save(str(run_dir / f"{name}_model.zip"))
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     policy = {"schema": "helios.policy/v1", "agent": name, "kind": "stable-baselines3", "arm_table": base_env.arm_table,
               "observation_names": list(getattr(base_env, "observation_names", [])),
               "hyperparameters": hyper, "model_zip": f"{name}_model.zip",
               "note": "the SB3 .zip is converted to ONNX + JSON by scripts/export.py (no pickle at load time)"}
     with atomic_file(run_dir / "policy.json", "w") as handle:
         json.dump(policy, handle, indent=1)
-    summary = {"agent": name, "backend": backend, "slo": cfg.slo.name, "seed": int(cfg.seed), "epochs": len(records),
-               "mean_reward": float(np.mean([r["reward"] for r in records])),
-               "mean_reward_last_episode": float(np.mean([r["reward"] for r in records[-base_env.episode_epochs:]])),
-               **{f"mean_{k}": float(np.mean([r["metrics"][k] for r in records])) for k in records[0]["metrics"]}}
-    if "oracle_reward" in records[0]:  # the same fields as the bandit loop's summary (scripts/compare.py reads them)
-        summary.update({"oracle_mean_reward": float(np.mean([r["oracle_reward"] for r in records])),
-                        "regret": float(sum(r["regret"] for r in records)),
-                        "static_mean_reward": float(np.mean([r["static_reward"] for r in records]))})
-    with atomic_file(run_dir / "summary.json", "w") as handle:
-        json.dump(summary, handle, indent=1)
-    env.close()
-    print(json.dumps(summary, indent=1))
+    rollout.close()
+    return rollout

@@ -1,6 +1,6 @@
 """Exit-layer profiles per workload source: how early each source's tokens could leave each candidate model.
 
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 /work/main/.venv/bin/python benchmarks/exit_profiles.py --quick \
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python benchmarks/exit_profiles.py --quick \
         --json outputs/exit_profiles.json
 
 For each source x candidate: greedy-decode a few prompts of the source at full depth, then teacher-force prompt +

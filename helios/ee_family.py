@@ -1,6 +1,6 @@
 """A family of small Llama models trained from scratch for early exit with LayerSkip's recipe.
 
-    /work/main/.venv/bin/python scripts/train_ee.py name=helios-ee-8l        # or: ensure_checkpoint("helios-ee-8l")
+    python scripts/train_ee.py name=helios-ee-8l        # or: ensure_checkpoint("helios-ee-8l")
 
 Recipe (Elhoushi et al. 2024, "LayerSkip", arXiv 2404.16710, section 4.1):
   * Early-exit loss: every decoder layer's output goes through the SHARED final RMSNorm + tied LM head; the loss is

@@ -1,6 +1,6 @@
 """Energy meters: measure (or model) the joules an interval of serving costs, each reading labelled with its source.
 
-    /work/main/.venv/bin/python -m helios.energy            # which meter "auto" picks here, and a 1-s reading
+    python -m helios.energy            # which meter "auto" picks here, and a 1-s reading
 
     meter = make_meter("auto")           # or "nvml", "rapl", "model"; see also meter_from_config(conf/energy/*.yaml)
     meter.start(); ...serve an epoch...; reading = meter.stop()

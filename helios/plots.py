@@ -1,19 +1,27 @@
-"""Plots of a training run (PNG, written atomically): what users look at first.
+"""Plots of a training run (PNG, written atomically): what users look at first. scripts/train.py draws them into
+its run directory (reward_regret.png, arms.png, pareto.png).
 
-    from helios.plots import plot_run; plot_run(records, arm_labels, phases, out_dir)
+    python scripts/train.py agent=ucb env=replay          # then open outputs/train/<run>/reward_regret.png
+    from helios.plots import plot_reward_and_regret; plot_reward_and_regret(records, phase_starts, path, title)
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from helios.paths import atomic_file
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-def _pyplot():
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,31 +30,48 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     with atomic_file(path) as handle:
         fig.savefig(handle, format="png", dpi=110)
     _pyplot().close(fig)
     return path
 
 
-def _shade_phases(ax, phases: Sequence[int]) -> None:
+def _shade_phases(ax: Axes, phases: Sequence[int]) -> None:
     """Vertical lines at the first epoch of every workload phase after the first."""
     for boundary in phases[1:]:
         ax.axvline(boundary - 0.5, color="tab:red", lw=0.8, ls="--")
 
 
-def plot_reward_and_regret(records: list[dict], phases: Sequence[int], path: Path, title: str) -> Path:
+def plot_reward_and_regret(records: list[dict], phases: Sequence[int], path: Path, title: str,
+                           why_no_regret: str | None = None) -> Path:
+    """Reward per epoch (with the oracle and static yardsticks when the records carry them) above the cumulative
+    regret vs the oracle. Without yardsticks (live backend, oracle=false) the lower panel shows the cumulative
+    reward instead and says on the plot why regret is absent (`why_no_regret`), rather than staying empty."""
+    return _save(reward_and_regret_figure(records, phases, title, why_no_regret), path)
+
+
+def reward_and_regret_figure(records: list[dict], phases: Sequence[int], title: str,
+                             why_no_regret: str | None = None) -> Figure:
+    """The figure plot_reward_and_regret saves (axes[0]: rewards, axes[1]: cumulative regret or reward)."""
     plt = _pyplot()
     epochs = np.array([r["epoch"] for r in records])
     reward = np.array([r["reward"] for r in records])
     fig, axes = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
     axes[0].plot(epochs, reward, lw=1, label="agent")
-    if "oracle_reward" in records[0]:
+    if records and all("oracle_reward" in r for r in records):
         oracle = np.array([r["oracle_reward"] for r in records])
         axes[0].plot(epochs, oracle, lw=1, color="k", alpha=0.6, label="oracle (best arm per epoch)")
         axes[1].plot(epochs, np.cumsum(oracle - reward), color="tab:purple")
         axes[1].set_ylabel("cumulative regret vs oracle")
-    if "static_reward" in records[0]:
+    else:
+        axes[1].plot(epochs, np.cumsum(reward), color="tab:blue")
+        axes[1].set_ylabel("cumulative SLO reward")
+        # Said above the panel, not inside it, so the note never hides the curve.
+        why = why_no_regret or "the records carry no oracle reward"
+        axes[1].set_title(textwrap.fill(f"No regret vs the oracle: {why}. Shown: cumulative reward.", 110),
+                          fontsize=8, loc="left", color="0.25")
+    if records and all("static_reward" in r for r in records):
         axes[0].plot(epochs, [r["static_reward"] for r in records], lw=1, ls=":", color="tab:gray",
                      label="static full depth")
     axes[0].set_ylabel("SLO reward")
@@ -56,7 +81,7 @@ def plot_reward_and_regret(records: list[dict], phases: Sequence[int], path: Pat
         _shade_phases(ax, phases)
     axes[1].set_xlabel("epoch (workload phases: dashed)")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_arms(records: list[dict], arm_labels: Sequence[str], phases: Sequence[int], path: Path, title: str) -> Path:
@@ -64,7 +89,7 @@ def plot_arms(records: list[dict], arm_labels: Sequence[str], phases: Sequence[i
     fig, ax = plt.subplots(figsize=(8, 0.8 + 0.28 * len(arm_labels)))
     epochs = [r["epoch"] for r in records]
     ax.scatter(epochs, [r["action"] for r in records], s=12, label="chosen arm")
-    if "oracle_action" in records[0]:
+    if records and all("oracle_action" in r for r in records):
         ax.scatter(epochs, [r["oracle_action"] for r in records], s=30, facecolors="none", edgecolors="k",
                    lw=0.6, label="oracle arm")
     ax.set_yticks(range(len(arm_labels)), arm_labels, fontsize=7)

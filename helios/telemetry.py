@@ -6,7 +6,7 @@
         writer.write(record)
     records = read_records("outputs/run/telemetry.jsonl")
 
-    /work/main/.venv/bin/python -m helios.telemetry outputs/run/telemetry.jsonl     # prints a summary per record
+    python -m helios.telemetry outputs/run/telemetry.jsonl     # prints a summary per record
 
 Definitions (one epoch may be served as several sequential `generate` calls, one GenerationResult each):
   tokens_per_s         generated tokens / sum of (prefill_s + decode_s) over the results: busy-time throughput.

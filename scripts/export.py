@@ -16,16 +16,13 @@ import argparse
 import json
 import os
 import warnings
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from helios.paths import atomic_file  # noqa: E402
-from helios.policy import ONNX_INPUT, ONNX_OUTPUT, SCHEMA, load_policy, observation_names_for  # noqa: E402
+from helios.paths import atomic_file
+from helios.policy import ONNX_INPUT, ONNX_OUTPUT, SCHEMA, load_policy, observation_names_for
 
 SB3_AGENTS = ("ppo", "a2c", "dqn", "maskable_ppo")
 

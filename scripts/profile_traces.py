@@ -9,17 +9,14 @@ which torch imports through cProfile, and breaks every script in the folder.)
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from helios.profiling import ensure_trace  # noqa: E402
-from helios.traces import read_trace  # noqa: E402
+from helios.profiling import ensure_trace
+from helios.traces import read_trace
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="profile_traces")

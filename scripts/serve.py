@@ -14,14 +14,10 @@ queue and stops. Config: conf/serve.yaml.
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*' is validated against ConfigStore schema")
 

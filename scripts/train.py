@@ -5,9 +5,12 @@
     python scripts/train.py -m agent=ucb,sw_ucb,thompson,helios,ppo seed=0,1,2   # Hydra multirun
     python scripts/train.py resume=outputs/train/<run dir>          # continue a killed run from its checkpoint
 
+Every agent is played by agents/rollout.py (bandits through its `play` loop, SB3 through model.learn on its
+wrapper), which records each epoch and, on replay, the yardsticks (oracle, static full depth) and regret.
 Writes into the Hydra run directory: metrics.jsonl (one line per epoch), summary.json, the resolved config
 (.hydra/config.yaml), policy.json (the agent's exported state), checkpoint.json, and PNG plots (reward and regret
-against the oracle, arms over time with the drift phases marked, the throughput-accuracy front of the arms).
+against the oracle, or on live the cumulative reward with the reason there is no regret; arms over time with the
+drift phases marked; the throughput-accuracy front of the arms).
 Logs to W&B offline by default (logger=wandb|tensorboard|none).
 """
 
@@ -15,21 +18,22 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from agents import AGENTS, make_agent
+from agents.rollout import Rollout, play, summarise
+from helios.paths import atomic_file
 
-from agents import AGENTS, make_agent  # noqa: E402
-from helios.paths import atomic_file  # noqa: E402
+if TYPE_CHECKING:
+    import gymnasium
 
 ENV_IDS = {"live": "helios/ModelDepth-v0", "replay": "helios/ModelDepthReplay-v0"}
 # conf/hydra/launcher/{joblib,submitit_slurm}.yaml share their names with the plugins' schemas, which validate them
@@ -62,7 +66,7 @@ def validate_agent(cfg: DictConfig) -> None:
     make_agent(name, 1_000_000, seed=0, **hyper)
 
 
-def make_env(cfg: DictConfig, backend: str):
+def make_env(cfg: DictConfig, backend: str) -> gymnasium.Env:
     import gymnasium
 
     import envs  # noqa: F401  (registers the helios ids)
@@ -74,7 +78,7 @@ def make_env(cfg: DictConfig, backend: str):
     return gymnasium.make(ENV_IDS[backend], **kwargs)
 
 
-def arm_point_summary(records: list[dict], arm_labels: list[str]) -> list[dict]:
+def arm_point_summary(records: list[dict[str, Any]], arm_labels: list[str]) -> list[dict[str, Any]]:
     points = {}
     for r in records:
         if r["masked_action"]:
@@ -113,6 +117,13 @@ class Logger:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
+    def abort(self) -> None:
+        """Close a run that failed (e.g. no static arm), so W&B marks it failed instead of leaving it open."""
+        if self.run is not None:
+            self.run.finish(exit_code=1)
+        if self.writer is not None:
+            self.writer.close()
+
     def finish(self, plots: list[Path], policy: Path, summary: dict[str, Any]) -> None:
         if self.run is not None:
             import wandb
@@ -127,7 +138,7 @@ class Logger:
             self.writer.close()
 
 
-def scalars(record: dict) -> dict[str, float]:
+def scalars(record: dict[str, Any]) -> dict[str, float]:
     flat = {"reward": record["reward"], "action": record["action"], "batch_size": record["batch_size"],
             "switch_s": record["switch_s"]}
     flat.update({f"metrics/{k}": v for k, v in record["metrics"].items()})
@@ -138,19 +149,37 @@ def scalars(record: dict) -> dict[str, float]:
     return flat
 
 
-def write_checkpoint(run_dir: Path, state: dict) -> None:
+class EpochLog:
+    """Where every epoch's record goes, for the bandit loop and SB3 alike: a line of metrics.jsonl (flushed and
+    fsynced, so a kill loses at most the epoch in flight) and the logger's scalars."""
+
+    def __init__(self, run_dir: Path, logger: Logger) -> None:
+        self.handle = (run_dir / "metrics.jsonl").open("a")
+        self.logger = logger
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.logger.log(record["epoch"], scalars(record))
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     with atomic_file(run_dir / "checkpoint.json", "w") as handle:
         json.dump(state, handle)
 
 
-def load_resume(resume: str) -> tuple[Path, DictConfig, dict, list[dict]]:
+def load_resume(resume: str) -> tuple[Path, DictConfig, dict[str, Any], list[dict[str, Any]]]:
     run_dir = Path(resume).expanduser().resolve()
     checkpoint_path = run_dir / "checkpoint.json"
     if not checkpoint_path.exists():
         raise FileNotFoundError(f"resume={resume}: no checkpoint.json in {run_dir}")
     checkpoint = json.loads(checkpoint_path.read_text())
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    records: list[dict] = []
+    records: list[dict[str, Any]] = []
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.exists():
         for line in metrics_path.read_text().splitlines():
@@ -165,12 +194,74 @@ def load_resume(resume: str) -> tuple[Path, DictConfig, dict, list[dict]]:
     return run_dir, cfg, checkpoint, records
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def train_bandit(cfg: DictConfig, backend: str, run_dir: Path, checkpoint: dict[str, Any] | None,
+                 on_record: EpochLog) -> Rollout:
+    """The bandit/HELIOS agents: agents.rollout.play, checkpointed after every epoch; writes policy.json."""
     from tqdm.auto import tqdm
 
-    checkpoint: dict | None = None
-    records: list[dict] = []
+    env = make_env(cfg, backend)
+    base_env = env.unwrapped
+    hyper = agent_hyperparameters(cfg)
+    if cfg.agent.name == "helios":
+        hyper["arm_table"] = base_env.arm_table
+    agent = make_agent(cfg.agent.name, int(env.action_space.n), seed=int(cfg.seed), **hyper)
+    start = int(checkpoint["epochs_done"]) if checkpoint is not None else 0
+    rollout = Rollout(env, int(cfg.seed), yardsticks=bool(cfg.oracle), first_epoch=start, on_record=on_record)
+    obs = None
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        if start % rollout.episode_epochs:  # killed mid-episode: the episode's reset, then its saved position
+            rollout.reset()
+            base_env.load_state_dict(checkpoint["env"])  # position in the workload and the loaded arm
+            obs = np.array(checkpoint["obs"], dtype=np.float32)
+    total = int(cfg.episodes) * rollout.episode_epochs
+    progress = tqdm(total=total, initial=start, desc=f"{cfg.agent.name} on {backend}", unit="epoch")
+
+    def after_epoch(record: dict[str, Any], obs: np.ndarray) -> None:
+        write_checkpoint(run_dir, {"epochs_done": record["epoch"] + 1, "backend": backend,
+                                   "agent": agent.state_dict(), "env": base_env.state_dict(), "obs": obs.tolist()})
+        progress.update(1)
+        progress.set_postfix(reward=f"{record['reward']:.3f}", arm=record["arm"][:28])
+
+    try:
+        play(rollout, agent, total, obs=obs, after_epoch=after_epoch)
+    finally:
+        progress.close()
+    policy = {"schema": "helios.policy/v1", "arm_table": base_env.arm_table, "slo": OmegaConf.to_container(cfg.slo),
+              "config": OmegaConf.to_container(cfg, resolve=True), **agent.export()}
+    with atomic_file(run_dir / "policy.json", "w") as handle:
+        json.dump(policy, handle, indent=1)
+    env.close()
+    return rollout
+
+
+def write_outputs(cfg: DictConfig, backend: str, run_dir: Path, records: list[dict[str, Any]], rollout: Rollout,
+                  logger: Logger, started: float) -> None:
+    """Plots, summary.json and the logger's run summary, from every epoch's record (those before a resume too)."""
+    from helios.plots import plot_arms, plot_pareto, plot_reward_and_regret
+
+    phase_starts = [r["epoch"] for i, r in enumerate(records)
+                    if i == 0 or r["phase"] != records[i - 1]["phase"] or r["episode"] != records[i - 1]["episode"]]
+    title = f"{cfg.agent.name} on {backend}, slo={cfg.slo.name}, seed {cfg.seed}"
+    labels = rollout.labels
+    plots = [
+        plot_reward_and_regret(records, phase_starts, run_dir / "reward_regret.png", title,
+                               why_no_regret=rollout.why_no_yardsticks),
+        plot_arms(records, labels, phase_starts, run_dir / "arms.png", title),
+        plot_pareto(arm_point_summary(records, labels), run_dir / "pareto.png", f"arms played ({backend})"),
+    ]
+    summary = {"agent": cfg.agent.name, "backend": backend, "slo": cfg.slo.name, "seed": int(cfg.seed),
+               **summarise(records, rollout.episode_epochs), "wall_s_this_session": time.perf_counter() - started}
+    with atomic_file(run_dir / "summary.json", "w") as handle:
+        json.dump(summary, handle, indent=1)
+    logger.finish(plots, run_dir / "policy.json", summary)
+    print(json.dumps(summary, indent=1))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    checkpoint: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = []
     if cfg.resume:
         run_dir, cfg, checkpoint, records = load_resume(cfg.resume)
         backend = checkpoint["backend"]
@@ -180,100 +271,22 @@ def main(cfg: DictConfig) -> None:
     if backend not in ENV_IDS:
         raise ValueError(f"env={backend!r}: valid backends are {sorted(ENV_IDS)}")
     validate_agent(cfg)  # before any model loads
-    if cfg.agent.name in SB3_AGENTS:
-        from agents.sb3 import train_sb3
-
-        train_sb3(cfg, backend, run_dir, make_env, checkpoint)
-        return
-
-    env = make_env(cfg, backend)
-    base_env = env.unwrapped
-    arm_labels = [a["label"] for a in base_env.arm_table]
-    n_arms = int(env.action_space.n)
-    hyper = agent_hyperparameters(cfg)
-    if cfg.agent.name == "helios":
-        hyper["arm_table"] = base_env.arm_table
-    agent = make_agent(cfg.agent.name, n_arms, seed=int(cfg.seed), **hyper)
-    epochs_per_episode = base_env.episode_epochs
-    total = int(cfg.episodes) * epochs_per_episode
-    static_arm = base_env.reference_arm_index if hasattr(base_env, "reference_arm_index") else 0
-    oracle = bool(cfg.oracle) and backend == "replay" and hasattr(base_env, "evaluate_arms")
-
-    start = 0
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        start = checkpoint["epochs_done"]
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
-    logger = Logger(cfg, run_dir)
-    progress = tqdm(total=total, initial=start, desc=f"{cfg.agent.name} on {backend}", unit="epoch")
-    obs, info = None, None
     started = time.perf_counter()
-    for global_epoch in range(start, total):
-        episode, epoch = divmod(global_epoch, epochs_per_episode)
-        if epoch == 0 or obs is None:
-            obs, info = env.reset(seed=int(cfg.seed) * 1000 + episode)
-            if checkpoint is not None and epoch > 0:
-                base_env.load_state_dict(checkpoint["env"])  # position in the workload and the loaded arm
-                obs = np.array(checkpoint["obs"], dtype=np.float32)
-            checkpoint = None
-        mask = base_env.action_masks()
-        oracle_rewards = base_env.evaluate_arms() if oracle else None
-        action = agent.select(obs, mask)
-        obs, reward, terminated, truncated, info = env.step(action)
-        agent.update(action, reward, obs, info)
-        record = {
-            "epoch": global_epoch, "episode": episode, "phase": info["phase"], "action": int(action),
-            "arm": arm_labels[action], "reward": float(reward), "batch_size": int(info["batch_size"]),
-            "masked_action": bool(info["masked_action"]), "switch_s": float(info["switch_s"]),
-            "metrics": info["metrics"], "reward_terms": info["reward_terms"], "penalties": info["penalties"],
-        }
-        if oracle_rewards is not None:
-            record["oracle_reward"] = float(np.max(oracle_rewards))
-            record["oracle_action"] = int(np.argmax(oracle_rewards))
-            record["static_reward"] = float(oracle_rewards[static_arm])
-            record["regret"] = record["oracle_reward"] - record["reward"]
-        records.append(record)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        os.fsync(metrics_file.fileno())
-        write_checkpoint(run_dir, {"epochs_done": global_epoch + 1, "backend": backend, "agent": agent.state_dict(),
-                                   "env": base_env.state_dict(), "obs": obs.tolist()})
-        logger.log(global_epoch, scalars(record))
-        progress.update(1)
-        progress.set_postfix(reward=f"{reward:.3f}", arm=arm_labels[action][:28])
-    progress.close()
-    metrics_file.close()
-    env.close()
+    logger = Logger(cfg, run_dir)
+    epoch_log = EpochLog(run_dir, logger)
+    try:
+        if cfg.agent.name in SB3_AGENTS:
+            from agents.sb3 import train_sb3
 
-    from helios.plots import plot_arms, plot_pareto, plot_reward_and_regret
-
-    phase_starts = [r["epoch"] for i, r in enumerate(records)
-                    if i == 0 or r["phase"] != records[i - 1]["phase"] or r["episode"] != records[i - 1]["episode"]]
-    title = f"{cfg.agent.name} on {backend}, slo={cfg.slo.name}, seed {cfg.seed}"
-    plots = [
-        plot_reward_and_regret(records, phase_starts, run_dir / "reward_regret.png", title),
-        plot_arms(records, arm_labels, phase_starts, run_dir / "arms.png", title),
-        plot_pareto(arm_point_summary(records, arm_labels), run_dir / "pareto.png", f"arms played ({backend})"),
-    ]
-    policy = {"schema": "helios.policy/v1", "arm_table": base_env.arm_table, "slo": OmegaConf.to_container(cfg.slo),
-              "config": OmegaConf.to_container(cfg, resolve=True), **agent.export()}
-    with atomic_file(run_dir / "policy.json", "w") as handle:
-        json.dump(policy, handle, indent=1)
-    rewards = np.array([r["reward"] for r in records])
-    summary = {
-        "agent": cfg.agent.name, "backend": backend, "slo": cfg.slo.name, "seed": int(cfg.seed), "epochs": len(records),
-        "mean_reward": float(rewards.mean()), "wall_s_this_session": time.perf_counter() - started,
-        **{f"mean_{k}": float(np.mean([r["metrics"][k] for r in records])) for k in records[0]["metrics"]},
-    }
-    if "oracle_reward" in records[0]:
-        oracle_total = sum(r["oracle_reward"] for r in records)
-        summary.update({"oracle_mean_reward": oracle_total / len(records),
-                        "regret": float(sum(r["regret"] for r in records)),
-                        "static_mean_reward": float(np.mean([r["static_reward"] for r in records]))})
-    with atomic_file(run_dir / "summary.json", "w") as handle:
-        json.dump(summary, handle, indent=1)
-    logger.finish(plots, run_dir / "policy.json", summary)
-    print(json.dumps(summary, indent=1))
+            rollout = train_sb3(cfg, backend, run_dir, make_env, checkpoint, on_record=epoch_log)
+        else:
+            rollout = train_bandit(cfg, backend, run_dir, checkpoint, epoch_log)
+    except BaseException:
+        logger.abort()
+        raise
+    finally:
+        epoch_log.close()
+    write_outputs(cfg, backend, run_dir, records + rollout.records, rollout, logger, started)
 
 
 if __name__ == "__main__":

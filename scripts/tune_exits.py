@@ -22,20 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-# `python scripts/x.py` puts scripts/ first on sys.path, where a sibling script named like a stdlib module (e.g.
-# scripts/profile.py, imported by cProfile via torch.distributed) would shadow it: drop that entry. Hydra finds
-# conf/ relative to this file, not through sys.path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from helios import corpus  # noqa: E402
-from helios.exits import (  # noqa: E402
+from helios import corpus
+from helios.exits import (
     TuneConfig, exit_matches, load_exit_heads, mac_counts, oracle_bound, train_exit_heads,
 )
-from helios.models import load_candidate  # noqa: E402
+from helios.models import load_candidate
 
 CHARS_PER_TOKEN_BOUND = 8  # draw this many characters per wanted token; the tokenizer output is then cut exactly
 

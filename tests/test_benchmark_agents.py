@@ -1,40 +1,42 @@
-"""benchmarks/agents.py --quick on the tiny replay env: every agent and baseline runs in-process, and the numbers obey
-their definitions (static = 0 of the oracle gap, regret >= 0, the oracle bound above every agent).
+"""benchmarks/agent_bench.py --quick on the tiny replay env, run as a user runs it (a subprocess, from another
+directory): every agent and baseline runs, and the numbers obey their definitions (static = 0 of the oracle gap,
+regret >= 0, the oracle bound above every agent).
 
-    /work/main/.venv/bin/python -m pytest tests/test_benchmark_agents.py -q
+    python -m pytest tests/test_benchmark_agents.py -q
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-# benchmarks/agents.py shares its module name with the `agents` package: load it under another name.
-_SPEC = importlib.util.spec_from_file_location("bench_agents", Path(__file__).resolve().parents[1] / "benchmarks" / "agents.py")
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules["bench_agents"] = bench
-_SPEC.loader.exec_module(bench)
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "agent_bench.py"
+BANDITS = {"ucb", "thompson", "epsilon_greedy", "exp3", "sw_ucb", "d_ucb", "cusum_ucb", "lin_ucb", "helios"}
+SB3 = {"ppo", "a2c", "dqn", "maskable_ppo"}
+BASELINES = {"static", "best_in_hindsight", "phase_oracle", "oracle"}
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # SB3's notes on the tiny env (e.g. its observation bounds)
 def test_quick_benchmark_on_tiny(tiny_train_env, tmp_path):
     out = tmp_path / "agents.json"
     env = json.dumps(tiny_train_env["env_kwargs"])
-    result = bench.main(["--quick", "--slos", "throughput,balanced", "--env", env, "--json", str(out),
-                         "--md", str(tmp_path / "agents.md")])
-    saved = json.loads(out.read_text())
-    expected = {*bench.BANDITS, *bench.SB3, *bench.BASELINES}
+    run = subprocess.run([sys.executable, str(BENCH), "--quick", "--slos", "throughput,balanced", "--env", env,
+                          "--json", str(out), "--md", str(tmp_path / "agents.md")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = result = json.loads(out.read_text())
+    assert saved["command"].startswith("python benchmarks/agent_bench.py --quick")
+    expected = {*BANDITS, *SB3, *BASELINES}
     assert set(saved["agents"]) == expected
     for name, entry in saved["agents"].items():
         assert {"reward_fraction_of_oracle", "regret"} <= set(entry)
     assert set(saved["gain_vs_static"]) == {"throughput", "balanced"}
-    assert saved["best_agent"] in {*bench.BANDITS, *bench.SB3}
+    assert saved["best_agent"] in {*BANDITS, *SB3}
     assert saved["best_fraction_of_oracle"] == pytest.approx(
-        max(saved["agents"][n]["reward_fraction_of_oracle"] for n in {*bench.BANDITS, *bench.SB3}))
+        max(saved["agents"][n]["reward_fraction_of_oracle"] for n in {*BANDITS, *SB3}))
     for slo, s in result["slos"].items():
         agents = s["agents"]
         assert agents["static"]["reward_fraction_of_oracle"] == pytest.approx(0.0)

@@ -1,6 +1,8 @@
 """scripts/compare.py on synthetic run directories: grouping by overrides minus seed, the t-interval, the outputs.
 
-    /work/main/.venv/bin/python -m pytest tests/test_compare.py -q
+    python -m pytest tests/test_compare.py -q
+
+The script runs as a user runs it: `python scripts/compare.py ...`, a subprocess.
 """
 
 from __future__ import annotations
@@ -8,15 +10,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+COMPARE = Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
 
-import compare  # noqa: E402
+
+def compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(COMPARE), *args], capture_output=True, text=True, timeout=120)
 
 
 def make_run(root: Path, name: str, overrides: list[str], **summary: float) -> Path:
@@ -40,7 +45,8 @@ def test_groups_by_overrides_minus_seed_with_a_t_interval(tmp_path):
     (unfinished / ".hydra").mkdir(parents=True)
     (unfinished / ".hydra" / "config.yaml").write_text("{}\n")
 
-    assert compare.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    result = compare(str(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
     rows = {r["group"]: r for r in csv.DictReader((tmp_path / "out" / "compare.csv").open())}
     assert set(rows) == {"agent=ucb", "agent=thompson"}  # env=replay is shared, so it is left out of the labels
     ucb = rows["agent=ucb"]
@@ -60,4 +66,6 @@ def test_groups_by_overrides_minus_seed_with_a_t_interval(tmp_path):
 
 
 def test_no_runs_is_an_error(tmp_path):
-    assert compare.main([str(tmp_path)]) == 1
+    result = compare(str(tmp_path))
+    assert result.returncode == 1
+    assert "no summary.json under" in result.stderr

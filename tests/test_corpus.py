@@ -1,6 +1,6 @@
 """Offline corpora read in place from installed packages.
 
-    /work/main/.venv/bin/python -m pytest -q tests/test_corpus.py
+    python -m pytest -q tests/test_corpus.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The LayerSkip-trained early-exit family: schedules against hand-computed values, and a real tiny build.
 
-    /work/main/.venv/bin/python -m pytest -q tests/test_ee_family.py
+    python -m pytest -q tests/test_ee_family.py
 """
 
 from __future__ import annotations

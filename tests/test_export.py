@@ -1,6 +1,6 @@
 """scripts/export.py and helios.policy: JSON round trip of bandits, ONNX vs the torch policy of SB3 agents.
 
-    /work/main/.venv/bin/python -m pytest tests/test_export.py -q
+    python -m pytest tests/test_export.py -q
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Atomic writes (helios/paths.py): nothing partial at the final path, and what a SIGKILLed writer left behind is
 removed by the next writer of the same path.
 
-    /work/main/.venv/bin/python -m pytest tests/test_paths.py -q
+    python -m pytest tests/test_paths.py -q
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Exit-confidence probes (helios/probes.py) and the engine's `probe` criterion.
 
-    /work/main/.venv/bin/python -m pytest tests/test_probes.py -q
+    python -m pytest tests/test_probes.py -q
 
 Decisions are checked against an independent reference: Hugging Face's own teacher-forced forward pass
 (`output_hidden_states`), whose states at and below a single exit point are exactly those the engine decides on.

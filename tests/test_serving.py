@@ -1,6 +1,6 @@
 """The OpenAI-compatible server, checked with the official `openai` client against a real uvicorn on loopback.
 
-    /work/main/.venv/bin/python -m pytest tests/test_serving.py -q
+    python -m pytest tests/test_serving.py -q
 
 Servers run in a thread (uvicorn.Server) on a free 127.0.0.1 port with the tiny test model, except the SIGTERM test
 (a subprocess of scripts/serve.py, so that the signal reaches a real process) and one slow SmolLM2 test.

@@ -1,7 +1,7 @@
 """Self-speculative decoding (helios/speculative.py) against Hugging Face `generate`, and its acceptance logic on a
 model built so that every draft must be accepted.
 
-    /work/main/.venv/bin/python -m pytest tests/test_speculative.py -q
+    python -m pytest tests/test_speculative.py -q
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """scripts/train.py end to end on the tiny replay env: SIGKILL + resume, bad input, Hydra multirun + compare, the W&B
 sweep config's command, the launcher configs.
 
-    /work/main/.venv/bin/python -m pytest tests/test_train.py -q
+    python -m pytest tests/test_train.py -q
 
 Every run is a real subprocess of scripts/train.py (replay, tiny candidates, traces recorded once into a temporary
 directory by the `tiny_train_env` fixture in conftest.py, logger=none).
@@ -154,6 +154,30 @@ def test_bad_agent_config_fails_before_any_model_loads(tmp_path):
     assert elapsed < 45, f"took {elapsed:.1f} s"  # interpreters + Hydra only (recording the traces takes longer)
 
 
+def test_reference_depth_missing_from_the_arm_table_is_a_clear_error_before_any_epoch(tiny_train_env, tmp_path):
+    """The reference candidate (tiny-llama, 6 layers) listed without its full depth: no static yardstick exists.
+    The run used to crash in its first epoch on `oracle_rewards[None]`; it must stop before any epoch, say why, and
+    name the arms that do exist."""
+    run_dir = tmp_path / "run"
+    candidates = "env.candidates=[{name:tiny-llama,depths:[2,4]},{name:tiny-gemma3,depths:[3,6]}]"
+    result = subprocess.run(train_cmd(tiny_train_env, run_dir, candidates, "agent=ucb", "episodes=1"), cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "no static arm: the reference candidate 'tiny-llama' at full depth (depth 6)" in result.stderr, \
+        result.stderr[-3000:]
+    for label in ("tiny-llama@2/6 exit=none", "tiny-llama@4/6 exit=none", "tiny-gemma3@6/6 exit=none"):
+        assert label in result.stderr
+    assert line_count(run_dir / "metrics.jsonl") == 0 and not (run_dir / "checkpoint.json").exists()
+
+    # without yardsticks the same arm table trains, and nothing claims a regret or a static reward
+    result = subprocess.run(train_cmd(tiny_train_env, run_dir, candidates, "agent=ucb", "episodes=1", "oracle=false"),
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == EPISODE_EPOCHS
+    assert not {"regret", "static_mean_reward", "oracle_mean_reward"} & set(summary)
+
+
 # ------------------------------------------------------------------------------------------ multirun + compare
 
 
@@ -170,6 +194,9 @@ def test_multirun_then_compare(tiny_train_env, tmp_path):
     assert [p.parent.name for p in summaries] == ["0_helios_s1", "1_ppo_s1"]
     for path in summaries:  # SB3 runs carry the same comparison fields as the bandit loop
         summary = json.loads(path.read_text())
+        # exactly one episode: PPO (n_steps 30) used to finish its second 30-step rollout, 60 epochs for 40
+        assert summary["epochs"] == EPISODE_EPOCHS == len(records(path.parent)), path
+        assert (path.parent / "reward_regret.png").exists(), path  # the SB3 run is plotted like the bandit one
         for key in ("mean_reward", "regret", "oracle_mean_reward", "static_mean_reward", "mean_throughput_tok_s",
                     "mean_latency_p95_s", "mean_energy_j_per_tok", "mean_accuracy"):
             assert math.isfinite(summary[key]), (path, key)

@@ -1,7 +1,7 @@
 """Agent benchmark: SLO reward, regret and serving gains of every agent against the oracle and static full depth.
 
-    nice -n 10 python benchmarks/agents.py --json benchmarks/agents.json --md benchmarks/agents.md   # ~10 min
-    python benchmarks/agents.py --quick --slos throughput --env '{"candidates": "tiny", "trace_dir": "/tmp/t"}'
+    nice -n 10 python benchmarks/agent_bench.py --json benchmarks/agents.json --md benchmarks/agents.md   # ~10 min
+    python benchmarks/agent_bench.py --quick --slos throughput --env '{"candidates": "tiny", "trace_dir": "/tmp/t"}'
 
 Replay env (default: SmolLM2-135M + Gemma-3-270M, cached traces), the drifting 3-phase workload drift3 (code ->
 prose -> qa, 10 epochs each), one env per SLO built with gymnasium.make and reused by every run. Each agent runs
@@ -55,12 +55,12 @@ import numpy as np
 from omegaconf import OmegaConf
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import envs  # noqa: F401  (registers the helios ids)
+from agents import make_agent
+from agents.rollout import Rollout, play, reference_candidate, static_arm_index
+from helios.paths import atomic_file
 
-import envs  # noqa: E402,F401  (registers the helios ids)
-from agents import make_agent  # noqa: E402
-from helios.paths import atomic_file  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SLOS: tuple[str, ...] = ("throughput", "latency", "energy", "accuracy", "balanced")
 BANDITS: tuple[str, ...] = ("ucb", "thompson", "epsilon_greedy", "exp3", "sw_ucb", "d_ucb", "cusum_ucb", "lin_ucb",
@@ -78,50 +78,41 @@ ACCURACY_FLOOR = 0.9
 
 @dataclass
 class RunLog:
-    """Every epoch of one agent's run on one seed: reward, the epoch's oracle bound, served metrics."""
+    """Every epoch of one agent's run on one seed, from the rollout's records: reward, the epoch's oracle bound,
+    served metrics."""
 
     rewards: list[float] = field(default_factory=list)
     bounds: list[float] = field(default_factory=list)
     arm_rewards: list[np.ndarray] = field(default_factory=list)  # kept for the oracle run only
+    phases: list[str] = field(default_factory=list)
     metrics: list[list[float]] = field(default_factory=list)  # METRIC_KEYS, per epoch
     batch_sizes: list[int] = field(default_factory=list)
     masked: list[bool] = field(default_factory=list)
     actions: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
+    @classmethod
+    def of(cls, rollout: Rollout) -> RunLog:
+        records = rollout.records
+        return cls(rewards=[r["reward"] for r in records], bounds=[r["oracle_reward"] for r in records],
+                   arm_rewards=list(rollout.arm_rewards_log), phases=[str(r["phase"]) for r in records],
+                   metrics=[[float(r["metrics"][k]) for k in METRIC_KEYS] for r in records],
+                   batch_sizes=[r["batch_size"] for r in records], masked=[r["masked_action"] for r in records],
+                   actions=[r["action"] for r in records])
 
-class Recorder(gymnasium.Wrapper):
-    """Logs each step (with the epoch's oracle bound, taken before the step) and resets episodes on a fixed seed
-    schedule (seed * 1000 + episode, as scripts/train.py), whatever seed the caller (e.g. SB3) passes."""
 
-    def __init__(self, env: gymnasium.Env, seed: int, keep_arm_rewards: bool = False) -> None:
-        super().__init__(env)
-        self.base = env.unwrapped
-        self.seed_base = seed
-        self.episode = 0
-        self.keep_arm_rewards = keep_arm_rewards
-        self.log = RunLog()
-        self.last_arm_rewards: np.ndarray | None = None
+class Clairvoyant:
+    """A baseline that knows what a learner cannot: `choose(rollout)` picks the arm; it learns nothing."""
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        obs, info = self.env.reset(seed=self.seed_base * 1000 + self.episode, options=options)
-        self.episode += 1
-        return obs, info
+    def __init__(self, rollout: Rollout, choose: Callable[[Rollout], int]) -> None:
+        self.rollout = rollout
+        self.choose = choose
 
-    def step(self, action):
-        arm_rewards = self.base.evaluate_arms()
-        self.last_arm_rewards = arm_rewards
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        log = self.log
-        log.rewards.append(float(reward))
-        log.bounds.append(float(np.max(arm_rewards)))
-        if self.keep_arm_rewards:
-            log.arm_rewards.append(arm_rewards)
-        log.metrics.append([float(info["metrics"][k]) for k in METRIC_KEYS])
-        log.batch_sizes.append(int(info["batch_size"]))
-        log.masked.append(bool(info["masked_action"]))
-        log.actions.append(int(info["arm"]))
-        return obs, reward, terminated, truncated, info
+    def select(self, obs: np.ndarray | None = None, mask: np.ndarray | None = None) -> int:
+        return self.choose(self.rollout)
+
+    def update(self, action: int, reward: float, obs: np.ndarray | None = None, info: dict | None = None) -> None:
+        pass
 
 
 def agent_config(name: str) -> dict[str, Any]:
@@ -130,64 +121,74 @@ def agent_config(name: str) -> dict[str, Any]:
     return hyper  # type: ignore[return-value]
 
 
-def run_policy(env: gymnasium.Env, seed: int, episodes: int, choose: Callable[[Recorder, np.ndarray, np.ndarray], int],
-               learn: Callable[[int, float, np.ndarray, dict], None] | None = None,
-               keep_arm_rewards: bool = False) -> RunLog:
-    """The bandit loop of scripts/train.py: select on (obs, mask), step, update; the agent persists across episodes."""
-    recorder = Recorder(env, seed, keep_arm_rewards)
-    base = env.unwrapped
-    for _ in range(episodes):
-        obs, info = recorder.reset()
-        for _ in range(base.episode_epochs):
-            action = choose(recorder, obs, base.action_masks())
-            obs, reward, terminated, truncated, info = recorder.step(action)
-            if learn is not None:
-                learn(action, reward, obs, info)
-    return recorder.log
+def rollout_for(env: gymnasium.Env, seed: int, keep_arm_rewards: bool = False) -> Rollout:
+    """The rollout loop's wrapper (agents/rollout.py): reset seeds seed * 1000 + episode, as scripts/train.py, so
+    every agent meets the same requests; yardsticks (the epoch's oracle bound) taken before each step."""
+    rollout = Rollout(env, seed, keep_arm_rewards=keep_arm_rewards)
+    if not rollout.has_yardsticks:
+        raise ValueError(f"the agent benchmark needs per-epoch oracle rewards: {rollout.why_no_yardsticks}")
+    return rollout
 
 
 def run_bandit(env: gymnasium.Env, name: str, seed: int, episodes: int) -> RunLog:
-    base = env.unwrapped
+    """Bandits and the HELIOS controller learn online across episodes, through agents.rollout.play."""
     hyper = agent_config(name)
     if name == "helios":
-        hyper["arm_table"] = base.arm_table
+        hyper["arm_table"] = env.unwrapped.arm_table
     agent = make_agent(name, int(env.action_space.n), seed=seed, **hyper)
-    return run_policy(env, seed, episodes, lambda rec, obs, mask: agent.select(obs, mask), agent.update)
+    rollout = rollout_for(env, seed)
+    play(rollout, agent, episodes * rollout.episode_epochs)
+    return RunLog.of(rollout)
 
 
 def run_static(env: gymnasium.Env, arm: int, seed: int, episodes: int) -> RunLog:
     agent = make_agent("static", int(env.action_space.n), seed=seed, arm=int(arm))
-    return run_policy(env, seed, episodes, lambda rec, obs, mask: agent.select(obs, mask))
+    rollout = rollout_for(env, seed)
+    play(rollout, agent, episodes * rollout.episode_epochs)
+    return RunLog.of(rollout)
 
 
 def run_oracle(env: gymnasium.Env, seed: int, episodes: int) -> RunLog:
-    base = env.unwrapped
-    return run_policy(env, seed, episodes, lambda rec, obs, mask: int(np.argmax(base.evaluate_arms())),
-                      keep_arm_rewards=True)
+    """Each epoch the arm with the best reward on that epoch (the rollout's per-arm rewards), played: it pays
+    switching. Keeps every epoch's per-arm rewards for the hindsight baselines."""
+    rollout = rollout_for(env, seed, keep_arm_rewards=True)
+    play(rollout, Clairvoyant(rollout, lambda r: int(np.argmax(r.arm_rewards()))), episodes * rollout.episode_epochs)
+    return RunLog.of(rollout)
 
 
-def run_phase_oracle(env: gymnasium.Env, seed: int, episodes: int, arm_rewards: np.ndarray) -> RunLog:
+def run_phase_oracle(env: gymnasium.Env, seed: int, episodes: int, oracle: RunLog) -> RunLog:
     """Plays, in each workload phase, the arm with the highest summed reward over that phase's epochs of the run
-    (`arm_rewards`: [epochs, arms] from the oracle run on the same epochs): a clairvoyant of the workload's phases,
+    (per-arm rewards and phases from the oracle run on the same epochs): a clairvoyant of the workload's phases,
     not of each epoch's request draw."""
-    base = env.unwrapped
-    phases = np.asarray(base._phases * episodes)
+    phases = np.asarray(oracle.phases)
+    arm_rewards = np.asarray(oracle.arm_rewards)
     finite = np.where(np.isfinite(arm_rewards), arm_rewards, -1e9)
     best = {phase: int(np.argmax(finite[phases == phase].sum(axis=0))) for phase in set(phases.tolist())}
-    return run_policy(env, seed, episodes, lambda rec, obs, mask: best[base._phases[base._epoch]])
+    rollout = rollout_for(env, seed)
+    play(rollout, Clairvoyant(rollout, lambda r: best[oracle.phases[r.next_epoch]]), episodes * rollout.episode_epochs)
+    return RunLog.of(rollout)
 
 
 def run_sb3(env: gymnasium.Env, name: str, seed: int, episodes: int) -> RunLog:
+    """PPO/A2C/DQN/MaskablePPO train with model.learn on the rollout wrapper for exactly episodes x epochs steps
+    and are scored on the epochs they trained on."""
+    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.monitor import Monitor
 
     from agents.sb3 import build_model, validate_sb3_config
 
     hyper = agent_config(name)
     validate_sb3_config(name, hyper)
-    recorder = Recorder(env, seed)
-    model = build_model(name, Monitor(recorder), hyper, seed)
-    model.learn(total_timesteps=episodes * env.unwrapped.episode_epochs)
-    return recorder.log
+    rollout = rollout_for(env, seed)
+    total = episodes * rollout.episode_epochs
+
+    class Stop(BaseCallback):  # PPO/A2C would finish their last n_steps rollout past `total`
+        def _on_step(self) -> bool:
+            return rollout.next_epoch < total
+
+    model = build_model(name, Monitor(rollout), hyper, seed)
+    model.learn(total_timesteps=total, callback=Stop())
+    return RunLog.of(rollout)
 
 
 # ------------------------------------------------------------------------------------------------- summaries
@@ -320,9 +321,7 @@ def bench_slo(slo: str, agents: list[str], seeds: list[int], episodes: int, sb3_
               env_kwargs: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     env = make_env(slo, env_kwargs)
     base = env.unwrapped
-    static_arm = base.reference_arm_index
-    if static_arm is None:
-        raise ValueError("the arm table has no reference arm (reference candidate, full depth, no exits)")
+    static_arm = static_arm_index(base.arm_table, reference_candidate(env))  # a clear error when it is absent
     logs: dict[str, list[RunLog]] = {}
 
     def timed(name: str, fn: Callable[[], RunLog]) -> RunLog:
@@ -337,9 +336,9 @@ def bench_slo(slo: str, agents: list[str], seeds: list[int], episodes: int, sb3_
         timed("static", lambda: run_static(env, static_arm, seed, episodes))
         arm_rewards = np.asarray(oracle.arm_rewards)
         totals = np.sum(np.where(np.isfinite(arm_rewards), arm_rewards, -1e9), axis=0)
-        oracle.arm_rewards = []
         timed("best_in_hindsight", lambda: run_static(env, int(np.argmax(totals)), seed, episodes))
-        timed("phase_oracle", lambda: run_phase_oracle(env, seed, episodes, arm_rewards))
+        timed("phase_oracle", lambda: run_phase_oracle(env, seed, episodes, oracle))
+        oracle.arm_rewards = []
         for name in agents:
             if name in SB3:
                 timed(name, lambda: run_sb3(env, name, seed, sb3_episodes))
@@ -420,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"recording missing traces first (the default pair takes ~10 min): {missing}", flush=True)
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "command": "python benchmarks/agents.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/agent_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "env": {"id": "helios/ModelDepthReplay-v0", "workload": "drift3", **env_kwargs},
         "trace_files": traces, "seeds": seeds, "episodes": episodes, "sb3_episodes": sb3_episodes,
         "definitions": {
