@@ -29,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents import AGENTS, make_agent  # noqa: E402
+from helios.arms import Arm  # noqa: E402
+from helios.exit_config import ExitConfig  # noqa: E402
 from helios.paths import atomic_file  # noqa: E402
 
 ENV_IDS = {"live": "helios/ModelDepth-v0", "replay": "helios/ModelDepthReplay-v0"}
@@ -57,7 +59,8 @@ def validate_agent(cfg: DictConfig) -> None:
     hyper = agent_hyperparameters(cfg)
     hyper.pop("arm_table", None)
     if name == "helios":  # needs the env's arm table: a one-arm stand-in checks the other hyper-parameters
-        make_agent(name, 1, seed=0, arm_table=[{"index": 0, "candidate": "stand-in"}], **hyper)
+        stand_in = Arm(0, "stand-in", 0, 1, 1, 0, "none", ExitConfig(), 0, 0, 1)
+        make_agent(name, 1, seed=0, arm_table=[stand_in], **hyper)
         return
     make_agent(name, 1_000_000, seed=0, **hyper)
 
@@ -191,8 +194,7 @@ def main(cfg: DictConfig) -> None:
     arm_labels = [a["label"] for a in base_env.arm_table]
     n_arms = int(env.action_space.n)
     hyper = agent_hyperparameters(cfg)
-    if cfg.agent.name == "helios":
-        hyper["arm_table"] = base_env.arm_table
+    hyper["arm_table"] = base_env.arm_table  # make_agent hands it to the agents that read it (helios, static)
     agent = make_agent(cfg.agent.name, n_arms, seed=int(cfg.seed), **hyper)
     epochs_per_episode = base_env.episode_epochs
     total = int(cfg.episodes) * epochs_per_episode

@@ -17,7 +17,8 @@ from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs
-from envs.backends import EpochOutcome, SwitchCost, batch_size_for, epoch_metrics, exit_buckets, latency_p95_s
+from helios.arms import MemoryBudget, exit_buckets
+from helios.telemetry import EpochOutcome, SwitchCost, epoch_metrics, latency_p95_s
 from envs.model_depth import COMMON_KEYS, REPLAY_KEYS, MaskedActionError, ModelDepthEnv, env_config
 
 ENV_IDS = sorted(env_id for env_id in registry if env_id.startswith("helios/"))
@@ -183,7 +184,8 @@ def test_arm_table_batch_sizes_follow_the_budget(make_env) -> None:
     # Weights alone over the budget: masked too.
     small = make_env(memory_budget_mib=0.8)
     assert not any(a["feasible"] for a in small.unwrapped.arm_table if a["weight_bytes"] > 0.8 * MIB)
-    assert batch_size_for(100, 101, 1, 8) == 0 and batch_size_for(100, 40, 20, 8) == 3 and batch_size_for(10**9, 0, 1, 8) == 8
+    assert MemoryBudget(100, 1, 8).batch_size(101, 1) == 0 and MemoryBudget(100, 1, 8).batch_size(40, 20) == 3
+    assert MemoryBudget(10**9, 1, 8).batch_size(0, 1) == 8
 
 
 def test_reward_components_and_observation(make_env) -> None:

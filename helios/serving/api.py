@@ -198,7 +198,7 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
     async def health() -> JSONResponse:
         if not batcher.alive:
             return error_response(503, "the batcher worker is not running", None, "worker_dead")
-        return JSONResponse({"status": "ok", "arm": batcher.arm, "queue": batcher.queue.qsize()})
+        return JSONResponse({"status": "ok", "arm": batcher.arm.to_dict(), "queue": batcher.queue.qsize()})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -287,7 +287,7 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
             return ChatCompletionResponse(model=served_model_name, usage=usage(output), system_fingerprint=output.arm,
                                           choices=[choice])
         events, requests, early = await open_stream([job])
-        rid, created, arm = random_id("chatcmpl"), int(time.time()), batcher.arm["label"]
+        rid, created, arm = random_id("chatcmpl"), int(time.time()), batcher.arm.label
 
         def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
             return sse(ChatCompletionStreamResponse(id=rid, created=created, model=served_model_name,
