@@ -1,6 +1,6 @@
 """Exported policies (schema `helios.policy/v1`) and their pickle-free loader.
 
-    python -c "from agents import make_agent; from helios.policy import load_policy; print(load_policy('exports/ucb', make_agent=make_agent).describe())"
+    python -c "from helios.policy import read_document; print(read_document('exports/ucb')[0]['kind'])"
 
 An exported policy is a directory written by scripts/export.py:
 
@@ -8,8 +8,8 @@ An exported policy is a directory written by scripts/export.py:
   policy.onnx   kind "onnx" only: a stable-baselines3 policy network (observation -> action logits or Q-values)
 
 Bandits (and the HELIOS controller) are plain JSON: the agent is rebuilt by the agent factory the caller passes
-(`load_policy(path, make_agent=agents.make_agent)`: helios imports nothing from agents) and its learned state
-restored with `load_state_dict`, so a served bandit can keep learning online (`Policy.update`). Neural
+(`load_policy(path, make_agent=agents.make_agent)`: the helios package never imports the agents package) and its
+learned state restored with `load_state_dict`, so a served bandit can keep learning online (`Policy.update`). Neural
 policies are ONNX, run with onnxruntime; they act frozen (their training loop is SB3's, not the server's). Nothing
 here unpickles: a stable-baselines3 `.zip` (which holds pickles) is converted once, at export time.
 """
