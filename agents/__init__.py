@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from agents.base import Agent
 from agents.cusum_ucb import CusumUCB
 from agents.d_ucb import DiscountedUCB
@@ -21,10 +24,15 @@ AGENTS: dict[str, type[Agent]] = {
 }
 
 
-def make_agent(name: str, n_arms: int, seed: int = 0, **hyperparameters) -> Agent:
+def make_agent(name: str, n_arms: int, seed: int = 0, arm_table: Sequence[Any] | None = None,
+               **hyperparameters: Any) -> Agent:
+    """Build agent `name`; `arm_table` (the env's, dicts or helios.arms.Arm) reaches only agents that read it."""
     if name not in AGENTS:
         raise ValueError(f"unknown agent {name!r}; valid: {sorted(AGENTS)}")
-    return AGENTS[name](n_arms=n_arms, seed=seed, **hyperparameters)
+    cls = AGENTS[name]
+    if cls.needs_arm_table:
+        hyperparameters["arm_table"] = arm_table
+    return cls(n_arms=n_arms, seed=seed, **hyperparameters)
 
 
 __all__ = ["AGENTS", "Agent", "make_agent"]

@@ -21,6 +21,7 @@ class Agent(abc.ABC):
     """Selects one of `n_arms` arms per epoch and learns from the reward that arm earned."""
 
     name: str = "agent"
+    needs_arm_table: bool = False  # True: make_agent passes the env's arm table (`arm_table=`) to the constructor
 
     def __init__(self, n_arms: int, seed: int = 0) -> None:
         if isinstance(n_arms, bool) or not isinstance(n_arms, int) or n_arms < 1:

@@ -23,13 +23,15 @@ from typing import Any
 import numpy as np
 
 from agents.base import Agent, check_range, feasible
+from helios.arms import Arm, arms_from_dicts, exit_buckets
 
 
 class HeliosController(Agent):
     name = "helios"
+    needs_arm_table = True
 
-    def __init__(self, n_arms: int, seed: int = 0, arm_table: list[dict] | None = None, profile_epochs: int = 1,
-                 coverage: float = 0.74, accuracy_tolerance: float = 0.05, breach_share: float = 0.5,
+    def __init__(self, n_arms: int, seed: int = 0, arm_table: list[dict] | list[Arm] | None = None,
+                 profile_epochs: int = 1, coverage: float = 0.74, accuracy_tolerance: float = 0.05, breach_share: float = 0.5,
                  patience: int = 2, reassess_every: int = 10) -> None:
         super().__init__(n_arms, seed)
         if arm_table is None or len(arm_table) != n_arms:
@@ -37,12 +39,13 @@ class HeliosController(Agent):
         for key, value in (("profile_epochs", profile_epochs), ("patience", patience), ("reassess_every", reassess_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer; got {value!r}")
-        self.arm_table = arm_table
+        self.arms = arms_from_dicts(arm_table)
+        self.arm_table = [arm.to_dict() for arm in self.arms]  # JSON, for hyperparameters()
         self.profile_epochs, self.patience, self.reassess_every = profile_epochs, patience, reassess_every
         self.coverage = check_range("coverage", coverage, 0.0, 1.0, low_open=True)
         self.accuracy_tolerance = check_range("accuracy_tolerance", accuracy_tolerance, 0.0, 1.0)
         self.breach_share = check_range("breach_share", breach_share, 0.0, 1.0)
-        self.candidates = sorted({a["candidate"] for a in arm_table})
+        self.candidates = sorted({a.candidate for a in self.arms})
         self.profile: dict[str, dict[str, Any]] = {}
         self.mode = "start"  # start -> profile -> serve -> (breach or period) -> start
         self.plan: list[int] = []  # arms still to profile
@@ -60,10 +63,10 @@ class HeliosController(Agent):
 
     def _profiling_arm(self, candidate: str, allowed: set[int]) -> int | None:
         """Deepest feasible arm of `candidate`, exits on if it has such an arm (exits show where tokens settle)."""
-        arms = [a for a in self.arm_table if a["candidate"] == candidate and a["index"] in allowed]
+        arms = [a for a in self.arms if a.candidate == candidate and a.index in allowed]
         if not arms:
             return None
-        return max(arms, key=lambda a: (a["depth"], a["criterion"] != "none"))["index"]
+        return max(arms, key=lambda a: (a.depth, a.exit_config.criterion != "none")).index
 
     def _depth_arm(self, candidate: str, allowed: set[int]) -> int | None:
         """The smallest depth covering `coverage` of the profiled exits (exit setting kept when available)."""
@@ -73,14 +76,14 @@ class HeliosController(Agent):
         histogram = stats["histogram"] / max(stats["histogram"].sum(), 1e-12)
         bins = histogram.size
         cumulative = np.cumsum(histogram)
-        arms = sorted((a for a in self.arm_table if a["candidate"] == candidate and a["index"] in allowed),
-                      key=lambda a: (a["depth"], a["criterion"] == "none"))
-        profiled_exit = self.arm_table[stats["arm"]]["exit"]
+        arms = sorted((a for a in self.arms if a.candidate == candidate and a.index in allowed),
+                      key=lambda a: (a.depth, a.exit_config.criterion == "none"))
+        profiled_exit = self.arms[stats["arm"]].exit_name
         for arm in arms:
-            top_bucket = min(bins - 1, int(np.ceil(arm["depth"] / arm["num_layers"] * bins)) - 1)
-            if cumulative[top_bucket] >= self.coverage - 1e-9 and arm["exit"] in (profiled_exit, "none"):
-                same_depth = [a for a in arms if a["depth"] == arm["depth"] and a["exit"] == profiled_exit]
-                return (same_depth or [arm])[0]["index"]
+            top_bucket = exit_buckets(arm.num_layers, bins)[arm.depth]  # where a token forced out at this depth lands
+            if cumulative[top_bucket] >= self.coverage - 1e-9 and arm.exit_name in (profiled_exit, "none"):
+                same_depth = [a for a in arms if a.depth == arm.depth and a.exit_name == profiled_exit]
+                return (same_depth or [arm])[0].index
         return stats["arm"]
 
     def _assess(self, allowed: set[int]) -> int:
@@ -125,7 +128,7 @@ class HeliosController(Agent):
         accuracy = float(info.get("metrics", {}).get("accuracy", 0.0))
         if self.mode == "profile" and self.plan:  # a profiling epoch
             self.plan.pop(0)
-            candidate = self.arm_table[action]["candidate"]
+            candidate = self.arms[action].candidate
             stats = self.profile.setdefault(candidate, {"arm": action, "epochs": 0, "reward": 0.0, "accuracy": 0.0,
                                                         "histogram": np.zeros(max(histogram.size, 1))})
             stats["epochs"] += 1
@@ -135,16 +138,14 @@ class HeliosController(Agent):
                 stats["histogram"] += histogram
             return  # assessed at the next select once the plan is done, with that epoch's mask
         self.since_assessment += 1
-        arm = self.arm_table[action]
-        bins = max(histogram.size, 1)
-        forced_bucket = min(bins - 1, int(np.ceil(arm["depth"] / arm["num_layers"] * bins)) - 1)
+        arm = self.arms[action]
+        forced_bucket = exit_buckets(arm.num_layers, max(histogram.size, 1))[arm.depth]
         # Tokens are force-exited only by a truncated load: at full depth the last bucket holds tokens that simply
         # ran every layer, which is no loss of confidence.
-        truncated = arm["depth"] < arm["num_layers"]
-        forced_share = float(histogram[forced_bucket]) if histogram.size and truncated else 0.0
+        forced_share = float(histogram[forced_bucket]) if histogram.size and arm.truncated else 0.0
         # The env reports every constraint's penalty, 0 when it holds: only a positive one is an SLO breach.
         slo_breach = any(float(v) > 0 for v in (info.get("penalties") or {}).values())
-        breached = (arm["criterion"] != "none" and forced_share > self.breach_share) or slo_breach
+        breached = (arm.exit_config.criterion != "none" and forced_share > self.breach_share) or slo_breach
         self.breaches = self.breaches + 1 if breached else 0
         if self.breaches >= self.patience or self.since_assessment >= self.reassess_every:
             self.mode = "start"  # re-profile from the next epoch

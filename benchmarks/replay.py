@@ -92,7 +92,7 @@ def main() -> None:
     if args.recalibrate:
         # The cost model describes the machine as it was when calibrated; on a shared box the load changes that, so
         # recalibrate now, beside the live runs (the trace's exit dynamics are kept; only prices change).
-        from helios.costmodel import calibrate
+        from helios.calibration import calibrate
 
         replayer.cost, _ = calibrate(list(engines.values()), [trace.meta["prompts"][r] for r in all_ids])
 

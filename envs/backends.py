@@ -37,52 +37,38 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from helios.engine import ExitConfig
+from helios.arms import (
+    Arm,
+    CandidateSpec,
+    ExitSpec,
+    MemoryBudget,
+    MemoryInfo,
+    build_arms,
+    exit_buckets,
+    exit_histogram,
+    normalised,
+)
+from helios.exit_config import ExitConfig
+from helios.telemetry import (
+    NO_SWITCH,
+    EpochOutcome,
+    SwitchCost,
+    SwitchKind,
+    empty_outcome,
+    epoch_metrics,
+    latency_p95_s,
+)
 from helios.workloads import Request, Workload
 
-SwitchKind = Literal["none", "exit", "depth", "candidate", "cold"]
-
-
 # ----------------------------------------------------------------------------------------------- specification
-
-
-@dataclasses.dataclass(frozen=True)
-class CandidateSpec:
-    name: str
-    depths: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class ExitSpec:
-    """An exit setting; exit points are fractions of the arm's loaded depth (rounded half up, kept in 1..depth-1)."""
-
-    criterion: str = "none"
-    threshold: float = 0.9
-    exit_fractions: tuple[float, ...] = ()
-
-    @property
-    def name(self) -> str:
-        if self.criterion == "none":
-            return "none"
-        return f"{self.criterion}>={self.threshold:g}@{','.join(f'{f:g}' for f in self.exit_fractions)}"
-
-    def exit_config(self, depth: int) -> ExitConfig | None:
-        """The engine's ExitConfig at `depth`, or None when no exit point falls inside 1..depth-1."""
-        if self.criterion == "none":
-            return ExitConfig()
-        points = sorted({int(math.floor(f * depth + 0.5)) for f in self.exit_fractions} & set(range(1, depth)))
-        if not points:
-            return None
-        return ExitConfig(self.criterion, float(self.threshold), tuple(points))  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +89,10 @@ class ServingSpec:
     energy_cfg: dict[str, Any]
 
     @property
+    def budget(self) -> MemoryBudget:
+        return MemoryBudget(self.memory_budget_bytes, self.context_tokens, self.max_batch_size)
+
+    @property
     def reference_requests(self) -> int:
         """Requests per source in the reference run: a nominal epoch's worth."""
         arrival = self.workload.arrival
@@ -111,150 +101,7 @@ class ServingSpec:
         return max(1, round(arrival.rate_per_s * arrival.epoch_s))
 
 
-@dataclasses.dataclass(frozen=True)
-class MemoryInfo:
-    num_layers: int
-    weight_bytes_by_depth: dict[int, int]
-    kv_bytes_per_token_layer: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Arm:
-    """One action: a candidate truncated to `depth` layers, an exit setting, and the batch the budget allows."""
-
-    index: int
-    candidate: str
-    candidate_index: int
-    depth: int
-    num_layers: int
-    exit_index: int
-    exit_name: str
-    exit_config: ExitConfig
-    weight_bytes: int
-    kv_bytes_per_seq: int
-    batch_size: int  # 0 when the arm does not fit the memory budget
-
-    @property
-    def feasible(self) -> bool:
-        return self.batch_size >= 1
-
-    @property
-    def label(self) -> str:
-        return f"{self.candidate}@{self.depth}/{self.num_layers} exit={self.exit_name}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index, "label": self.label, "candidate": self.candidate, "depth": self.depth,
-            "num_layers": self.num_layers, "exit": self.exit_name, "criterion": self.exit_config.criterion,
-            "threshold": self.exit_config.threshold, "exit_points": list(self.exit_config.exit_points),
-            "weight_bytes": self.weight_bytes, "kv_bytes_per_seq": self.kv_bytes_per_seq,
-            "batch_size": self.batch_size, "feasible": self.feasible,
-        }
-
-
-def batch_size_for(budget_bytes: int, weight_bytes: int, kv_bytes_per_seq: int, max_batch_size: int) -> int:
-    """Sequences that fit beside the weights: floor((budget - weights) / K/V per sequence), capped; 0 = does not fit."""
-    free = budget_bytes - weight_bytes
-    if free <= 0 or kv_bytes_per_seq <= 0:
-        return 0
-    return int(min(max_batch_size, free // kv_bytes_per_seq))
-
-
-def build_arms(spec: ServingSpec, memory: Mapping[str, MemoryInfo]) -> tuple[Arm, ...]:
-    """The arm table: candidates x depths x exit settings, in config order (exit settings with no exit point
-    inside a depth are left out at that depth), each with its memory footprint and budget batch size."""
-    arms: list[Arm] = []
-    for c_index, candidate in enumerate(spec.candidates):
-        info = memory[candidate.name]
-        bad = [d for d in candidate.depths if not 1 <= d <= info.num_layers]
-        if bad:
-            raise ValueError(f"depths {bad} of {candidate.name!r} are outside 1..{info.num_layers} (its layer count)")
-        for depth in candidate.depths:
-            weight_bytes = info.weight_bytes_by_depth[depth]
-            kv_per_seq = info.kv_bytes_per_token_layer * depth * spec.context_tokens
-            batch = batch_size_for(spec.memory_budget_bytes, weight_bytes, kv_per_seq, spec.max_batch_size)
-            for e_index, exit_spec in enumerate(spec.exits):
-                config = exit_spec.exit_config(depth)
-                if config is None:
-                    continue
-                arms.append(Arm(len(arms), candidate.name, c_index, depth, info.num_layers, e_index, exit_spec.name,
-                                config, weight_bytes, kv_per_seq, batch))
-    if not any(arm.feasible for arm in arms):
-        smallest = min(arms, key=lambda a: a.weight_bytes + a.kv_bytes_per_seq)
-        raise ValueError(
-            f"the memory budget of {spec.memory_budget_bytes / 2**20:.1f} MiB fits no arm: the smallest, "
-            f"{smallest.label}, needs {(smallest.weight_bytes + smallest.kv_bytes_per_seq) / 2**20:.1f} MiB "
-            f"(weights + one sequence of {spec.context_tokens} tokens of K/V)"
-        )
-    return tuple(arms)
-
-
 # ----------------------------------------------------------------------------------------------- one epoch
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EpochOutcome:
-    """What serving one epoch with one arm produced and cost, before any switching cost."""
-
-    requests: int
-    tokens: int
-    busy_s: float  # sum of batch prefill + decode seconds
-    latency_p95_s: float
-    energy_j: float
-    accuracy: float
-    histogram: np.ndarray  # float32 [bins]: share of generated tokens by exit layer / candidate layers
-    batches: int
-    engine_s: float = 0.0  # live: wall seconds inside EarlyExitEngine.generate
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SwitchCost:
-    kind: SwitchKind
-    seconds: float
-    energy_j: float
-
-
-NO_SWITCH = SwitchCost("none", 0.0, 0.0)
-
-
-def epoch_metrics(outcome: EpochOutcome, switch: SwitchCost) -> dict[str, float] | None:
-    """The SLO metrics (helios.slo.METRICS) of an epoch, switching included; None for an epoch without requests."""
-    if outcome.tokens == 0:
-        return None
-    wall_s = outcome.busy_s + switch.seconds
-    return {
-        "throughput_tok_s": outcome.tokens / wall_s if wall_s > 0 else 0.0,
-        "latency_p95_s": outcome.latency_p95_s + switch.seconds,
-        "energy_j_per_tok": (outcome.energy_j + switch.energy_j) / outcome.tokens,
-        "accuracy": outcome.accuracy,
-    }
-
-
-def latency_p95_s(arrivals_s: Sequence[float], batch_size: int, batch_durations_s: Sequence[float]) -> float:
-    """p95 request latency of consecutive batches in arrival order (module docstring: Latency)."""
-    free_s = 0.0
-    latencies: list[float] = []
-    for b, duration_s in enumerate(batch_durations_s):
-        members = arrivals_s[b * batch_size : (b + 1) * batch_size]
-        end_s = max(free_s, max(members)) + duration_s
-        free_s = end_s
-        latencies += [end_s - a for a in members]
-    return float(np.percentile(latencies, 95)) if latencies else 0.0
-
-
-def exit_buckets(num_layers: int, bins: int) -> np.ndarray:
-    """Lookup exit layer count (1..num_layers) -> histogram bucket: bucket j holds fractions in (j/bins, (j+1)/bins]."""
-    layers = np.arange(num_layers + 1)
-    return np.clip(np.ceil(layers / num_layers * bins).astype(np.int64) - 1, 0, bins - 1)
-
-
-def _normalised(counts: np.ndarray) -> np.ndarray:
-    total = counts.sum()
-    return (counts / total if total > 0 else counts).astype(np.float32)
-
-
-def empty_outcome(bins: int) -> EpochOutcome:
-    return EpochOutcome(0, 0, 0.0, 0.0, 0.0, 0.0, np.zeros(bins, np.float32), 0)
 
 
 def mix_reference(per_source: Mapping[str, Mapping[str, float]], mixture: Mapping[str, float]) -> dict[str, float]:
@@ -297,12 +144,13 @@ class Backend(abc.ABC):
 
 
 def reference_arm(spec: ServingSpec, memory: MemoryInfo) -> Arm:
-    """The reference run's setting: the reference candidate at full depth, no exits, its budget batch (>= 1)."""
-    depth = memory.num_layers
+    """The reference run's setting: the reference candidate at full depth, no exits, its budget batch (>= 1; the
+    reference is measured even where the budget would mask it)."""
+    depth, budget = memory.num_layers, spec.budget
     weight_bytes = memory.weight_bytes_by_depth[depth]
-    kv_per_seq = memory.kv_bytes_per_token_layer * depth * spec.context_tokens
-    batch = max(1, batch_size_for(spec.memory_budget_bytes, weight_bytes, kv_per_seq, spec.max_batch_size))
-    return Arm(-1, spec.reference, -1, depth, depth, -1, "none", ExitConfig(), weight_bytes, kv_per_seq, batch)
+    kv_per_seq = budget.kv_bytes_per_seq(memory, depth)
+    batch = max(1, budget.batch_size(weight_bytes, kv_per_seq))
+    return Arm(-1, spec.reference, -1, depth, depth, -1, "none", ExitConfig(), weight_bytes, kv_per_seq, batch, True)
 
 
 # ----------------------------------------------------------------------------------------------- replay
@@ -323,7 +171,7 @@ class ReplayBackend(Backend):
         self._check_traces(traces, trace_paths)
         self.replayers = {name: Replayer(trace) for name, trace in traces.items()}
         memory = {name: _trace_memory(trace.meta) for name, trace in traces.items()}
-        self.arms = build_arms(spec, memory)
+        self.arms = build_arms(spec.candidates, spec.exits, memory, spec.budget, spec.reference)
         self._reference_arm = reference_arm(spec, memory[spec.reference])
         self.power_w = {name: float(trace.meta["power_w"]) for name, trace in traces.items()}
         self.load_s_per_byte, self.switch_cost_source = self._load_rates(traces)
@@ -406,7 +254,7 @@ class ReplayBackend(Backend):
 
         replayer = self.replayers[arm.candidate]
         exit_layer, tokens = replayer.exits(Setting(arm.depth, arm.exit_config, 1))
-        buckets = exit_buckets(arm.num_layers, self.spec.histogram_bins)
+        buckets = exit_buckets(arm.num_layers, self.spec.histogram_bins)  # per request below: counts, not shares
         n = len(replayer.request_rows)
         accuracy = np.full(n, np.nan)
         counts = np.zeros((n, self.spec.histogram_bins), dtype=np.float64)
@@ -436,7 +284,7 @@ class ReplayBackend(Backend):
             requests=len(ids), tokens=result.generated_tokens, busy_s=result.busy_s,
             latency_p95_s=latency_p95_s(arrivals, arm.batch_size, durations), energy_j=result.energy_j,
             accuracy=float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0,
-            histogram=_normalised(counts[ids].sum(0)), batches=len(durations),
+            histogram=normalised(counts[ids].sum(0)), batches=len(durations),
         )
 
     def _measure_reference(self, tokenizer: Any, references: Sequence[str | None]) -> dict[str, dict[str, float]]:
@@ -535,7 +383,7 @@ class LiveBackend(Backend):
         profiles = {c.name: memory_profile(c.name, progress=False) for c in spec.candidates}
         memory = {name: MemoryInfo(p.num_layers, p.weight_bytes_by_depth, p.kv_bytes_per_token_layer)
                   for name, p in profiles.items()}
-        self.arms = build_arms(spec, memory)
+        self.arms = build_arms(spec.candidates, spec.exits, memory, spec.budget, spec.reference)
         self._reference_arm = reference_arm(spec, memory[spec.reference])
         self.meter = meter_from_config(spec.energy_cfg, device="cpu")
         self._loaded: tuple[Arm, Any, Any] | None = None  # (arm, LoadedModel, EarlyExitEngine)
@@ -583,7 +431,6 @@ class LiveBackend(Backend):
             engine_s += time.perf_counter() - t0
         energy_j = self.meter.stop().energy_j
         self.engine_s_total += engine_s
-        buckets = exit_buckets(arm.num_layers, spec.histogram_bins)
         exit_layers = np.concatenate([np.asarray(row) for r in results for row in r.exit_layers])
         texts = [model.tokenizer.decode(tokens, skip_special_tokens=True) for r in results for tokens in r.tokens]
         references = [request.reference for request in requests]
@@ -595,7 +442,7 @@ class LiveBackend(Backend):
             requests=len(requests), tokens=sum(r.generated_tokens for r in results), busy_s=sum(durations),
             latency_p95_s=latency_p95_s([q.arrival_s for q in requests], arm.batch_size, durations),
             energy_j=float(energy_j), accuracy=float(accuracy),
-            histogram=_normalised(np.bincount(buckets[exit_layers], minlength=spec.histogram_bins).astype(np.float64)),
+            histogram=exit_histogram(exit_layers, arm.num_layers, spec.histogram_bins),
             batches=len(results), engine_s=engine_s,
         )
 

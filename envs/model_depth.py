@@ -26,21 +26,13 @@ import numpy as np
 from gymnasium import spaces
 
 from envs import ENV_IDS
-from envs.backends import (
-    NO_SWITCH,
-    Arm,
-    Backend,
-    CandidateSpec,
-    EpochOutcome,
-    ExitSpec,
-    ServingSpec,
-    SwitchCost,
-    epoch_metrics,
-    mix_reference,
-)
+from envs.backends import Backend, ServingSpec, mix_reference
+from helios.arms import Arm, CandidateSpec, ExitSpec, reference_arm_index
 from helios.config import check_keys
+from helios.observation import ObservationLayout, build_observation
 from helios.slo import METRICS, SLO, slo_from_config
-from helios.workloads import SOURCE_NAMES, workload_from_config
+from helios.telemetry import NO_SWITCH, EpochOutcome, SwitchCost, epoch_metrics
+from helios.workloads import workload_from_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BACKENDS: tuple[str, ...] = ("live", "replay")
@@ -50,8 +42,6 @@ COMMON_KEYS: tuple[str, ...] = (
     "max_batch_size", "new_tokens", "accuracy_metric", "histogram_bins", "on_masked_action", "masked_action_penalty",
 )
 REPLAY_KEYS: tuple[str, ...] = ("per_source", "variants", "trace_dir", "traces", "build_traces")
-OBS_RATIO_MAX = 16.0  # observation ratios are clipped to [0, OBS_RATIO_MAX]
-ACCURACY_EPS = 1e-3  # (acc + eps) / (ref + eps) in the observation, so that 0 / 0 reads 1
 
 
 class MaskedActionError(ValueError):
@@ -90,24 +80,10 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Observation Space
 
-    `Box(0, high, (n_obs,), float32)`; `env.observation_names` names every entry. Ratios are to the reference
-    run's value for the epoch's workload mix, clipped to [0, 16].
-
-    | entries            | meaning                                                                       |
-    |--------------------|-------------------------------------------------------------------------------|
-    | exit_hist_0..B-1   | share of the last epoch's tokens by exit layer / candidate layers, B buckets  |
-    | throughput_ratio   | tokens/s (switching included)                                                 |
-    | latency_ratio      | p95 end-to-end latency                                                        |
-    | energy_ratio       | joules per token                                                              |
-    | accuracy_ratio     | (accuracy + 1e-3) / (reference + 1e-3)                                        |
-    | switch_ratio       | seconds spent switching arm / reference p95 latency                           |
-    | queue_ratio        | requests waiting for the next epoch / a nominal epoch's                       |
-    | mix_<source>       | source mixture of the next epoch's requests (helios.workloads.SOURCE_NAMES)   |
-    | arm_<candidate>    | one-hot: candidate loaded now                                                 |
-    | arm_depth_fraction | loaded depth / candidate layers                                               |
-    | arm_exit_<k>       | one-hot: exit setting in use                                                  |
-    | arm_batch_fraction | batch size / max_batch_size                                                   |
-    | episode_progress   | epochs served / episode length                                                |
+    `Box(0, high, (n_obs,), float32)`; `env.observation_names` names every entry. The layout and its builder are
+    helios.observation's (its docstring is the table), shared with the server. Ratios are to the reference run's
+    value for the epoch's workload mix, clipped to [0, 16]; the queue is the next epoch's requests against a
+    nominal epoch's (`reference_requests`), with their source mixture (helios.workloads.SOURCE_NAMES).
 
     After `reset` the telemetry entries are 0 and no arm is loaded (all arm entries 0): the first step pays a cold
     load. The queue and mixture describe the requests the next action will serve (a server sees its queue).
@@ -214,7 +190,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
 
         # Everything is validated before any trace is recorded or any model is loaded.
         self.slo: SLO = slo_from_config(_group("slo", cfg["slo"]))
-        self.serving = _serving_spec(cfg)
+        self.serving = _serving_spec(cfg, backend)
         self.on_masked_action = _choice("on_masked_action", cfg["on_masked_action"], ("penalty", "raise"))
         self.masked_action_penalty = _number("masked_action_penalty", cfg["masked_action_penalty"], minimum=0.0)
         self.backend: Backend = _make_backend(backend, self.serving, cfg)
@@ -225,32 +201,14 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         self.episode_epochs = workload.episode_epochs
         self._phases = [workload.phase_at(e) for e in range(self.episode_epochs)]
         self._mixtures = [workload.mixture_at(e) for e in range(self.episode_epochs)]
-        # The queue the next action serves: request count (relative to a nominal epoch) and source mixture; a
-        # zero row after the last epoch.
-        counts = [len(workload.epoch(e)) for e in range(self.episode_epochs)]
-        self._queue = np.zeros((self.episode_epochs + 1, 1 + len(SOURCE_NAMES)), dtype=np.float32)
-        for e in range(self.episode_epochs):
-            self._queue[e, 0] = min(counts[e] / self.serving.reference_requests, OBS_RATIO_MAX)
-            self._queue[e, 1:] = workload.features(e)
-        candidates = [c.name for c in self.serving.candidates]
-        self._arm_features = np.zeros((len(self.arms) + 1, len(candidates) + len(self.serving.exits) + 2), np.float32)
-        for arm in self.arms:  # row a + 1 is arm a; row 0 is "nothing loaded"
-            row = self._arm_features[arm.index + 1]
-            row[arm.candidate_index] = 1.0
-            row[len(candidates)] = arm.depth / arm.num_layers
-            row[len(candidates) + 1 + arm.exit_index] = 1.0
-            row[-1] = arm.batch_size / self.serving.max_batch_size
-        bins = self.serving.histogram_bins
-        self.observation_names: tuple[str, ...] = (
-            *(f"exit_hist_{j}" for j in range(bins)),
-            "throughput_ratio", "latency_ratio", "energy_ratio", "accuracy_ratio", "switch_ratio", "queue_ratio",
-            *(f"mix_{s}" for s in SOURCE_NAMES), *(f"arm_{c}" for c in candidates), "arm_depth_fraction",
-            *(f"arm_exit_{k}" for k in range(len(self.serving.exits))), "arm_batch_fraction", "episode_progress",
-        )
-        high = [OBS_RATIO_MAX if name.endswith("_ratio") else 1.0 for name in self.observation_names]
-        self.observation_space = spaces.Box(0.0, np.array(high, dtype=np.float32), dtype=np.float32)
-        queue_start = self.observation_names.index("queue_ratio")
-        self._queue_slot = slice(queue_start, queue_start + self._queue.shape[1])
+        # The queue the next action serves, per epoch: its request count and source mixture (none after the last).
+        self._waiting = [len(workload.epoch(e)) for e in range(self.episode_epochs)] + [0]
+        self._mixture_features = [workload.features(e) for e in range(self.episode_epochs)] + [None]
+        self.observation_layout = ObservationLayout(tuple(c.name for c in self.serving.candidates),
+                                                    len(self.serving.exits), self.serving.histogram_bins,
+                                                    self.serving.max_batch_size)
+        self.observation_names: tuple[str, ...] = self.observation_layout.names
+        self.observation_space = spaces.Box(0.0, self.observation_layout.high, dtype=np.float32)
         self.action_space = spaces.Discrete(len(self.arms))
 
         self._references: list[dict[str, float]] | None = None  # per epoch, set on the first reset
@@ -258,7 +216,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         self._loaded: int | None = None
         self._last: dict[str, Any] | None = None
         self._closed = False
-        self._reference_arm = self.reference_arm_index  # fixed by the arm table
+        self._reference_arm = reference_arm_index(self.arms)  # fixed by the arm table
 
     # ------------------------------------------------------------------------------------------ the table
 
@@ -270,11 +228,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     @property
     def reference_arm_index(self) -> int | None:
         """The arm that is the reference run (reference candidate, full depth, no exits), if it is in the table."""
-        for arm in self.arms:
-            if (arm.candidate == self.serving.reference and arm.depth == arm.num_layers
-                    and arm.exit_config.criterion == "none"):
-                return arm.index
-        return None
+        return self._reference_arm
 
     def evaluate_arms(self) -> np.ndarray:
         """Replay only: the reward each arm would earn on the coming epoch if it were already loaded (no switch
@@ -331,8 +285,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         self._epoch = 0
         self._loaded = None
         self._last = None
-        obs = np.zeros(self.observation_space.shape, dtype=np.float32)
-        obs[self._queue_slot] = self._queue[0]
+        obs = self._observe(None, None, None, None)
         return obs, {"epoch": 0, "phase": self._phases[0], "action_mask": self._mask.copy(),
                      "reference": dict(self._references[0])}
 
@@ -384,27 +337,15 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
             raise ValueError(f"action {index} is out of range: valid arm indices are 0..{len(self.arms) - 1}")
         return index
 
-    def _observe(self, outcome: EpochOutcome | None, values: Mapping[str, float], reference: Mapping[str, float],
-                 switch: SwitchCost | None) -> np.ndarray:
-        if outcome is None:  # refused: nothing served, the loaded arm stays
-            hist = np.zeros(self.serving.histogram_bins, np.float32)
-            ratios = [0.0] * 5
-        else:
-            hist = outcome.histogram
-            ratios = [
-                min(ratio, OBS_RATIO_MAX)  # all terms are >= 0; plain floats keep this numpy-light (hot path)
-                for ratio in (
-                    values["throughput_tok_s"] / reference["throughput_tok_s"],
-                    values["latency_p95_s"] / reference["latency_p95_s"],
-                    values["energy_j_per_tok"] / reference["energy_j_per_tok"],
-                    (values["accuracy"] + ACCURACY_EPS) / (reference["accuracy"] + ACCURACY_EPS),
-                    switch.seconds / reference["latency_p95_s"],  # type: ignore[union-attr]
-                )
-            ]
-        telemetry = np.array(ratios, dtype=np.float32)
-        loaded = 0 if self._loaded is None else self._loaded + 1
-        progress = np.array([self._epoch / self.episode_epochs], dtype=np.float32)
-        return np.concatenate((hist, telemetry, self._queue[self._epoch], self._arm_features[loaded], progress))
+    def _observe(self, outcome: EpochOutcome | None, values: Mapping[str, float] | None,
+                 reference: Mapping[str, float] | None, switch: SwitchCost | None) -> np.ndarray:
+        """helios.observation's vector after an epoch (all None: nothing served yet, or a refused action)."""
+        return build_observation(
+            self.observation_layout, histogram=None if outcome is None else outcome.histogram,
+            values=None if outcome is None else values, reference=reference,
+            switch_s=0.0 if switch is None else switch.seconds, waiting=self._waiting[self._epoch],
+            nominal=self.serving.reference_requests, mixture=self._mixture_features[self._epoch],
+            arm=None if self._loaded is None else self.arms[self._loaded], progress=self._epoch / self.episode_epochs)
 
     # ------------------------------------------------------------------------------------------ the rest
 
@@ -474,8 +415,8 @@ def _choice(name: str, value: Any, valid: Sequence[str]) -> Any:
     return value
 
 
-def _serving_spec(cfg: Mapping[str, Any]) -> ServingSpec:
-    from helios.engine import CRITERIA
+def _serving_spec(cfg: Mapping[str, Any], backend: str) -> ServingSpec:
+    from helios.exit_config import CRITERIA
     from helios.metrics import METRICS as ACCURACY_METRICS
     from helios.models import candidate_names
 
@@ -512,6 +453,10 @@ def _serving_spec(cfg: Mapping[str, Any]) -> ServingSpec:
         if not isinstance(entry, Mapping) or not set(entry) <= {"criterion", "threshold", "exit_fractions"}:
             raise ValueError(f"exits[{i}] must be a mapping of criterion, threshold, exit_fractions; got {entry!r}")
         criterion = _choice(f"exits[{i}].criterion", entry.get("criterion", "none"), CRITERIA)
+        if backend == "replay":  # before any trace is read or recorded: traces cannot price every criterion
+            from helios.replay import check_replayable
+
+            check_replayable(criterion)
         threshold = entry.get("threshold", 0.9)
         fractions = entry.get("exit_fractions", [])
         if criterion != "none":

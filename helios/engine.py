@@ -41,47 +41,15 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Hashable
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from helios.costmodel import COST_FEATURES  # the work counters: one list, shared with the cost model and replay
+from helios.exit_config import CRITERIA, ExitConfig  # noqa: F401  (re-exported; torch-free home)
 from helios.models import LoadedModel, load_candidate, text_config
 from helios.sampling import BatchSampler, SamplingParams, TokenLogprob, per_row
-
-CRITERIA = ("none", "max_prob", "margin", "cosine", "probe")
-# Work counters of one generate call (see GenerationResult.cost_features).
-COST_FEATURES = (
-    "prefill_calls", "prefill_token_layers", "prefill_attention", "steps", "step_rows", "layer_calls",
-    "layer_rows", "attention_row_positions", "head_calls", "head_rows", "decision_head_calls", "decision_head_rows",
-    "decision_cosine_calls", "decision_cosine_rows", "decision_probe_calls", "decision_probe_rows", "exit_head_calls", "exit_head_rows", "propagate_calls",
-    "propagate_rows", "compactions",
-)
-Criterion = Literal["none", "max_prob", "margin", "cosine", "probe"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ExitConfig:
-    """Where and how tokens may leave the loaded stack early. `exit_points` are layer counts in [1, depth)."""
-
-    criterion: Criterion = "none"
-    threshold: float = 0.9
-    exit_points: tuple[int, ...] = ()
-
-    def validate(self, depth: int) -> None:
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown exit criterion {self.criterion!r}; valid: {list(CRITERIA)}")
-        if isinstance(self.threshold, bool) or not (0.0 < float(self.threshold) <= 1.0):
-            raise ValueError(f"exit threshold must be in (0, 1]; got {self.threshold!r}")
-        bad = [e for e in self.exit_points if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e < depth]
-        if bad:
-            raise ValueError(f"exit points {bad} out of range: valid exit points are layer counts 1..{depth - 1}")
-        if self.criterion != "none" and not self.exit_points:
-            raise ValueError(f"criterion {self.criterion!r} needs at least one exit point in 1..{depth - 1}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.criterion != "none" and len(self.exit_points) > 0
 
 
 @dataclasses.dataclass

@@ -1,14 +1,15 @@
 """Exported policies (schema `helios.policy/v1`) and their pickle-free loader.
 
-    python -c "from helios.policy import load_policy; p = load_policy('exports/ucb'); print(p.describe())"
+    python -c "from helios.policy import read_document; print(read_document('exports/ucb')[0]['kind'])"
 
 An exported policy is a directory written by scripts/export.py:
 
   policy.json   always: schema, kind ("bandit" | "onnx"), arm table, per-arm statistics, SLO, config, source commit
   policy.onnx   kind "onnx" only: a stable-baselines3 policy network (observation -> action logits or Q-values)
 
-Bandits (and the HELIOS controller) are plain JSON: the agent is rebuilt with `agents.make_agent` and its learned
-state restored with `load_state_dict`, so a served bandit can keep learning online (`Policy.update`). Neural
+Bandits (and the HELIOS controller) are plain JSON: the agent is rebuilt by the agent factory the caller passes
+(`load_policy(path, make_agent=agents.make_agent)`: the helios package never imports the agents package) and its
+learned state restored with `load_state_dict`, so a served bandit can keep learning online (`Policy.update`). Neural
 policies are ONNX, run with onnxruntime; they act frozen (their training loop is SB3's, not the server's). Nothing
 here unpickles: a stable-baselines3 `.zip` (which holds pickles) is converted once, at export time.
 """
@@ -17,13 +18,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+from helios.arms import Arm, arms_from_dicts
+from helios.observation import ObservationLayout
 
 SCHEMA = "helios.policy/v1"
 ONNX_INPUT = "observation"
 ONNX_OUTPUT = "scores"  # action logits (PPO, A2C, MaskablePPO) or Q-values (DQN): argmax is the greedy action
+# agents.make_agent's signature: (name, n_arms, seed=, arm_table=, **hyperparameters) -> an agent with select,
+# update, load_state_dict and export.
+AgentFactory = Callable[..., Any]
 
 
 class PolicyFormatError(ValueError):
@@ -49,6 +56,7 @@ class Policy:
         self.document = document
         self.directory = directory
         self.arm_table: list[dict[str, Any]] = list(document["arm_table"])
+        self.arms: tuple[Arm, ...] = arms_from_dicts(self.arm_table)
         self.observation_names: list[str] = list(document.get("observation_names", []))
         self.kind: str = document["kind"]
         self.agent_name: str = document.get("agent", "?")
@@ -75,16 +83,15 @@ class Policy:
 class BanditPolicy(Policy):
     """A helios agent (bandit or HELIOS controller) rebuilt from JSON; `update` keeps learning when allowed."""
 
-    def __init__(self, document: dict[str, Any], directory: Path | None, *, learn: bool = False) -> None:
+    def __init__(self, document: dict[str, Any], directory: Path | None, *, make_agent: AgentFactory,
+                 learn: bool = False) -> None:
         super().__init__(document, directory)
-        from agents import make_agent
-
         exported = document["export"]
         hyper = dict(exported.get("hyperparameters", {}))
-        if exported["agent"] == "helios":  # the controller's export drops the arm table it was built with
-            hyper["arm_table"] = self.arm_table
+        # Exports drop the arm table agents were built with (the document carries it); the factory hands it to the
+        # agents that read it.
         self.agent = make_agent(exported["agent"], n_arms=int(exported["n_arms"]), seed=int(document.get("seed", 0)),
-                                **hyper)
+                                arm_table=self.arm_table, **hyper)
         self.agent.load_state_dict(exported["state"])
         self.learn = learn
 
@@ -102,6 +109,13 @@ class BanditPolicy(Policy):
     def state_document(self) -> dict[str, Any]:
         """The policy as it stands now (after online updates), in the same format: re-loadable with load_policy."""
         return {**self.document, "export": self.agent.export()}
+
+
+class FixedPolicy(Policy):
+    """One arm, always (the server's no-policy mode); frozen."""
+
+    def act(self, obs: np.ndarray | None, mask: np.ndarray | None = None) -> int:
+        return _masked_argmax(np.zeros(self.n_arms), mask)
 
 
 class OnnxPolicy(Policy):
@@ -155,11 +169,15 @@ def read_document(path: str | Path) -> tuple[dict[str, Any], Path]:
     return document, file.parent
 
 
-def load_policy(path: str | Path, *, learn: bool = False) -> Policy:
-    """Load an export (JSON or JSON + ONNX). `learn=True` lets a bandit keep updating its statistics online."""
+def load_policy(path: str | Path, *, learn: bool = False, make_agent: AgentFactory | None = None) -> Policy:
+    """Load an export (JSON or JSON + ONNX). A bandit export is rebuilt with `make_agent` (agents.make_agent);
+    `learn=True` lets it keep updating its statistics online."""
     document, directory = read_document(path)
     if document["kind"] == "bandit":
-        return BanditPolicy(document, directory, learn=learn)
+        if make_agent is None:
+            raise ValueError(f"{directory} holds a bandit policy ({document.get('agent')}): rebuilding it needs the "
+                             "agent factory, load_policy(path, make_agent=agents.make_agent)")
+        return BanditPolicy(document, directory, make_agent=make_agent, learn=learn)
     if document["kind"] == "onnx":
         if learn:
             raise ValueError("an ONNX policy is frozen: set learn=false (online learning is for bandit exports)")
@@ -167,14 +185,13 @@ def load_policy(path: str | Path, *, learn: bool = False) -> Policy:
     raise PolicyFormatError(f"unknown policy kind {document['kind']!r}; valid: bandit, onnx")
 
 
-def observation_names_for(arm_table: list[dict[str, Any]], n_exits: int | None, bins: int) -> list[str]:
-    """The env's observation layout (envs.model_depth `observation_names`) rebuilt from an arm table: candidates and
-    exit settings in the order the arm table first names them (the order the env built its arms in)."""
-    from helios.workloads import SOURCE_NAMES
-
-    candidates = list(dict.fromkeys(arm["candidate"] for arm in arm_table))
-    n_exits = n_exits or len(dict.fromkeys(arm["exit"] for arm in arm_table))
-    return [*(f"exit_hist_{j}" for j in range(bins)), "throughput_ratio", "latency_ratio", "energy_ratio",
-            "accuracy_ratio", "switch_ratio", "queue_ratio", *(f"mix_{s}" for s in SOURCE_NAMES),
-            *(f"arm_{c}" for c in candidates), "arm_depth_fraction", *(f"arm_exit_{k}" for k in range(n_exits)),
-            "arm_batch_fraction", "episode_progress"]
+def observation_layout(document: dict[str, Any], max_batch_size: int | None = None) -> ObservationLayout:
+    """The observation layout a policy acts on, rebuilt as the env built it: the arm table's candidates and exit
+    settings, the training config's histogram bins, exit settings and max_batch_size (`max_batch_size` standing in
+    where the config lacks it)."""
+    env = (document.get("config") or {}).get("env") or {}
+    cap = env.get("max_batch_size", max_batch_size)
+    if cap is None:
+        raise PolicyFormatError("the policy's training config gives no env.max_batch_size: pass max_batch_size")
+    return ObservationLayout.for_arms(arms_from_dicts(document["arm_table"]), int(env.get("histogram_bins", 8)),
+                                      int(cap), len(env.get("exits", [])) or None)

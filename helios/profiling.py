@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from helios.costmodel import CostModel, calibrate
+from helios.calibration import calibrate
+from helios.costmodel import CostModel
 from helios.energy import EnergyMeter
 from helios.engine import EarlyExitEngine
 from helios.models import estimate_weight_bytes, text_config

@@ -21,9 +21,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from helios.costmodel import DECODE_FEATURES, CostModel
-from helios.engine import ExitConfig
+from helios.costmodel import DECODE_FEATURES, CostModel, decision_kind
+from helios.exit_config import ExitConfig
 from helios.traces import Trace, read_trace
+
+# The per-layer signals a trace records; an exit criterion is replayable only if its signal is among them. `probe`
+# is not: a probe reads the hidden state, which a trace does not keep.
+SIGNALS: tuple[str, ...] = ("max_prob", "margin", "cosine")
+REPLAY_CRITERIA: tuple[str, ...] = ("none", *SIGNALS)
+
+
+def check_replayable(criterion: str) -> None:
+    """Refuse an exit criterion whose signal traces do not record (module docstring), naming the valid ones."""
+    if criterion not in REPLAY_CRITERIA:
+        raise ValueError(f"replay cannot price exit criterion {criterion!r}: traces record the {', '.join(SIGNALS)} "
+                         f"signals only; valid replay criteria: {list(REPLAY_CRITERIA)} (the live backend runs "
+                         f"{criterion!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +107,7 @@ class Replayer:
         depth, trace = setting.depth, self.trace
         exit_layer = np.full(len(trace.full_token), depth, dtype=np.int64)
         if config.enabled:
+            check_replayable(config.criterion)
             signal = {"max_prob": trace.max_prob, "margin": trace.margin, "cosine": trace.cosine}[config.criterion]
             points = np.array(sorted(e for e in config.exit_points if e < depth), dtype=np.int64)
             passes = signal[:, points - 1] >= np.float32(config.threshold)
@@ -126,7 +140,7 @@ class Replayer:
         f["head_rows"] = float(at_depth.sum())
         config = setting.exit_config
         if config.enabled:
-            kind = "cosine" if config.criterion == "cosine" else "head"
+            kind = decision_kind(config.criterion)
             for point in sorted(p for p in config.exit_points if p < depth):
                 reach = e >= point
                 leave = e == point
@@ -136,7 +150,7 @@ class Replayer:
                 f["compactions"] += leave_steps
                 f["propagate_calls"] += leave_steps * (depth - point)
                 f["propagate_rows"] += float(leave.sum()) * (depth - point)
-                if kind == "cosine":
+                if kind != "head":  # head-free decisions: an exit head computes the leaving rows' tokens
                     f["exit_head_calls"] += leave_steps
                     f["exit_head_rows"] += float(leave.sum())
         return prefill, f

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from agents import make_agent
 from helios.paths import atomic_file
-from helios.policy import ONNX_INPUT, ONNX_OUTPUT, SCHEMA, load_policy, observation_names_for
+from helios.policy import ONNX_INPUT, ONNX_OUTPUT, SCHEMA, load_policy, observation_layout
 
 SB3_AGENTS = ("ppo", "a2c", "dqn", "maskable_ppo")
 
@@ -74,11 +75,11 @@ def training_config(run_dir: Path) -> dict[str, Any]:
 def export_bandit(trained: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     export = {key: trained[key] for key in ("agent", "n_arms", "hyperparameters", "state")}
     config = trained.get("config") or training_config(run_dir)
-    env = config.get("env", {})
-    names = observation_names_for(trained["arm_table"], len(env.get("exits", [])) or None,
-                                  int(env.get("histogram_bins", 8)))
     return {"schema": SCHEMA, "kind": "bandit", "agent": trained["agent"], "arm_table": trained["arm_table"],
-            "observation_names": names,
+            # The names do not depend on the batch cap, so a stand-in serves where the config lacks it (runs made
+            # outside scripts/train.py); the server rebuilds the whole layout from the same config.
+            "observation_names": list(observation_layout({"arm_table": trained["arm_table"], "config": config},
+                                                         max_batch_size=1).names),
             "arm_stats": arm_statistics(run_dir, len(trained["arm_table"])), "slo": trained.get("slo"),
             "config": config, "seed": int(config.get("seed", 0)), "source_commit": source_commit(), "export": export}
 
@@ -196,7 +197,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, samples: int = 256, 
         document = export_bandit(trained, run_dir)
     with atomic_file(out_dir / "policy.json", "w") as handle:
         json.dump(document, handle, indent=1)
-    load_policy(out_dir)  # fail here, not in the server, if the artifact does not load
+    load_policy(out_dir, make_agent=make_agent)  # fail here, not in the server, if the artifact does not load
     log_wandb_artifact(run_dir, out_dir, document)
     return out_dir / "policy.json"
 

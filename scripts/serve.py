@@ -26,13 +26,14 @@ warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*' is validated 
 def main(cfg: DictConfig) -> None:
     import uvicorn
 
+    from agents import make_agent
     from helios.serving.server import build_server
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     plain = OmegaConf.to_container(cfg, resolve=True)
-    app, batcher = build_server(plain)  # type: ignore[arg-type]
+    app, batcher = build_server(plain, make_agent=make_agent)  # type: ignore[arg-type]
     logging.getLogger("helios.serving").info("policy %s; arm %s; http://%s:%d/v1", batcher.policy.describe(),
-                                             batcher.arm["label"], cfg.host, cfg.port)
+                                             batcher.arm.label, cfg.host, cfg.port)
     # uvicorn installs SIGTERM/SIGINT handlers: graceful shutdown waits for in-flight requests, then the app's
     # lifespan shutdown drains the batcher and saves a learned policy; uvicorn then re-raises the signal (exit -15).
     uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level, timeout_graceful_shutdown=None)

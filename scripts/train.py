@@ -30,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from agents import AGENTS, make_agent
 from agents.rollout import Rollout, play, summarise
+from helios.arms import Arm
+from helios.exit_config import ExitConfig
 from helios.paths import atomic_file
 
 if TYPE_CHECKING:
@@ -61,7 +63,8 @@ def validate_agent(cfg: DictConfig) -> None:
     hyper = agent_hyperparameters(cfg)
     hyper.pop("arm_table", None)
     if name == "helios":  # needs the env's arm table: a one-arm stand-in checks the other hyper-parameters
-        make_agent(name, 1, seed=0, arm_table=[{"index": 0, "candidate": "stand-in"}], **hyper)
+        stand_in = Arm(0, "stand-in", 0, 1, 1, 0, "none", ExitConfig(), 0, 0, 1)
+        make_agent(name, 1, seed=0, arm_table=[stand_in], **hyper)
         return
     make_agent(name, 1_000_000, seed=0, **hyper)
 
@@ -202,8 +205,7 @@ def train_bandit(cfg: DictConfig, backend: str, run_dir: Path, checkpoint: dict[
     env = make_env(cfg, backend)
     base_env = env.unwrapped
     hyper = agent_hyperparameters(cfg)
-    if cfg.agent.name == "helios":
-        hyper["arm_table"] = base_env.arm_table
+    hyper["arm_table"] = base_env.arm_table  # make_agent hands it to the agents that read it (helios, static)
     agent = make_agent(cfg.agent.name, int(env.action_space.n), seed=int(cfg.seed), **hyper)
     start = int(checkpoint["epochs_done"]) if checkpoint is not None else 0
     rollout = Rollout(env, int(cfg.seed), yardsticks=bool(cfg.oracle), first_epoch=start, on_record=on_record)

@@ -13,16 +13,20 @@ HYPER = {"exp3": {"gamma": 0.05, "reward_min": -0.5, "reward_max": 1.5}, "sw_ucb
          "thompson": {"sigma": 0.2}, "d_ucb": {"discount": 0.99}}
 
 
+def arm(index: int, candidate: str, depth: int, num_layers: int, criterion: str = "none", **extra) -> dict:
+    """An arm as helios.policy/v1 writes it (helios.arms.Arm.to_dict), written out by hand."""
+    return {"index": index, "label": f"{candidate}@{depth}", "candidate": candidate, "depth": depth,
+            "num_layers": num_layers, "exit": criterion, "criterion": criterion, "threshold": 0.9,
+            "exit_points": [1] if criterion != "none" else [], "weight_bytes": 1, "kv_bytes_per_seq": 1,
+            "batch_size": 4, "feasible": True, **extra}
+
+
 def toy_arm_table(n_arms: int) -> list[dict]:
-    return [{"index": i, "label": f"m{i % 2}@{2 + i // 2}", "candidate": f"m{i % 2}", "depth": 2 + i // 2,
-             "num_layers": 2 + (n_arms - 1) // 2, "exit": "none", "criterion": "none", "batch_size": 4,
-             "feasible": True} for i in range(n_arms)]
+    return [arm(i, f"m{i % 2}", 2 + i // 2, 2 + (n_arms - 1) // 2) for i in range(n_arms)]
 
 
 def build(name: str, n_arms: int, seed: int = 0, **hyper):
-    if name == "helios":
-        hyper["arm_table"] = toy_arm_table(n_arms)
-    return make_agent(name, n_arms, seed=seed, **hyper)
+    return make_agent(name, n_arms, seed=seed, arm_table=toy_arm_table(n_arms), **hyper)
 
 
 def run(agent, means_at, steps: int, noise: float = 0.2, seed: int = 0, context=None):
@@ -144,9 +148,7 @@ def test_helios_controller_profiles_then_loads_the_covering_depth() -> None:
     """Two candidates of 8 layers, depths 4/6/8, exits on. Profiled histograms (4 buckets of 2 layers):
     A = [0.5, 0.3, 0.1, 0.1] -> 80% of tokens exit within 4 layers -> load 4; B = [0.1, 0.2, 0.5, 0.2] -> 80% by
     layer 6 -> load 6. Accuracy ties (within tolerance), A served better when profiled -> A at depth 4."""
-    table = [{"index": i, "label": f"{c}@{d}", "candidate": c, "depth": d, "num_layers": 8, "exit": "max_prob",
-              "criterion": "max_prob", "batch_size": 4, "feasible": True}
-             for i, (c, d) in enumerate((c, d) for c in "AB" for d in (4, 6, 8))]
+    table = [arm(i, c, d, 8, "max_prob") for i, (c, d) in enumerate((c, d) for c in "AB" for d in (4, 6, 8))]
     agent = make_agent("helios", 6, arm_table=table, profile_epochs=1, coverage=0.74, patience=2, reassess_every=50)
     histograms = {"A": [0.5, 0.3, 0.1, 0.1], "B": [0.1, 0.2, 0.5, 0.2]}
     profiled = []
@@ -168,8 +170,7 @@ def test_helios_controller_profiles_then_loads_the_covering_depth() -> None:
 def test_helios_controller_breaches_only_on_a_violated_constraint() -> None:
     """The env's info lists every constraint with its penalty (0.0 when it holds, as helios.slo reports it): a
     satisfied SLO must not count as a breach, a positive penalty must."""
-    table = [{"index": i, "label": f"A@{d}", "candidate": "A", "depth": d, "num_layers": 8, "exit": "none",
-              "criterion": "none", "batch_size": 4, "feasible": True} for i, d in enumerate((4, 8))]
+    table = [arm(i, "A", d, 8) for i, d in enumerate((4, 8))]
     agent = make_agent("helios", 2, arm_table=table, profile_epochs=1, patience=2, reassess_every=50)
     action = agent.select()
     agent.update(action, 1.0, info={"exit_histogram": [1.0, 0, 0, 0], "metrics": {"accuracy": 0.8}})
@@ -187,8 +188,7 @@ def test_helios_controller_breaches_only_on_a_violated_constraint() -> None:
 
 def test_helios_controller_full_depth_tokens_are_not_force_exited() -> None:
     """At full depth the last histogram bucket holds tokens that ran every layer: not a confidence breach."""
-    table = [{"index": 0, "label": "A@8", "candidate": "A", "depth": 8, "num_layers": 8, "exit": "max_prob",
-              "criterion": "max_prob", "batch_size": 4, "feasible": True}]
+    table = [arm(0, "A", 8, 8, "max_prob")]
     agent = make_agent("helios", 1, arm_table=table, profile_epochs=1, patience=2, reassess_every=50)
     late = [0.0, 0.0, 0.1, 0.9]
     agent.update(agent.select(), 1.0, info={"exit_histogram": late, "metrics": {"accuracy": 0.8}})
@@ -197,3 +197,30 @@ def test_helios_controller_full_depth_tokens_are_not_force_exited() -> None:
         agent.update(0, 1.0, info={"exit_histogram": late, "metrics": {"accuracy": 0.8}})
         agent.select()
         assert agent.mode == "serve"
+
+
+def test_static_default_is_the_reference_arm_looked_up_in_the_table() -> None:
+    """conf/agent/static.yaml's default arm is the reference run, found by lookup, not by index. Table (helios.arms,
+    config order): A@2 none, A@2 max_prob (exit point round(0.5 x 2) = 1), A@8 none, A@8 max_prob, B@4 none,
+    B@4 max_prob; with B as the reference candidate its full-depth arm without exits is index 4."""
+    from omegaconf import OmegaConf
+
+    from helios.arms import CandidateSpec, ExitSpec, MemoryBudget, MemoryInfo, build_arms
+
+    memory = {"A": MemoryInfo(8, {2: 10, 8: 40}, 1), "B": MemoryInfo(4, {4: 20}, 1)}
+    arms = build_arms((CandidateSpec("A", (2, 8)), CandidateSpec("B", (4,))),
+                      (ExitSpec(), ExitSpec("max_prob", 0.9, (0.5,))), memory, MemoryBudget(1000, 8, 4), "B")
+    table = [a.to_dict() for a in arms]
+    hyper = OmegaConf.to_container(OmegaConf.load("conf/agent/static.yaml"))
+    agent = make_agent(hyper.pop("name"), len(table), arm_table=table, **hyper)
+    assert agent.select(None, np.ones(6, bool)) == 4
+    assert make_agent("static", 6, arm=2, arm_table=table).select() == 2  # an explicit index still works
+    exported = agent.export()
+    assert "arm_table" not in exported["hyperparameters"]  # the export document carries the table
+    without_reference = [{**row, "reference": False} for row in table]
+    with pytest.raises(ValueError, match="no reference arm"):
+        make_agent("static", 6, arm_table=without_reference)
+    with pytest.raises(ValueError, match="'reference' or an index"):
+        make_agent("static", 6, arm="full", arm_table=table)
+    with pytest.raises(ValueError, match="looked up in the env's arm table"):
+        make_agent("static", 6).select()  # no table: nothing to look the reference up in

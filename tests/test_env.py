@@ -17,7 +17,8 @@ from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs
-from envs.backends import EpochOutcome, SwitchCost, batch_size_for, epoch_metrics, exit_buckets, latency_p95_s
+from helios.arms import MemoryBudget
+from helios.telemetry import EpochOutcome, SwitchCost, epoch_metrics, latency_p95_s
 from envs.model_depth import COMMON_KEYS, REPLAY_KEYS, MaskedActionError, ModelDepthEnv, env_config
 
 ENV_IDS = sorted(env_id for env_id in registry if env_id.startswith("helios/"))
@@ -183,7 +184,8 @@ def test_arm_table_batch_sizes_follow_the_budget(make_env) -> None:
     # Weights alone over the budget: masked too.
     small = make_env(memory_budget_mib=0.8)
     assert not any(a["feasible"] for a in small.unwrapped.arm_table if a["weight_bytes"] > 0.8 * MIB)
-    assert batch_size_for(100, 101, 1, 8) == 0 and batch_size_for(100, 40, 20, 8) == 3 and batch_size_for(10**9, 0, 1, 8) == 8
+    assert MemoryBudget(100, 1, 8).batch_size(101, 1) == 0 and MemoryBudget(100, 1, 8).batch_size(40, 20) == 3
+    assert MemoryBudget(10**9, 1, 8).batch_size(0, 1) == 8
 
 
 def test_reward_components_and_observation(make_env) -> None:
@@ -263,7 +265,7 @@ def test_switch_costs_of_a_trace_without_load_timings(trace_dir, tmp_path) -> No
     env.close()
 
 
-def test_epoch_metrics_latency_and_buckets_by_hand() -> None:
+def test_epoch_metrics_and_latency_by_hand() -> None:
     outcome = EpochOutcome(requests=4, tokens=100, busy_s=2.0, latency_p95_s=1.5, energy_j=10.0, accuracy=0.25,
                            histogram=np.zeros(8, np.float32), batches=2)
     assert epoch_metrics(outcome, SwitchCost("depth", 0.5, 1.0)) == {
@@ -271,7 +273,6 @@ def test_epoch_metrics_latency_and_buckets_by_hand() -> None:
     # Arrivals 0, 0, 1, 5 in batches of 2 taking 2 s and 1 s: ends at 2 and max(2, 5) + 1 = 6 -> latencies
     # 2, 2, 5, 1 -> p95 (linear) = 2 + 0.85 x (5 - 2) = 4.55.
     assert latency_p95_s([0.0, 0.0, 1.0, 5.0], 2, [2.0, 1.0]) == pytest.approx(4.55)
-    assert exit_buckets(6, 8).tolist()[1:] == [1, 2, 3, 5, 6, 7]  # ceil(k / 6 x 8) - 1
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -325,6 +326,9 @@ def no_model_loads(monkeypatch):
         ({"candidates": [{"name": "tiny-llama", "depths": [2, 9]}]}, ValueError, r"depths \[9\]"),
         ({"reference": "tiny-gemma"}, ValueError, "reference 'tiny-gemma'"),
         ({"exits": [{"criterion": "entropy"}]}, ValueError, "criterion"),
+        # Traces hold no probe signal: refused up front, naming what replay can price (was a KeyError later).
+        ({"exits": [{"criterion": "probe", "threshold": 0.9, "exit_fractions": [0.5]}]}, ValueError,
+         r"replay cannot price exit criterion 'probe'.*valid replay criteria"),
         ({"exits": [{"criterion": "max_prob", "threshold": 0.9, "exit_fractions": [1.5]}]}, ValueError, "exit_fractions"),
         ({"memory_budget_mib": 0}, ValueError, "memory_budget_mib"),
         ({"memory_budget_mib": 0.01}, ValueError, "fits no arm"),

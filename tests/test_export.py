@@ -63,8 +63,10 @@ def test_bandit_json_round_trip(tmp_path: Path, name: str, hyper: dict) -> None:
     assert sum(s["plays"] for s in document["arm_stats"]) == 25
     assert len(document["observation_names"]) == 8 + 6 + 6 + 1 + 1 + 1 + 1 + 1
     assert sorted(p.name for p in out.parent.iterdir()) == ["policy.json"]  # JSON only: nothing to unpickle
-    policy = load_policy(out.parent)
+    policy = load_policy(out.parent, make_agent=make_agent)
     assert isinstance(policy, BanditPolicy) and not policy.learns_online
+    with pytest.raises(ValueError, match="make_agent=agents.make_agent"):
+        load_policy(out.parent)  # helios imports no agents: the caller hands over the factory
     obs = np.zeros(30, np.float32)
     mask = np.array([True, False, True, True, False])
     for _ in range(10):  # same state, same RNG: the same decisions as the trained agent
@@ -76,7 +78,7 @@ def test_bandit_json_round_trip(tmp_path: Path, name: str, hyper: dict) -> None:
 def test_bandit_keeps_learning_online(tmp_path: Path) -> None:
     run, _ = trained_bandit_run(tmp_path, "ucb")
     out = export_module().export_run(run, tmp_path / "export").parent
-    frozen, learning = load_policy(out), load_policy(out, learn=True)
+    frozen, learning = load_policy(out, make_agent=make_agent), load_policy(out, learn=True, make_agent=make_agent)
     t0 = frozen.agent.t
     for policy in (frozen, learning):
         policy.update(0, 5.0)
@@ -84,13 +86,13 @@ def test_bandit_keeps_learning_online(tmp_path: Path) -> None:
     saved = tmp_path / "online"
     saved.mkdir()
     (saved / "policy.json").write_text(json.dumps(learning.state_document()))
-    assert load_policy(saved).agent.state_dict()["counts"] == learning.agent.state_dict()["counts"]
+    assert load_policy(saved, make_agent=make_agent).agent.state_dict()["counts"] == learning.agent.state_dict()["counts"]
 
 
 def test_helios_controller_round_trip(tmp_path: Path) -> None:
     run, agent = trained_bandit_run(tmp_path, "helios", arm_table=arm_table())
     out = export_module().export_run(run, tmp_path / "export")
-    policy = load_policy(out.parent)
+    policy = load_policy(out.parent, make_agent=make_agent)
     assert policy.agent.state_dict() == agent.state_dict()
     assert policy.act(None, None) == agent.select(None, None)
 
@@ -162,10 +164,10 @@ def test_sb3_onnx_matches_torch(tmp_path: Path, algo: str) -> None:
 def test_rejects_non_exports(tmp_path: Path) -> None:
     (tmp_path / "policy.json").write_text(json.dumps({"schema": "other/v0"}))
     with pytest.raises(PolicyFormatError):
-        load_policy(tmp_path)
+        load_policy(tmp_path, make_agent=make_agent)
     run, _ = trained_bandit_run(tmp_path, "ucb")
     with pytest.raises(PolicyFormatError):  # a training run's own policy.json is not an export
-        load_policy(run)
+        load_policy(run, make_agent=make_agent)
 
 
 def test_wandb_artifact_only_when_online(monkeypatch: pytest.MonkeyPatch) -> None:

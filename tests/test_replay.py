@@ -1,6 +1,10 @@
 """Traces, cost model and replay: the engine's own counters and teacher-forced runs are the references."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +52,7 @@ def test_simulated_features_equal_engine_counters(name, exit_config) -> None:
 def test_vectorised_batch_features_equal_reference_loop(tiny_trace) -> None:
     replayer = Replayer(read_trace(tiny_trace))
     rng = np.random.default_rng(0)
-    for exit_config in SETTINGS:
+    for exit_config in (*SETTINGS, ExitConfig("probe", 0.9, (2, 4))):
         depth = 6
         points = list(exit_config.exit_points) if exit_config.enabled else []
         choices = np.array(points + [depth])
@@ -58,6 +62,40 @@ def test_vectorised_batch_features_equal_reference_loop(tiny_trace) -> None:
         got = replayer.batch_features(exits, setting, np.array([7, 5, 9, 7, 6]))
         want = simulate_features(exits.tolist(), depth, exit_config, [7, 5, 9, 7, 6])
         assert got == want
+
+
+def test_probe_decisions_are_counted_and_priced_by_hand() -> None:
+    """Depth 4, exit point 2, prompt of 1 token, two rows: row 0 exits at step 1, row 1 at step 2. Each step: 2 rows
+    reach the probe (1 call), 1 leaves (1 compaction, its token from the exit head, K/V propagated through layers
+    3 and 4), 1 runs to the LM head. Probe decisions read no head, so no decision_head work."""
+    probe = ExitConfig("probe", 0.9, (2,))
+    _, decode = simulate_features([[4, 2, 4], [4, 4, 2]], 4, probe, 1)
+    assert {k: v for k, v in decode.items() if v} == {
+        "steps": 2, "step_rows": 4, "layer_calls": 8, "layer_rows": 12, "attention_row_positions": 2 * 6 + 3 * 6,
+        "decision_probe_calls": 2, "decision_probe_rows": 4, "compactions": 2, "propagate_calls": 4,
+        "propagate_rows": 4, "exit_head_calls": 2, "exit_head_rows": 2, "head_calls": 2, "head_rows": 2}
+    model = CostModel({}, {"decision_probe_rows": 1e-3, "exit_head_rows": 1e-2}, device="cpu", dtype="float32",
+                      threads=1)
+    assert model.decode_s(decode) == pytest.approx(4e-3 + 2e-2)
+
+
+def test_replay_pricing_imports_neither_torch_nor_transformers(tiny_trace) -> None:
+    """Pricing a trace is arithmetic: a fresh interpreter replays one and never imports torch or transformers."""
+    code = (
+        "import sys\n"
+        "from helios.exit_config import ExitConfig\n"
+        "from helios.replay import Replayer, Setting\n"
+        "from helios.traces import read_trace\n"
+        f"replayer = Replayer(read_trace({str(tiny_trace)!r}))\n"
+        "result = replayer.run(replayer.trace.requests(), Setting(3, ExitConfig('cosine', 0.6, (1, 2)), 2))\n"
+        "assert result.busy_s > 0 and result.generated_tokens > 0\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": root}, cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_cost_model_prices_features_linearly() -> None:
@@ -131,6 +169,8 @@ def test_replay_latency_accounts_for_queueing(tiny_trace) -> None:
 
 
 def test_bad_settings_are_rejected(tiny_trace) -> None:
+    with pytest.raises(ValueError, match=r"replay cannot price exit criterion 'probe'.*\['none', 'max_prob'"):
+        Replayer(read_trace(tiny_trace)).run([0], Setting(3, ExitConfig("probe", 0.9, (1,)), 1))
     replayer = Replayer(read_trace(tiny_trace))
     with pytest.raises(ValueError, match=r"\[1, 6\]"):
         replayer.run([0], Setting(7))

@@ -26,6 +26,7 @@ import openai
 import pytest
 import uvicorn
 
+from agents import make_agent
 from helios.serving.server import build_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ class ThreadServer:
     """uvicorn in a background thread; `stop()` is uvicorn's graceful shutdown (which drains the batcher)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        self.app, self.batcher = build_server(cfg)
+        self.app, self.batcher = build_server(cfg, make_agent=make_agent)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -343,22 +344,28 @@ def test_text_stream_holds_back_stop_strings_and_split_characters() -> None:
     assert "".join(limited.push(t) for t in tokens) == "abc"
 
 
+def batch_metrics(server: ThreadServer) -> tuple[float, float]:
+    """(batches, requests in them) so far: helios_batch_size's count and sum."""
+    lines = httpx.get(server.url + "/metrics").text.splitlines()
+    value = {line.split()[0]: float(line.split()[-1]) for line in lines if line.startswith("helios_batch_size_")}
+    return value["helios_batch_size_count"], value["helios_batch_size_sum"]
+
+
 def test_concurrent_requests_are_batched(server: ThreadServer) -> None:
+    batches_before, served_before = batch_metrics(server)
+
     async def run() -> list[str]:
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as aclient:
             replies = await asyncio.gather(*[aclient.completions.create(model="helios", prompt=f"item {i}",
                                                                         max_tokens=4) for i in range(12)])
         return [r.choices[0].text for r in replies]
 
-    def batches_so_far() -> float:
-        metrics = httpx.get(server.url + "/metrics").text
-        line = next(line for line in metrics.splitlines() if line.startswith("helios_batch_size_count"))
-        return float(line.split()[-1])
-
-    before = batches_so_far()  # the module's server has served other tests' batches already
     texts = asyncio.run(run())
     assert len(texts) == 12
-    assert batches_so_far() - before < 12  # fewer batches than requests: some were served together
+    batches, served = batch_metrics(server)
+    assert served - served_before == 12
+    # One batch per request would be 12; the batch size is 8, so at least 2. Fewer than 12: some were batched.
+    assert 2 <= batches - batches_before < 12
 
 
 def test_metrics_and_health(server: ThreadServer, client: openai.OpenAI) -> None:
@@ -430,8 +437,9 @@ def test_api_key() -> None:
 
 def bandit_export(tmp_path: Path, agent: str = "ucb") -> Path:
     """A two-arm export (tiny-llama at full depth and at half depth) of a fresh agent, without training."""
-    from agents import make_agent
-    from helios.policy import SCHEMA, observation_names_for
+    from helios.arms import arms_from_dicts
+    from helios.observation import ObservationLayout
+    from helios.policy import SCHEMA
 
     arms = []
     for index, depth in enumerate((6, 3)):
@@ -439,7 +447,7 @@ def bandit_export(tmp_path: Path, agent: str = "ucb") -> Path:
                      "depth": depth, "num_layers": 6, "exit": "none", "criterion": "none", "threshold": 0.9,
                      "exit_points": [], "weight_bytes": 1, "kv_bytes_per_seq": 1, "batch_size": 4, "feasible": True})
     document = {"schema": SCHEMA, "kind": "bandit", "agent": agent, "arm_table": arms, "seed": 0,
-                "observation_names": observation_names_for(arms, 1, 8), "slo": None,
+                "observation_names": list(ObservationLayout.for_arms(arms_from_dicts(arms), 8, 8).names), "slo": None,
                 "export": make_agent(agent, n_arms=2).export()}
     out = tmp_path / "export"
     out.mkdir()
@@ -465,7 +473,15 @@ def test_policy_switches_arms_without_failing_requests(tmp_path: Path) -> None:
         served = {r.system_fingerprint for r in replies}
         assert served == {"tiny-llama@6/6 exit=none", "tiny-llama@3/6 exit=none"}  # both arms served, no failure
         assert running.batcher.policy.agent.t >= 2  # learned online from epoch rewards
-        assert len(running.batcher.epoch_log) >= 2
+        log = running.batcher.epoch_log
+        assert len(log) >= 2
+        # A switch (both arms are loads: different depths) is charged to the one epoch it opens, never repeated;
+        # the start-up load opens no epoch.
+        names = running.batcher.layout.names
+        switched = [False] + [before["next_arm"] != before["arm"] for before in log[:-1]]
+        ratios = [record["observation"][names.index("switch_ratio")] for record in log]
+        assert [r > 0 for r in ratios] == switched and [r["switch_s"] > 0 for r in log] == switched
+        assert any(switched)
     finally:
         running.stop()
 
@@ -574,6 +590,19 @@ def test_onnx_policy_serves(tmp_path: Path) -> None:
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="x", max_retries=0)
         for i in range(3):
             assert client.completions.create(model="helios", prompt=f"p{i}", max_tokens=3).choices[0].text is not None
-        assert len(running.batcher.epoch_log) >= 2  # it decided every epoch from live observations
+        log = running.batcher.epoch_log
+        assert len(log) >= 2  # it decided every epoch from live observations
     finally:
         running.stop()
+    # Independently of helios.policy: onnxruntime on the observation each epoch logged, clipped to the exported
+    # bounds, argmax over the feasible arms (all of them here) = the arm the server switched to.
+    import onnxruntime as ort
+
+    exported = json.loads((export / "policy.json").read_text())
+    session = ort.InferenceSession(str(export / "policy.onnx"), providers=["CPUExecutionProvider"])
+    low, high = (np.asarray(exported["onnx"][k], np.float32) for k in ("observation_low", "observation_high"))
+    for record in log:
+        obs = np.clip(np.asarray(record["observation"], np.float32), low, high)[None]
+        assert obs[0, names.index("throughput_ratio")] > 0  # a live observation, not the empty one
+        scores = session.run(["scores"], {"observation": obs})[0][0]
+        assert record["next_arm"] == int(np.argmax(scores))

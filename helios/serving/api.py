@@ -253,7 +253,7 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
     async def health() -> JSONResponse:
         if not batcher.alive:
             return error_response(503, "the batcher worker is not running", None, "worker_dead")
-        return JSONResponse({"status": "ok", "arm": batcher.arm, "queue": batcher.queue.qsize()})
+        return JSONResponse({"status": "ok", "arm": batcher.arm.to_dict(), "queue": batcher.queue.qsize()})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -361,7 +361,7 @@ def create_app(batcher: Batcher, metrics: ServerMetrics, *, served_model_name: s
             return ChatCompletionResponse(model=served_model_name, usage=usage(outputs),
                                           system_fingerprint=outputs[0].arm, choices=choices)
         events, requests, early = await open_stream(jobs)
-        rid, created, arm = random_id("chatcmpl"), int(time.time()), batcher.arm["label"]
+        rid, created, arm = random_id("chatcmpl"), int(time.time()), batcher.arm.label
 
         def chunk(index: int, delta: DeltaMessage, finish: str | None = None,
                   logprobs: ChatCompletionLogProbs | None = None) -> str:

@@ -10,10 +10,16 @@ arm's batch size (what the memory budget allows beside its weights). The batch d
 request's own SamplingParams (greedy or sampled, per row); each request keeps its own first `max_tokens` (a row's
 tokens, greedy or seeded, do not depend on how long the batch runs or on the other rows).
 
-Epochs and switching: after a batch, when `epoch_s` has passed and the epoch served something, the worker turns the
-epoch's telemetry into the environment's observation and SLO reward, lets the policy learn (if online) and act, and
-loads the new arm if it changed. That happens between batches, in the same thread, so a switch never touches an
-in-flight batch: requests that arrive meanwhile wait in the queue and are served by the new arm.
+Epochs and switching: after a batch, when `epoch_s` has passed and the epoch generated tokens, the worker turns the
+epoch's record (helios.telemetry) into the SLO metrics and reward and the env's observation (helios.observation, the
+same builder), lets the policy learn (if online) and act, and loads the new arm if it changed. That happens between
+batches, in the same thread, so a switch never touches an in-flight batch: requests that arrive meanwhile wait in
+the queue and are served by the new arm. The switch is charged to the epoch it opens, like the env charges it to
+the epoch the new arm serves (the load at start-up, before any request, to none).
+
+Live, the reference of every ratio is the first epoch (no offline reference run; no switch in it), and so is the
+nominal epoch that `queue_ratio` divides the waiting requests by; accuracy is neutral (no references live), the
+workload mix is unknown (zeros) and there is no episode (progress 0).
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from envs.model_depth import OBS_RATIO_MAX
-from helios.engine import EarlyExitEngine, ExitConfig
+from helios.arms import Arm, exit_histogram
+from helios.engine import EarlyExitEngine
+from helios.observation import ObservationLayout, build_observation
 from helios.sampling import GREEDY, SamplingParams, TokenLogprob
 from helios.serving.metrics import ServerMetrics
+from helios.telemetry import NO_SWITCH, EpochOutcome, SwitchCost, epoch_metrics
 
 log = logging.getLogger("helios.serving")
 ACCURACY_LIVE = 1.0  # no references live: accuracy enters the reward as neutral (ratio 1 to the reference)
@@ -180,29 +188,28 @@ class Engines:
     def __init__(self, device: str = "cpu", dtype: str = "float32") -> None:
         self.device, self.dtype = device, dtype
 
-    def load(self, arm: dict[str, Any]) -> EarlyExitEngine:
+    def load(self, arm: Arm) -> EarlyExitEngine:
         from helios.models import load_candidate
 
-        loaded = load_candidate(arm["candidate"], int(arm["depth"]), device=self.device, dtype=self.dtype,
-                                progress=False)
+        loaded = load_candidate(arm.candidate, arm.depth, device=self.device, dtype=self.dtype, progress=False)
         return EarlyExitEngine(loaded)
 
 
 class Batcher:
     def __init__(self, *, policy: Any, metrics: ServerMetrics, slo: Any, meter: Any, context_tokens: int,
-                 max_wait_s: float = 0.01, epoch_s: float = 5.0, initial_arm: int | None = None,
-                 engines: Engines | None = None, histogram_bins: int = 8,
+                 layout: ObservationLayout, max_wait_s: float = 0.01, epoch_s: float = 5.0,
+                 initial_arm: int | None = None, engines: Engines | None = None,
                  on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.policy = policy
-        self.arm_table: list[dict[str, Any]] = policy.arm_table
-        self.mask = np.array([bool(a.get("feasible", a["batch_size"] >= 1)) for a in self.arm_table])
+        self.arms: tuple[Arm, ...] = policy.arms
+        self.layout = layout
+        self.mask = np.array([arm.feasible for arm in self.arms])
         if not self.mask.any():
             raise ValueError("no arm of the policy's table fits the memory budget")
         self.metrics, self.slo, self.meter = metrics, slo, meter
         self.context_tokens = int(context_tokens)
         self.max_wait_s, self.epoch_s = float(max_wait_s), float(epoch_s)
         self.engines = engines or Engines()
-        self.bins = histogram_bins
         self.on_epoch = on_epoch
         self.queue: queue.Queue[GenerationRequest] = queue.Queue()
         self._stop = threading.Event()
@@ -210,13 +217,13 @@ class Batcher:
         self.engine: EarlyExitEngine | None = None
         self._max_context = self.context_tokens
         self.arm_index = -1
-        self.last_switch_s = 0.0
         self.reference: dict[str, float] | None = None
+        self.reference_requests = 0  # the first epoch's requests: the nominal epoch of queue_ratio
         self.epoch_log: list[dict[str, Any]] = []
         self._epoch_reset()
-        self._names = list(policy.observation_names)
-        first = initial_arm if initial_arm is not None else policy.act(self.observation(None), self.mask)
+        first = initial_arm if initial_arm is not None else policy.act(self.observation(None, None), self.mask)
         self.switch(int(first))
+        self._epoch_reset()  # the start-up load delays no request: no epoch pays for it
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -235,8 +242,8 @@ class Batcher:
         return self._thread is not None and self._thread.is_alive()
 
     @property
-    def arm(self) -> dict[str, Any]:
-        return self.arm_table[self.arm_index]
+    def arm(self) -> Arm:
+        return self.arms[self.arm_index]
 
     @property
     def tokenizer(self) -> Any:
@@ -267,7 +274,7 @@ class Batcher:
                 continue
             batch = [first]
             deadline = time.perf_counter() + self.max_wait_s
-            while len(batch) < max(1, int(self.arm["batch_size"])):
+            while len(batch) < max(1, self.arm.batch_size):
                 try:
                     batch.append(self.queue.get(timeout=max(0.0, deadline - time.perf_counter())))
                 except queue.Empty:
@@ -353,7 +360,6 @@ class Batcher:
             self.metrics.queue_wait.observe(started - request.arrival)
             self._emit(request, "start", None)
         arm = self.arm
-        exit_config = ExitConfig(arm["criterion"], float(arm["threshold"]), tuple(arm["exit_points"]))
         max_new = max(r.max_tokens for r, _ in encoded)
         eos = set(self.engine.eos_ids)
         tokenizer = self.tokenizer
@@ -369,7 +375,7 @@ class Batcher:
 
         self.meter.start()
         try:
-            result = self.engine.generate([ids for _, ids in encoded], max_new, exit_config,
+            result = self.engine.generate([ids for _, ids in encoded], max_new, arm.exit_config,
                                           on_token=on_token if streams else None,
                                           sampling=[request.sampling for request, _ in encoded])
         finally:
@@ -400,106 +406,107 @@ class Batcher:
             self.metrics.prompt_tokens.inc(len(ids))
             for layer in exits:
                 self.metrics.exit_layer.observe(layer)
-            self.epoch["latencies"].append(finished - request.arrival)
+            self.epoch["latencies"].append(finished - request.arrival - self._waited_for_switch(request.arrival))
             self.epoch["exit_layers"].extend(exits)
             if row in streams:
                 rest = streams[row].rest(text)
                 if rest:
                     self._emit(request, "piece", rest)
-            self._resolve(request, GenerationOutput(text, tokens, len(ids), finish, exits, arm["label"], logprobs))
+            self._resolve(request, GenerationOutput(text, tokens, len(ids), finish, exits, arm.label, logprobs))
         self.metrics.generated_tokens.inc(generated)
         self.epoch["tokens"] += generated
         self.epoch["busy_s"] += finished - started
         self.epoch["energy_j"] += max(0.0, reading.energy_j)
         self.epoch["requests"] += len(encoded)
+        self.epoch["batches"] += 1
 
     # ------------------------------------------------------------------------------------------ the policy
 
     def _epoch_reset(self) -> None:
         self.epoch: dict[str, Any] = {"start": time.perf_counter(), "tokens": 0, "busy_s": 0.0, "energy_j": 0.0,
-                                      "requests": 0, "latencies": [], "exit_layers": []}
+                                      "requests": 0, "batches": 0, "latencies": [], "exit_layers": [],
+                                      "switch": NO_SWITCH, "switch_window": (0.0, 0.0)}
 
-    def histogram(self) -> np.ndarray:
-        """Shares of this epoch's tokens by exit layer / the candidate's layers, in `bins` buckets (the env's)."""
-        layers = np.asarray(self.epoch["exit_layers"], dtype=float)
-        hist = np.zeros(self.bins, np.float32)
-        if layers.size:
-            fraction = layers / max(1, int(self.arm["num_layers"]))
-            buckets = np.clip(np.ceil(fraction * self.bins).astype(int) - 1, 0, self.bins - 1)
-            np.add.at(hist, buckets, 1.0)
-            hist /= layers.size
-        return hist
+    def _waited_for_switch(self, arrival: float) -> float:
+        """Seconds a request arriving at `arrival` spent waiting for this epoch's switch: epoch_metrics charges
+        the switch to every request of the epoch, so it must not be in the measured latency too."""
+        start, end = self.epoch["switch_window"]
+        return max(0.0, end - max(start, arrival))
 
-    def epoch_values(self) -> dict[str, float]:
-        tokens = max(1, self.epoch["tokens"])
-        return {"throughput_tok_s": self.epoch["tokens"] / max(self.epoch["busy_s"], 1e-9),
-                "latency_p95_s": float(np.percentile(self.epoch["latencies"], 95)),
-                "energy_j_per_tok": max(self.epoch["energy_j"], 1e-9) / tokens, "accuracy": ACCURACY_LIVE}
+    def epoch_outcome(self) -> EpochOutcome:
+        """The epoch's record so far, as the env's backends fill it (helios.telemetry)."""
+        epoch = self.epoch
+        latencies = epoch["latencies"]
+        return EpochOutcome(
+            requests=epoch["requests"], tokens=epoch["tokens"], busy_s=epoch["busy_s"],
+            latency_p95_s=float(np.percentile(latencies, 95)) if latencies else 0.0,
+            # A meter that read nothing must still leave a positive reference: the ratios divide by it.
+            energy_j=max(epoch["energy_j"], 1e-9), accuracy=ACCURACY_LIVE,
+            histogram=exit_histogram(epoch["exit_layers"], self.arm.num_layers, self.layout.bins),
+            batches=epoch["batches"],
+        )
 
-    def observation(self, values: dict[str, float] | None) -> np.ndarray:
-        """The env's observation vector (envs/model_depth.py layout, by name) from live telemetry. Ratios are to the
-        first live epoch (the server has no offline reference run); the workload mix is unknown live (zeros)."""
-        features: dict[str, float] = {}
-        if values is not None and self.reference is not None:
-            features.update({f"exit_hist_{j}": float(v) for j, v in enumerate(self.histogram())})
-            ref = self.reference
-            features.update(throughput_ratio=values["throughput_tok_s"] / ref["throughput_tok_s"],
-                            latency_ratio=values["latency_p95_s"] / ref["latency_p95_s"],
-                            energy_ratio=values["energy_j_per_tok"] / ref["energy_j_per_tok"], accuracy_ratio=1.0,
-                            switch_ratio=self.last_switch_s / ref["latency_p95_s"])
-        if self.arm_index >= 0:
-            arm = self.arm
-            features[f"arm_{arm['candidate']}"] = 1.0
-            features["arm_depth_fraction"] = arm["depth"] / arm["num_layers"]
-            exits = list(dict.fromkeys(a["exit"] for a in self.arm_table))
-            features[f"arm_exit_{exits.index(arm['exit'])}"] = 1.0
-            features["arm_batch_fraction"] = arm["batch_size"] / max(a["batch_size"] for a in self.arm_table)
-        batch = int(self.arm["batch_size"]) if self.arm_index >= 0 else 1
-        features["queue_ratio"] = self.queue.qsize() / max(1, batch)  # waiting requests per batch slot
-        # Clipped like the env clips its ratios: the policy never saw larger values.
-        return np.array([min(features.get(name, 0.0), OBS_RATIO_MAX) for name in self._names], dtype=np.float32)
+    def observation(self, outcome: EpochOutcome | None, values: dict[str, float] | None) -> np.ndarray:
+        """The env's observation (helios.observation) after an epoch, or before any (both None)."""
+        return build_observation(
+            self.layout, histogram=None if outcome is None else outcome.histogram, values=values,
+            reference=self.reference, switch_s=self.epoch["switch"].seconds, waiting=self.queue.qsize(),
+            nominal=self.reference_requests, mixture=None, arm=self.arm if self.arm_index >= 0 else None,
+            progress=0.0)
 
     def _maybe_end_epoch(self) -> None:
-        if time.perf_counter() - self.epoch["start"] < self.epoch_s or self.epoch["requests"] == 0:
+        if time.perf_counter() - self.epoch["start"] < self.epoch_s or self.epoch["tokens"] == 0:
             return
-        values = self.epoch_values()
+        outcome, switch = self.epoch_outcome(), self.epoch["switch"]
+        values = epoch_metrics(outcome, switch)
+        assert values is not None  # the epoch generated tokens
         if self.reference is None:
-            self.reference = dict(values)
+            self.reference = epoch_metrics(outcome, NO_SWITCH)
+            self.reference_requests = outcome.requests
         reward = self.slo.evaluate(values, self.reference)
-        obs = self.observation(values)
-        info = {"metrics": values, "exit_histogram": self.histogram().tolist(), "penalties":
-                {k: v for k, v in reward.penalties.items() if v > 0}}
+        obs = self.observation(outcome, values)
+        info = {"metrics": values, "exit_histogram": outcome.histogram.tolist(), "switch_s": switch.seconds,
+                "penalties": {k: v for k, v in reward.penalties.items() if v > 0}}
         previous = self.arm_index
         self.policy.update(previous, reward.total, obs, info)
         choice = int(self.policy.act(obs, self.mask))
         record = {"epoch": len(self.epoch_log), "arm": previous, "next_arm": choice, "reward": reward.total,
-                  "requests": self.epoch["requests"], **values}
+                  "requests": outcome.requests, "switch_s": switch.seconds, **values, "observation": obs.tolist()}
         self.epoch_log.append(record)
         self.metrics.epochs.inc()
         self.metrics.reward.set(reward.total)
         if self.on_epoch is not None:
             self.on_epoch(record)
+        self._epoch_reset()  # before the switch: the next epoch pays for it
         if choice != previous:
             self.switch(choice)
-        self._epoch_reset()
 
     def switch(self, index: int) -> None:
         """Load arm `index` (only between batches: this runs in the worker thread, or before it starts)."""
-        if not 0 <= index < len(self.arm_table) or not self.mask[index]:
-            raise ValueError(f"arm {index} is not a feasible arm of the table")
-        arm = self.arm_table[index]
-        if self.engine is not None and (arm["candidate"], arm["depth"]) == (self.arm["candidate"], self.arm["depth"]):
+        if not 0 <= index < len(self.arms) or not self.mask[index]:
+            valid = np.flatnonzero(self.mask).tolist()
+            raise ValueError(f"arm {index} is not a feasible arm of the table; feasible arms: {valid}")
+        arm = self.arms[index]
+        loaded = None if self.engine is None else self.arm
+        if loaded is not None and (arm.candidate, arm.depth) == (loaded.candidate, loaded.depth):
+            cost = NO_SWITCH if index == self.arm_index else SwitchCost("exit", 0.0, 0.0)
             self.arm_index = index  # same model, another exit setting: nothing to load
-            self.last_switch_s = 0.0
         else:
             started = time.perf_counter()
+            self.meter.start()
             self.engine = None  # drop the old model first: the budget holds one (only the worker reads it)
-            self.engine = self.engines.load(arm)
+            try:
+                self.engine = self.engines.load(arm)
+            finally:
+                energy_j = max(0.0, self.meter.stop().energy_j)
+            finished = time.perf_counter()
             self._max_context = min(self.engine.max_context, self.context_tokens)
-            self.last_switch_s = time.perf_counter() - started
-            self.metrics.switch_seconds.observe(self.last_switch_s)
+            kind = "cold" if loaded is None else "candidate" if loaded.candidate != arm.candidate else "depth"
+            cost = SwitchCost(kind, finished - started, energy_j)
+            self.epoch["switch_window"] = (started, finished)
+            self.metrics.switch_seconds.observe(cost.seconds)
             self.arm_index = index
-        if self.metrics is not None:
-            self.metrics.switches.inc()
-            self.metrics.set_arm(arm)
-        log.info("serving arm %d: %s (%.2f s to load)", index, arm["label"], self.last_switch_s)
+        self.epoch["switch"] = cost
+        self.metrics.switches.inc()
+        self.metrics.set_arm(arm)
+        log.info("serving arm %d: %s (%.2f s to load)", index, arm.label, cost.seconds)

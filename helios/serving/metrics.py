@@ -10,6 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 (re-exported for the handler)
 
+from helios.arms import Arm
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -46,10 +48,10 @@ class ServerMetrics:
         self.errors = Counter("helios_engine_errors", "engine batches that raised (requests answered with errors)",
                               registry=r)
 
-    def set_arm(self, arm: dict) -> None:
+    def set_arm(self, arm: Arm) -> None:
         self.arm.clear()  # exactly one labelled series is 1: the current arm
-        self.arm.labels(str(arm["index"]), arm["candidate"], str(arm["depth"]), arm["exit"]).set(1)
-        self.arm_index.set(arm["index"])
+        self.arm.labels(str(arm.index), arm.candidate, str(arm.depth), arm.exit_name).set(1)
+        self.arm_index.set(arm.index)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
