@@ -12,7 +12,9 @@ StepExecutor contract (helios/scheduler.py's docstring):
   switch(arm, preempted)  load `arm` (timed); `preempted` sequences drop their K/V and come back through prefill
 
 Each token is appended to `seq.token_ids` / `seq.exit_layers`; a sequence ends at an EOS id of the model or when its
-payload's `on_token` says a stop string ended it (the server's detokeniser owns stop strings).
+payload's `on_token(token, logprob)` says a stop string ended it (the server's detokeniser owns stop strings).
+Each sequence decodes with its payload's SamplingParams (helios.sampling: greedy by default; a seeded sequence's
+text does not depend on who shares its batch). A recomputed sequence restarts its noise stream from its seed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from helios.engine import DecodeBatch, EarlyExitEngine, ExitConfig
+from helios.sampling import GREEDY, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from helios.scheduler import SequenceState
@@ -32,11 +35,13 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass
 class EnginePayload:
-    """A request as the engine sees it: prompt token ids, and an optional per-token hook (streaming, stop strings)
-    that returns True when the token ended the sequence."""
+    """A request as the engine sees it: prompt token ids, its sampling settings, and an optional per-token hook
+    `on_token(token_id, logprob)` (streaming, stop strings) that returns True when the token ended the sequence;
+    `logprob` is None unless the SamplingParams asked for logprobs."""
 
     token_ids: list[int]
-    on_token: Callable[[int], bool] | None = None
+    on_token: Callable[[int, TokenLogprob | None], bool] | None = None
+    sampling: SamplingParams = GREEDY
 
 
 ArmLoader = Callable[[Any], tuple[EarlyExitEngine, ExitConfig]]
@@ -63,13 +68,14 @@ class EngineExecutor:
     def _key(seq: SequenceState) -> Hashable:
         return seq.request.request_id
 
-    def _emit(self, seq: SequenceState, token: int, exit_layer: int) -> None:
+    def _emit(self, seq: SequenceState, token: int, exit_layer: int, logprob: TokenLogprob | None) -> None:
         seq.token_ids.append(token)
         seq.exit_layers.append(exit_layer)
         payload: EnginePayload = seq.request.payload
+        stopped = payload.on_token is not None and payload.on_token(token, logprob)
         if token in self.engine.eos_ids:
             seq.finished, seq.finish_reason = True, "eos"
-        elif payload.on_token is not None and payload.on_token(token):
+        elif stopped:
             seq.finished, seq.finish_reason = True, "stop"
 
     def prefill(self, seqs: list[SequenceState]) -> float:
@@ -77,11 +83,13 @@ class EngineExecutor:
         # A recomputed sequence re-runs its prompt and what it had generated, and goes on from there.
         contexts = [list(seq.request.payload.token_ids) + list(seq.token_ids) for seq in seqs]
         remaining = [max(seq.max_tokens - seq.output_tokens, 1) for seq in seqs]
-        out = self.batch.add([self._key(seq) for seq in seqs], contexts, remaining)
+        out = self.batch.add([self._key(seq) for seq in seqs], contexts, remaining,
+                             [seq.request.payload.sampling for seq in seqs])
         self._synchronise()
         seconds = time.perf_counter() - start
-        for seq, token, layer in zip(seqs, out.tokens, out.exit_layers):
-            self._emit(seq, token, layer)
+        logprobs = out.logprobs or [None] * len(seqs)
+        for seq, token, layer, logprob in zip(seqs, out.tokens, out.exit_layers, logprobs):
+            self._emit(seq, token, layer, logprob)
         return seconds
 
     def decode(self, seqs: list[SequenceState]) -> float:
@@ -92,8 +100,9 @@ class EngineExecutor:
         self._synchronise()
         seconds = time.perf_counter() - start
         by_key = {self._key(seq): seq for seq in seqs}
-        for key, token, layer in zip(out.seq_ids, out.tokens, out.exit_layers):
-            self._emit(by_key[key], token, layer)
+        logprobs = out.logprobs or [None] * len(seqs)
+        for key, token, layer, logprob in zip(out.seq_ids, out.tokens, out.exit_layers, logprobs):
+            self._emit(by_key[key], token, layer, logprob)
         return seconds
 
     def release(self, seq: SequenceState) -> None:

@@ -30,7 +30,7 @@ def _requests(engine: EarlyExitEngine, collected: dict) -> list[SequenceRequest]
     requests = []
     for i, ids in enumerate(engine.encode(PROMPTS)):
         collected[i] = []
-        hook = (lambda token, i=i: collected[i].append(token) or False)
+        hook = (lambda token, logprob, i=i: collected[i].append(token) or False)
         requests.append(SequenceRequest(i, ARRIVALS_S[i], len(ids), MAX_TOKENS[i], EnginePayload(ids, hook)))
     return requests
 
@@ -89,3 +89,31 @@ def test_keep_needs_the_same_weights() -> None:
     executor.batch.add(["a"], [[1, 2, 3]], 4)
     with pytest.raises(ValueError, match="drain"):
         executor.switch(3, [])
+
+
+def test_seeded_sampling_does_not_depend_on_batch_neighbours() -> None:
+    """A seeded sampled request gives the same tokens alone and among others joining and leaving around it."""
+    from helios.sampling import SamplingParams
+
+    engine = EarlyExitEngine(load_cached("tiny-llama"), load_tuned_heads=False)
+    ids = engine.encode(PROMPTS)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=7, logprobs=2)
+
+    def serve(indices: list[int]) -> dict[int, list[tuple[int, float]]]:
+        got: dict[int, list[tuple[int, float]]] = {i: [] for i in indices}
+        executor = EngineExecutor(lambda arm: (engine, ExitConfig()), arm="a")
+        scheduler = Scheduler(executor, MemoryBudget(10**9, 1, 1), VirtualClock(), arm="a")
+        for i in indices:
+            if i == 1:
+                payload = EnginePayload(ids[i], lambda token, lp: got[1].append((token, lp.logprob)) or False, params)
+            else:
+                payload = EnginePayload(ids[i], None, SamplingParams(temperature=1.0, seed=100 + i))
+            scheduler.submit(SequenceRequest(i, ARRIVALS_S[i], len(ids[i]), MAX_TOKENS[i], payload))
+        scheduler.run_until(math.inf)
+        return got
+
+    alone, crowded = serve([1])[1], serve([0, 1, 2, 3, 4])[1]
+    assert [t for t, _ in alone] == [t for t, _ in crowded] and len(alone) == MAX_TOKENS[1]
+    assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(alone, crowded))
+    greedy = _hf_alone(engine.loaded, ids[1], MAX_TOKENS[1])
+    assert [t for t, _ in alone] != greedy  # it really sampled
