@@ -71,6 +71,12 @@ The executor (`StepExecutor`) is the only part that knows the model. It is small
   Seconds are the step's compute time: measured (live, server) or modelled (replay). The wall clock ignores them
   for timekeeping (real time already passed) but still sums them as busy time.
 
+Cancelling (`cancel(request_id)`, thread-safe): the client went away. Applied at the next iteration boundary (a
+decode loop returns early for it): a queued or not yet arrived request is dropped; a running sequence is released
+by the executor and its K/V reservation freed at once, so it stops costing compute and its memory admits the next
+request. A cancelled request leaves no record and no rejection (nobody waits for either); `SpanStats.cancelled`
+counts them. Cancelling an unknown or finished request does nothing.
+
 Per-request records (`RequestRecord`): arrival, admission, first token, finish; queueing delay (admission minus
 arrival), TTFT (first token minus arrival), TPOT (time per output token after the first: (finish - first token) /
 (tokens - 1), NaN for a single token), end-to-end latency, prompt and output tokens, exit layer of every token.
@@ -330,6 +336,7 @@ class SpanStats:
     rejections: list[Rejection] = dataclasses.field(default_factory=list)  # made in the span or since the last
     queue_len_end: int = 0
     running_end: int = 0
+    cancelled: int = 0  # requests cancelled in the span (queued, yet to arrive or running)
 
     @property
     def wall_s(self) -> float:
@@ -381,6 +388,7 @@ class Scheduler:
         self._batch_done: list[SequenceState] = []  # static mode: finished members held until the batch ends
         self._reserved_bytes = 0
         self._pending: _PendingSwitch | None = None
+        self._cancels: set[Hashable] = set()  # request ids to drop at the next iteration boundary (cancel())
         self.rejected: list[Rejection] = []
         self._rejections_reported = 0
         # Optional executor hook (see StepExecutor): prompt length under the current arm's tokenizer.
@@ -450,6 +458,12 @@ class Scheduler:
         with self._lock:
             self._pending = _PendingSwitch(arm, budget, policy)
 
+    def cancel(self, request_id: Hashable) -> None:
+        """Drop request `request_id` at the next iteration boundary wherever it is (module docstring: Cancelling)."""
+        with self._lock:
+            self._cancels.add(request_id)
+        self.clock.wake()
+
     # -- the loop
 
     def run_until(self, t_end_s: float) -> list[RequestRecord]:
@@ -465,6 +479,8 @@ class Scheduler:
                 break
             if self._future and self._future[0][0] <= now:
                 self._arrive(now)
+            if self._cancels:
+                self._apply_cancels(span)
             if self._pending is not None:
                 self._apply_switch(span, records)
             new = self._admit(span) if self._queue else None
@@ -585,7 +601,8 @@ class Scheduler:
                         self._end_batch(span, records)
                     return
                 now = now_fn()
-                if now >= t_end_s or self._pending is not None or (watch_arrivals and future and future[0][0] <= now):
+                if (now >= t_end_s or self._pending is not None or self._cancels
+                        or (watch_arrivals and future and future[0][0] <= now)):
                     return
         finally:
             span.decode_s += decode_s
@@ -629,6 +646,30 @@ class Scheduler:
             prompt_tokens=seq.prompt_tokens, output_tokens=n, exit_layers=tuple(seq.exit_layers),
             finish_reason=seq.finish_reason or "length", recomputes=seq.recomputes,
         ))
+
+    def _apply_cancels(self, span: SpanStats) -> None:
+        """Drop cancelled requests: queued and future ones leave their queue, running ones free their K/V now."""
+        with self._lock:
+            cancels, self._cancels = self._cancels, set()
+            future = [item for item in self._future if item[2].request_id not in cancels]
+            if len(future) != len(self._future):
+                span.cancelled += len(self._future) - len(future)
+                heapq.heapify(future)
+                self._future[:] = future  # in place: submit() and the loop hold this list
+        kept = collections.deque(seq for seq in self._queue if seq.request.request_id not in cancels)
+        span.cancelled += len(self._queue) - len(kept)
+        self._queue = kept
+        for group in ("_running", "_batch_done"):
+            members: list[SequenceState] = getattr(self, group)
+            gone = [seq for seq in members if seq.request.request_id in cancels]
+            if not gone:
+                continue
+            setattr(self, group, [seq for seq in members if seq.request.request_id not in cancels])
+            for seq in gone:
+                self.executor.release(seq)
+                self._reserved_bytes -= seq.reserved_bytes
+                seq.reserved_bytes = 0
+            span.cancelled += len(gone)
 
     def _apply_switch(self, span: SpanStats, records: list[RequestRecord]) -> None:
         with self._lock:

@@ -7,14 +7,16 @@
     curl 127.0.0.1:8000/v1/completions -H 'content-type: application/json' \
          -d '{"model": "helios", "prompt": "def fibonacci(n):", "max_tokens": 16}'
 
-SIGTERM / Ctrl-C: uvicorn stops accepting connections, waits for in-flight requests, then the batcher drains its
-queue and stops. Config: conf/serve.yaml.
+SIGTERM / Ctrl-C: the server stops admitting at once (new requests on open connections get 503 with Retry-After,
+/health turns 503), uvicorn closes the listening socket and waits for the in-flight requests, which the engine
+worker serves to the end; then the worker stops and a learned policy is saved. Config: conf/serve.yaml.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -31,12 +33,22 @@ def main(cfg: DictConfig) -> None:
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     plain = OmegaConf.to_container(cfg, resolve=True)
-    app, batcher = build_server(plain, make_agent=make_agent)  # type: ignore[arg-type]
-    logging.getLogger("helios.serving").info("policy %s; arm %s; http://%s:%d/v1", batcher.policy.describe(),
-                                             batcher.arm.label, cfg.host, cfg.port)
-    # uvicorn installs SIGTERM/SIGINT handlers: graceful shutdown waits for in-flight requests, then the app's
-    # lifespan shutdown drains the batcher and saves a learned policy; uvicorn then re-raises the signal (exit -15).
-    uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level, timeout_graceful_shutdown=None)
+    server = build_server(plain, make_agent=make_agent)  # type: ignore[arg-type]
+    logging.getLogger("helios.serving").info("policy %s; arm %s; http://%s:%d/v1", server.policy.describe(),
+                                             server.core.arm.label, cfg.host, cfg.port)
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's SIGTERM/SIGINT handling, after first turning new requests away (503): graceful shutdown then
+        waits for in-flight requests, the app's lifespan shutdown stops the worker and saves a learned policy, and
+        uvicorn re-raises the signal (exit -15)."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            server.core.begin_drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(server.app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level,
+                            timeout_graceful_shutdown=None)
+    DrainingServer(config).run()
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def free_port() -> int:
 
 def serve_config(**overrides: Any) -> dict[str, Any]:
     cfg = {"policy": None, "learn": False, "candidate": "tiny-llama", "depth": None, "initial_arm": None,
-           "api_key": None, "served_model_name": "helios", "default_max_tokens": 8, "max_wait_ms": 5, "epoch_s": 60.0,
+           "api_key": None, "served_model_name": "helios", "default_max_tokens": 8, "epoch_s": 60.0,
            "memory_budget_mib": 64, "context_tokens": TINY_CONTEXT, "max_batch_size": 8, "device": "cpu",
            "dtype": "float32", "energy": {"kind": "model"}, "slo": None}
     cfg.update(overrides)
@@ -49,10 +49,11 @@ def serve_config(**overrides: Any) -> dict[str, Any]:
 
 
 class ThreadServer:
-    """uvicorn in a background thread; `stop()` is uvicorn's graceful shutdown (which drains the batcher)."""
+    """uvicorn in a background thread; `stop()` is uvicorn's graceful shutdown (which drains the engine worker)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        self.app, self.batcher = build_server(cfg, make_agent=make_agent)
+        self.parts = build_server(cfg, make_agent=make_agent)
+        self.app, self.core, self.controller = self.parts.app, self.parts.core, self.parts.controller
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -109,7 +110,7 @@ def test_completion_is_greedy_and_matches_hf_generate(client: openai.OpenAI, ser
     prompt = "def fibonacci(n):"
     response = client.completions.create(model="helios", prompt=prompt, max_tokens=12, temperature=0)
     text = response.choices[0].text
-    engine = server.batcher.engine
+    engine = server.core.engine
     result = engine.generate(engine.encode([prompt]), 12)
     tokens = [t for t in result.tokens[0] if t not in engine.eos_ids]
     assert text == engine.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -289,23 +290,21 @@ def test_bad_sampling_parameters_get_400_naming_valid_values(server: ThreadServe
 
 
 def test_streaming_is_incremental(client: openai.OpenAI, server: ThreadServer) -> None:
-    """The first chunk reaches the client while the engine is still decoding: the decode loop is held at step 8
-    until the client has seen text, which a stream sent after the batch could never satisfy."""
-    engine = server.batcher.engine
-    original = engine.generate
+    """The first chunk reaches the client while the engine is still decoding: the decode loop is held at its 8th step
+    until the client has seen text, which a stream sent after the sequence finished could never satisfy."""
+    executor = server.core.executor
+    original = executor.decode
     client_saw_text = threading.Event()
     held: list[bool] = []
+    steps = [0]
 
-    def gated(*args: Any, on_token: Any = None, **kwargs: Any) -> Any:
-        def hook(step: int, tokens: Any) -> None:
-            if on_token is not None:
-                on_token(step, tokens)
-            if step == 8:
-                held.append(client_saw_text.wait(timeout=20))
+    def gated(seqs: list) -> float:
+        steps[0] += 1
+        if steps[0] == 8:
+            held.append(client_saw_text.wait(timeout=20))
+        return original(seqs)
 
-        return original(*args, on_token=hook, **kwargs)
-
-    engine.generate = gated  # type: ignore[method-assign]
+    executor.decode = gated  # type: ignore[method-assign]
     try:
         pieces = []
         for chunk in client.completions.create(model="helios", prompt="def fibonacci(n):", max_tokens=12,
@@ -314,8 +313,8 @@ def test_streaming_is_incremental(client: openai.OpenAI, server: ThreadServer) -
                 pieces.append(chunk.choices[0].text)
                 client_saw_text.set()
     finally:
-        del engine.generate  # back to the class's method
-    assert held == [True], "no text reached the client before the batch finished decoding"
+        del executor.decode  # back to the class's method
+    assert held == [True], "no text reached the client before the sequence finished decoding"
     assert len(pieces) > 1
     assert "".join(pieces) == hf_greedy_text("def fibonacci(n):", 12)
 
@@ -324,13 +323,12 @@ def test_text_stream_holds_back_stop_strings_and_split_characters() -> None:
     """Fed token by token, the stream never sends a stop string's beginning or half a character, and its pieces
     concatenate to the stop-truncated decode of the whole output."""
     from helios.models import byte_tokenizer
-    from helios.serving.batcher import GenerationRequest, TextStream
+    from helios.serving.text import TextStream
 
     tokenizer = byte_tokenizer()
     text = "abc ÉTÉ xy STOP here"
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-    request = GenerationRequest(max_tokens=100, future=None, loop=None, stop=["STOP"])  # type: ignore[arg-type]
-    stream = TextStream(request, tokenizer, eos=set())
+    stream = TextStream(tokenizer, frozenset(), ["STOP"], max_tokens=100)
     pieces = [stream.push(t) for t in tokens]
     sent = "".join(pieces)
     assert sent == "abc ÉTÉ xy "
@@ -340,40 +338,46 @@ def test_text_stream_holds_back_stop_strings_and_split_characters() -> None:
     # Once "S" (which may begin "STOP") has arrived, nothing past "xy " has been sent.
     through_s = len(tokenizer(text[: text.index("S") + 1], add_special_tokens=False)["input_ids"])
     assert "".join(pieces[:through_s]) == "abc ÉTÉ xy "
-    limited = TextStream(GenerationRequest(max_tokens=3, future=None, loop=None), tokenizer, eos=set())  # type: ignore[arg-type]
+    limited = TextStream(tokenizer, frozenset(), [], max_tokens=3)
     assert "".join(limited.push(t) for t in tokens) == "abc"
 
 
-def batch_metrics(server: ThreadServer) -> tuple[float, float]:
-    """(batches, requests in them) so far: helios_batch_size's count and sum."""
-    lines = httpx.get(server.url + "/metrics").text.splitlines()
-    value = {line.split()[0]: float(line.split()[-1]) for line in lines if line.startswith("helios_batch_size_")}
-    return value["helios_batch_size_count"], value["helios_batch_size_sum"]
+def metric(server: ThreadServer, name: str) -> float:
+    """One unlabelled sample of the server's /metrics (0 when absent)."""
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
-def test_concurrent_requests_are_batched(server: ThreadServer) -> None:
-    batches_before, served_before = batch_metrics(server)
+def test_concurrent_requests_share_decode_steps(server: ThreadServer) -> None:
+    """Continuous batching: 12 concurrent requests decode together (more tokens than decode steps), all answered."""
+    steps_before, tokens_before = metric(server, "helios_decode_steps_total"), metric(server, "helios_generation_tokens_total")
 
     async def run() -> list[str]:
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as aclient:
             replies = await asyncio.gather(*[aclient.completions.create(model="helios", prompt=f"item {i}",
-                                                                        max_tokens=4) for i in range(12)])
+                                                                        max_tokens=8, temperature=0)
+                                             for i in range(12)])
         return [r.choices[0].text for r in replies]
 
     texts = asyncio.run(run())
     assert len(texts) == 12
-    batches, served = batch_metrics(server)
-    assert served - served_before == 12
-    # One batch per request would be 12; the batch size is 8, so at least 2. Fewer than 12: some were batched.
-    assert 2 <= batches - batches_before < 12
+    steps = metric(server, "helios_decode_steps_total") - steps_before
+    tokens = metric(server, "helios_generation_tokens_total") - tokens_before
+    assert tokens >= 12 and steps > 0
+    assert tokens / steps > 1.5  # one request per step would be <= 8 / 7 tokens per decode step
 
 
 def test_metrics_and_health(server: ThreadServer, client: openai.OpenAI) -> None:
-    client.completions.create(model="helios", prompt="x", max_tokens=2)
+    client.completions.create(model="helios", prompt="x", max_tokens=4)
     text = httpx.get(server.url + "/metrics").text
     for name in ("helios_requests_total", "helios_request_latency_seconds_bucket", "helios_generation_tokens_total",
-                 "helios_exit_layer_bucket", "helios_current_arm{", 'helios_energy_joules_total{source="model"}'):
+                 "helios_ttft_seconds_bucket", "helios_tpot_seconds_bucket", "helios_e2e_seconds_bucket",
+                 "helios_queueing_delay_seconds_bucket", "helios_queue_length", "helios_running_sequences",
+                 "helios_waiting_sequences", "helios_exit_layer_bucket", "helios_current_arm{"):
         assert name in text, name
+    assert metric(server, "helios_ttft_seconds_count") >= 1
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["arm"]["candidate"] == "tiny-llama"
 
@@ -417,7 +421,7 @@ def test_faults_get_4xx_and_the_worker_survives(server: ThreadServer, client: op
         assert response.status_code == 200
         next(response.iter_lines())
     assert client.completions.create(model="helios", prompt="still alive", max_tokens=3).choices[0].text is not None
-    assert server.batcher.alive and httpx.get(server.url + "/health").status_code == 200
+    assert server.core.alive and httpx.get(server.url + "/health").status_code == 200
     assert 'status="5' not in httpx.get(server.url + "/metrics").text  # no 5xx was ever answered
 
 
@@ -456,32 +460,36 @@ def bandit_export(tmp_path: Path, agent: str = "ucb") -> Path:
 
 
 def test_policy_switches_arms_without_failing_requests(tmp_path: Path) -> None:
+    """The controller thread decides every 50 ms from live epochs and switches arms while requests keep coming."""
     export = bandit_export(tmp_path)
-    running = ThreadServer(serve_config(policy=str(export), learn=True, epoch_s=0.0))
+    running = ThreadServer(serve_config(policy=str(export), learn=True, epoch_s=0.05))
     try:
         async def run() -> list[Any]:
+            replies: list[Any] = []
             async with openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="x", max_retries=0) as aclient:
-                waves = []
-                for wave in range(4):  # waves, so that several epochs (and decisions) happen while requests wait
-                    waves += await asyncio.gather(*[aclient.chat.completions.create(
+                for wave in range(40):  # waves until both arms have served (bounded), epochs pass meanwhile
+                    replies += await asyncio.gather(*[aclient.chat.completions.create(
                         model="helios", messages=[{"role": "user", "content": f"q{wave}-{i}"}], max_tokens=4)
                         for i in range(6)])
-            return waves
+                    if wave >= 3 and len({r.system_fingerprint for r in replies}) == 2:
+                        break
+            return replies
 
         replies = asyncio.run(run())
-        assert len(replies) == 24 and all(r.choices[0].message.content is not None for r in replies)
+        assert all(r.choices[0].message.content is not None for r in replies)  # every request answered
         served = {r.system_fingerprint for r in replies}
         assert served == {"tiny-llama@6/6 exit=none", "tiny-llama@3/6 exit=none"}  # both arms served, no failure
-        assert running.batcher.policy.agent.t >= 2  # learned online from epoch rewards
-        log = running.batcher.epoch_log
+        controller = running.controller
+        assert controller.policy.agent.t >= 2  # learned online from epoch rewards
+        log = list(controller.epoch_log)
         assert len(log) >= 2
-        # A switch (both arms are loads: different depths) is charged to the one epoch it opens, never repeated;
-        # the start-up load opens no epoch.
-        names = running.batcher.layout.names
-        switched = [False] + [before["next_arm"] != before["arm"] for before in log[:-1]]
-        ratios = [record["observation"][names.index("switch_ratio")] for record in log]
-        assert [r > 0 for r in ratios] == switched and [r["switch_s"] > 0 for r in log] == switched
-        assert any(switched)
+        # A switch is charged to an epoch after the decision (the worker applies it between decode steps), never
+        # twice; the observation's switch_ratio says the same as the record; the start-up load opens no epoch.
+        names = controller.layout.names
+        charged = [r["switch_s"] > 0 for r in log]
+        assert [r["observation"][names.index("switch_ratio")] > 0 for r in log] == charged
+        assert not charged[0] and any(charged)
+        assert sum(charged) <= sum(r["next_arm"] != r["arm"] for r in log)
     finally:
         running.stop()
 
@@ -491,7 +499,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HELIOS_API_KEY": ""}
     env.pop("HELIOS_API_KEY")
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "serve.py"), f"port={port}", "energy.kind=model", "max_wait_ms=1",
+        [sys.executable, str(ROOT / "scripts" / "serve.py"), f"port={port}", "energy.kind=model",
          "log_level=warning", "max_batch_size=2", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -505,29 +513,45 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
                 pass
             assert process.poll() is None and time.time() < deadline, "server did not start"
             time.sleep(0.2)
-        results: list[Any] = []
+        results: dict[int, Any] = {}
         finished: list[float] = []
 
         def call(i: int) -> None:
             try:
                 status = httpx.post(url + "/v1/completions", timeout=120, json={
-                    "model": "helios", "prompt": f"request {i}", "max_tokens": 300}).status_code
-                results.append(status)
+                    "model": "helios", "prompt": f"request {i}", "max_tokens": 60, "temperature": 0}).status_code
+                results[i] = status
                 finished.append(time.time())
             except Exception as error:  # noqa: BLE001 (recorded, asserted below)
-                results.append(repr(error))
+                results[i] = repr(error)
 
-        # 4 batches of 2, each decoding 300 tokens (~1 s on the tiny model): the later ones are certainly still queued
-        # 0.3 s after sending, on a quiet or a loaded machine alike.
+        def in_flight() -> float:
+            lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
+            return sum(float(line.split()[-1]) for line in lines
+                       if line.startswith(("helios_waiting_sequences ", "helios_running_sequences ")))
+
+        # 8 requests at batch cap 2: 4 rounds of 60 decode steps, so most are still queued when all are in.
         threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)  # all eight are in flight (queued or decoding)
+        deadline = time.time() + 60
+        while in_flight() < 8:  # SIGTERM only once the server holds all eight (queued or decoding)
+            assert time.time() < deadline and not results, f"requests did not all arrive: {results}"
+            time.sleep(0.05)
+        keep_alive = httpx.Client(timeout=30)
+        assert keep_alive.get(url + "/health").status_code == 200  # an open connection for after the signal
         signalled = time.time()
         process.send_signal(signal.SIGTERM)
+        try:  # a new request on an open connection is turned away with 503 (or the connection is closed)
+            late = keep_alive.post(url + "/v1/completions", json={"model": "helios", "prompt": "late", "max_tokens": 2})
+            assert late.status_code == 503 and late.headers["retry-after"], late.text
+            assert late.json()["error"]["code"] == "shutting_down"
+        except httpx.TransportError:
+            pass
+        keep_alive.close()
         for thread in threads:
             thread.join(120)
-        assert results == [200] * 8, results
+        assert [results.get(i) for i in range(8)] == [200] * 8, results
         assert max(finished) > signalled  # some were still in flight at SIGTERM, and were served
         # uvicorn re-raises the signal once shut down, so a drained server ends "killed by SIGTERM" (or 0)
         assert process.wait(60) in (0, -signal.SIGTERM)
@@ -546,7 +570,7 @@ def test_smollm2_chat_through_openai_client() -> None:
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="x", max_retries=0, timeout=120)
         prompt = "The capital of France is"
         text = client.completions.create(model="helios", prompt=prompt, max_tokens=6, temperature=0).choices[0].text
-        engine = running.batcher.engine
+        engine = running.core.engine
         tokens = [t for t in engine.generate(engine.encode([prompt]), 6).tokens[0] if t not in engine.eos_ids]
         assert text == engine.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
         assert "Paris" in text
@@ -584,13 +608,15 @@ def test_onnx_policy_serves(tmp_path: Path) -> None:
     (run / "policy.json").write_text(json.dumps({"schema": SCHEMA, "agent": "ppo", "kind": "stable-baselines3",
                                                  "arm_table": document["arm_table"], "observation_names": names}))
     export = export_module().export_run(run, tmp_path / "onnx").parent
-    running = ThreadServer(serve_config(policy=str(export), epoch_s=0.0))
+    running = ThreadServer(serve_config(policy=str(export), epoch_s=0.05))
     try:
-        assert running.batcher.policy.kind == "onnx"
+        assert running.parts.policy.kind == "onnx"
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="x", max_retries=0)
-        for i in range(3):
+        for i in range(60):  # until two epochs were decided (bounded)
             assert client.completions.create(model="helios", prompt=f"p{i}", max_tokens=3).choices[0].text is not None
-        log = running.batcher.epoch_log
+            if len(running.controller.epoch_log) >= 2:
+                break
+        log = list(running.controller.epoch_log)
         assert len(log) >= 2  # it decided every epoch from live observations
     finally:
         running.stop()

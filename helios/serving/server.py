@@ -1,4 +1,5 @@
-"""Build the server (policy, batcher, metrics, app) from a plain config dict: what scripts/serve.py and the tests run.
+"""Build the server (policy, serving core, controller, frontend, metrics, app) from a plain config dict: what
+scripts/serve.py and the tests run.
 
     python scripts/serve.py policy=exports/ucb learn=true port=8000
 
@@ -9,15 +10,19 @@ by the agent factory the caller passes (scripts/serve.py passes agents.make_agen
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI
 
 from helios.arms import CandidateSpec, ExitSpec, MemoryBudget, MemoryInfo, build_arms
 from helios.policy import SCHEMA, AgentFactory, BanditPolicy, FixedPolicy, Policy, load_policy, observation_layout
 from helios.serving.api import create_app
-from helios.serving.batcher import Batcher, Engines
+from helios.serving.controller import Controller
+from helios.serving.core import Engines, ServingCore
+from helios.serving.frontend import Frontend, Limits
 from helios.serving.metrics import ServerMetrics
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -40,9 +45,21 @@ def fixed_arm_policy(candidate: str, depth: int | None, budget: MemoryBudget) ->
     return FixedPolicy(document, None)
 
 
-def build_server(cfg: dict[str, Any], make_agent: AgentFactory | None = None) -> tuple[FastAPI, Batcher]:
-    """The app and its batcher from a serve config (conf/serve.yaml keys, resolved to plain Python); `make_agent`
-    (agents.make_agent) rebuilds a bandit policy."""
+@dataclasses.dataclass
+class Server:
+    """What build_server makes: the app and the parts tests and scripts reach into."""
+
+    app: FastAPI
+    core: ServingCore
+    controller: Controller
+    frontend: Frontend
+    policy: Policy
+    metrics: ServerMetrics
+
+
+def build_server(cfg: dict[str, Any], make_agent: AgentFactory | None = None) -> Server:
+    """The app, its serving core and controller from a serve config (conf/serve.yaml keys, resolved to plain
+    Python); `make_agent` (agents.make_agent) rebuilds a bandit policy."""
     from helios.energy import meter_from_config
     from helios.slo import slo_from_config
 
@@ -61,13 +78,35 @@ def build_server(cfg: dict[str, Any], make_agent: AgentFactory | None = None) ->
         from omegaconf import OmegaConf
 
         slo_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "slo" / "balanced.yaml"))
-    max_layers = max(arm.num_layers for arm in policy.arms)
-    metrics = ServerMetrics(max_layers)
-    batcher = Batcher(policy=policy, metrics=metrics, slo=slo_from_config(slo_cfg),
-                      meter=meter_from_config(cfg.get("energy") or {"kind": "model"}, cfg.get("device", "cpu")),
-                      context_tokens=budget.context_tokens, layout=layout, max_wait_s=float(cfg["max_wait_ms"]) / 1e3,
-                      epoch_s=float(cfg["epoch_s"]), initial_arm=cfg.get("initial_arm"),
-                      engines=Engines(cfg.get("device", "cpu"), cfg.get("dtype", "float32")))
+    metrics = ServerMetrics(max(arm.num_layers for arm in policy.arms))
+    engines = Engines(budget_bytes=budget.budget_bytes, context_tokens=budget.context_tokens,
+                      max_sequences=budget.max_batch_size, device=cfg.get("device", "cpu"),
+                      dtype=cfg.get("dtype", "float32"))
+    # Feasible: the exported arm fitted its training budget, and its weights leave K/V room in this server's.
+    mask = np.array([arm.feasible and engines.fits(arm) for arm in policy.arms])
+    if not mask.any():
+        raise ValueError(f"no arm of the policy's table fits the memory budget of {cfg['memory_budget_mib']} MiB")
+    first = cfg.get("initial_arm")
+    if first is None:
+        from helios.observation import build_observation
+
+        empty = build_observation(layout, histogram=None, values=None, reference=None, switch_s=0.0, waiting=0,
+                                  nominal=0, mixture=None, arm=None, progress=0.0)
+        first = policy.act(empty, mask)
+    first = int(first)
+    if not (0 <= first < len(policy.arms) and mask[first]):
+        raise ValueError(f"initial_arm {first} is not a feasible arm; feasible: {np.flatnonzero(mask).tolist()}")
+    core = ServingCore(engines, policy.arms[first], metrics, span_s=float(cfg.get("span_ms", 20)) / 1e3,
+                       max_queued_sequences=int(cfg.get("max_queued_sequences", 256)),
+                       switch_policy=str(cfg.get("switch_policy", "drain")))
+    controller = Controller(core, policy=policy, slo=slo_from_config(slo_cfg),
+                            meter=meter_from_config(cfg.get("energy") or {"kind": "model"}, cfg.get("device", "cpu")),
+                            layout=layout, metrics=metrics, arm_index=first, mask=mask, epoch_s=float(cfg["epoch_s"]))
+    limits = Limits(max_body_bytes=int(float(cfg.get("max_body_mib", 4)) * 2**20),
+                    max_prompts=int(cfg.get("max_prompts", 64)), retry_after_s=int(cfg.get("retry_after_s", 1)),
+                    tokenizer_threads=int(cfg.get("tokenizer_threads", 2)))
+    frontend = Frontend(core, metrics, served_model_name=cfg["served_model_name"],
+                        default_max_tokens=int(cfg["default_max_tokens"]), limits=limits)
 
     def save_learned_policy() -> None:
         """With learn=true and save_policy set: the policy as online learning left it, re-loadable by load_policy."""
@@ -81,6 +120,5 @@ def build_server(cfg: dict[str, Any], make_agent: AgentFactory | None = None) ->
             with atomic_file(out / "policy.json", "w") as handle:
                 json.dump(policy.state_document(), handle, indent=1)
 
-    app = create_app(batcher, metrics, served_model_name=cfg["served_model_name"], api_key=cfg.get("api_key"),
-                     default_max_tokens=int(cfg["default_max_tokens"]), on_shutdown=save_learned_policy)
-    return app, batcher
+    app = create_app(core, controller, frontend, metrics, api_key=cfg.get("api_key"), on_shutdown=save_learned_policy)
+    return Server(app, core, controller, frontend, policy, metrics)
