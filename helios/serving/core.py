@@ -564,6 +564,7 @@ class ServingCore:
         m.decode_steps.inc(span.decode_steps)
         m.generated_tokens.inc(span.output_tokens)
         m.prefill_tokens.inc(span.prefill_tokens)
+        m.recomputed.inc(span.recomputed)
         if span.switches:
             m.switches.inc(span.switches)
             m.switch_seconds.observe(span.switch_s)

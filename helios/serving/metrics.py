@@ -58,6 +58,8 @@ class ServerMetrics:
                          ["index", "candidate", "depth", "exit"], registry=r)
         self.arm_index = Gauge("helios_current_arm_index", "index of the arm being served", registry=r)
         self.switches = Counter("helios_arm_switches", "arm switches applied", registry=r)
+        self.recomputed = Counter("helios_recomputed_sequences", "sequences re-prefilled on a new arm after a "
+                                  "recompute switch", registry=r)
         self.switch_seconds = Histogram("helios_arm_switch_seconds", "time to load a new arm",
                                         buckets=LATENCY_BUCKETS_S, registry=r)
         self.epochs = Counter("helios_policy_epochs", "policy decisions taken", registry=r)
