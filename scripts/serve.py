@@ -32,6 +32,10 @@ def main(cfg: DictConfig) -> None:
     from helios.serving.server import build_server
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     plain = OmegaConf.to_container(cfg, resolve=True)
     server = build_server(plain, make_agent=make_agent)  # type: ignore[arg-type]
     logging.getLogger("helios.serving").info("policy %s; arm %s; http://%s:%d/v1", server.policy.describe(),
@@ -47,7 +51,7 @@ def main(cfg: DictConfig) -> None:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(server.app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level,
-                            timeout_graceful_shutdown=None)
+                            timeout_graceful_shutdown=None, timeout_keep_alive=int(cfg.keep_alive_s))
     DrainingServer(config).run()
 
 

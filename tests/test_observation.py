@@ -1,5 +1,5 @@
 """One observation for the env and the server: the same epoch telemetry, fed through each one's real end-of-epoch
-path (env.step on the replay env; the server's Batcher ending an epoch), gives the same vector.
+path (env.step on the replay env; the server's controller ending an epoch), gives the same vector.
 
     /work/main/.venv/bin/python -m pytest tests/test_observation.py -q
 """
@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 import envs  # noqa: F401  (registers the ids)
-from helios.energy import meter_from_config
+from helios.energy import EnergyReading
 from helios.observation import ObservationLayout
 from helios.policy import SCHEMA, FixedPolicy, observation_layout
-from helios.serving.batcher import Batcher
+from helios.scheduler import RequestRecord
+from helios.serving.controller import Controller
+from helios.serving.core import EpochTally
 from helios.serving.metrics import ServerMetrics
 from helios.telemetry import EpochOutcome, SwitchCost
 
@@ -61,17 +63,26 @@ def test_same_telemetry_same_observation_in_env_and_server(env) -> None:
                 "config": {"env": {"histogram_bins": 8, "max_batch_size": 16, "exits": EXITS}}}
     layout = observation_layout(document)
     assert layout == base.observation_layout
-    stub_engines = SimpleNamespace(load=lambda arm: SimpleNamespace(max_context=256))
-    batcher = Batcher(policy=FixedPolicy(document, None), metrics=ServerMetrics(6), slo=base.slo,
-                      meter=meter_from_config({"kind": "model"}, "cpu"), context_tokens=256, layout=layout,
-                      epoch_s=0.0, initial_arm=0, engines=stub_engines)  # type: ignore[arg-type]
-    batcher.reference, batcher.reference_requests = dict(reference), base.serving.reference_requests
-    for _ in range(3):  # the next epoch's requests, waiting
-        batcher.queue.put(None)  # type: ignore[arg-type]
-    batcher.epoch.update(requests=3, tokens=12, busy_s=0.5, energy_j=3.0, batches=1, latencies=[0.4],
-                         exit_layers=EXIT_LAYERS, switch=SWITCH)
-    batcher._maybe_end_epoch()
-    record = batcher.epoch_log[-1]
+    def tally(switched: bool) -> EpochTally:
+        """The worker's tally of that epoch: 3 requests (e2e 0.4 s, exit layers EXIT_LAYERS), 12 tokens in 0.5 s
+        of prefill + decode, and (switched) the 0.1 s load, before the requests arrived."""
+        records = [RequestRecord(i, 10.0, 10.0, 10.1, 10.4, 0.0, 0.1, 0.1, 0.4, 5, len(layers), tuple(layers), "length")
+                   for i, layers in enumerate(([2, 2], [6], [1]))]
+        return EpochTally(start_s=9.0, end_s=11.0, records=records, prefill_s=0.2, decode_s=0.3,
+                          switch_s=0.1 if switched else 0.0, switches=int(switched), output_tokens=12,
+                          switch_windows=[(9.0, 9.1)] if switched else [])
+
+    tallies = [tally(True), tally(False)]
+    core = SimpleNamespace(take_tally=lambda: tallies.pop(0), queue_len=3, in_flight=lambda: [])  # 3 waiting
+    # Live, the meter reads the whole epoch, the switch's load included: 3 J served + 0.2 J switching.
+    meter = SimpleNamespace(start=lambda: None, stop=lambda: EnergyReading(3.2, "model", {}))
+    policy = FixedPolicy(document, None)
+    controller = Controller(core, policy=policy, slo=base.slo, meter=meter, layout=layout,  # type: ignore[arg-type]
+                            metrics=ServerMetrics(6), arm_index=0, mask=np.ones(len(policy.arms), bool))
+    controller.reference, controller.reference_requests = dict(reference), base.serving.reference_requests
+    controller._pending_kind = "cold"
+    record = controller.step()
+    assert record is not None and record["switch_kind"] == "cold"
     server_obs = np.asarray(record["observation"], np.float32)
 
     names = layout.names
@@ -93,10 +104,7 @@ def test_same_telemetry_same_observation_in_env_and_server(env) -> None:
     np.testing.assert_array_equal(server_obs[:8], HISTOGRAM)
 
     # The next epoch opens with no switch: it must read 0, not the last switch again.
-    batcher.epoch.update(requests=3, tokens=12, busy_s=0.5, energy_j=3.0, batches=1, latencies=[0.4],
-                         exit_layers=EXIT_LAYERS)
-    batcher._maybe_end_epoch()
-    assert batcher.epoch_log[-1]["observation"][names.index("switch_ratio")] == 0.0
+    assert controller.step()["observation"][names.index("switch_ratio")] == 0.0
 
 
 def test_layout_names_by_hand() -> None:
