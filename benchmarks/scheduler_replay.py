@@ -1,7 +1,7 @@
 """Replay speed with the queue simulated: helios.scheduler spans (env steps) per second on the cost model's clock.
 
-    /work/main/.venv/bin/python benchmarks/scheduler_replay.py --quick                 # tiny-llama trace, ~20 s
-    /work/main/.venv/bin/python benchmarks/scheduler_replay.py --trace T.parquet --json /tmp/sched.json
+    python benchmarks/scheduler_replay.py --quick                 # tiny-llama trace, ~20 s
+    python benchmarks/scheduler_replay.py --trace T.parquet --json /tmp/sched.json
 
 One span = one env step: `Scheduler.run_until(t + epoch_s)` over a `ReplayExecutor`. Two loads, both with
 `--requests` requests of `--tokens` output tokens per epoch (the default env's closed batch: 8 x 16):

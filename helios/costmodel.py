@@ -19,6 +19,7 @@ is tested against the counts the engine reports for the same run.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 
 from helios.exit_config import ExitConfig
@@ -74,7 +75,7 @@ def simulate_features(
     the longest, and a decode step's attention reads each active row's own context.
     """
     batch = len(exit_layers)
-    lens = [prompt_len] * batch if isinstance(prompt_len, (int, np.integer)) else [int(n) for n in prompt_len]
+    lens = [prompt_len] * batch if isinstance(prompt_len, numbers.Integral) else [int(n) for n in prompt_len]
     prompt_len = max(lens)
     steps = len(exit_layers[0])
     prefill = {

@@ -93,8 +93,13 @@ class EngineExecutor:
         return seconds
 
     def decode(self, seqs: list[SequenceState]) -> float:
-        if len(seqs) != len(self.batch):
-            raise RuntimeError(f"decode of {len(seqs)} sequences but {len(self.batch)} are in the engine's batch")
+        keys = {self._key(seq) for seq in seqs}
+        unknown = keys - set(self.batch.seq_ids)
+        if unknown:
+            raise RuntimeError(f"decode of sequences the engine never prefilled: {sorted(map(str, unknown))}")
+        # Static batching holds finished members until the batch ends (release comes then); they stop costing
+        # compute now, as the engine's generate retires a row at its EOS.
+        self.batch.remove([key for key in self.batch.seq_ids if key not in keys])
         start = time.perf_counter()
         out = self.batch.step()
         self._synchronise()
@@ -106,7 +111,8 @@ class EngineExecutor:
         return seconds
 
     def release(self, seq: SequenceState) -> None:
-        self.batch.remove([self._key(seq)])
+        if self._key(seq) in self.batch.seq_ids:  # a finished static-batch member may have left at its last step
+            self.batch.remove([self._key(seq)])
 
     def switch(self, arm: Any, preempted: list[SequenceState]) -> float:
         start = time.perf_counter()

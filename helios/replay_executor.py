@@ -1,6 +1,6 @@
 """The scheduler's executor on the cost model's clock: continuous batching replayed from traces, no model run.
 
-    /work/main/.venv/bin/python benchmarks/scheduler_replay.py --quick      # spans/s of the replay scheduler
+    python benchmarks/scheduler_replay.py --quick      # spans/s of the replay scheduler
 
 `ReplayExecutor` implements helios.scheduler.StepExecutor from recorded traces (helios.traces) and their calibrated
 cost models (helios.costmodel), so that the replay env runs the same admission and retirement code as live:

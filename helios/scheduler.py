@@ -1,6 +1,6 @@
 """Continuous batching under a memory budget: one queue, one admission and retirement policy, three clocks.
 
-    /work/main/.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_scheduler.py    # hand-computed schedules
+    python -m pytest -q tests/test_scheduler.py    # hand-computed schedules
 
 Iteration-level scheduling (Yu et al., "Orca", OSDI'22; Kwon et al., "vLLM / PagedAttention", SOSP'23): the unit of
 scheduling is one model iteration, not one request. Every iteration

@@ -1,6 +1,6 @@
 """helios.arms: the arm table, K/V and memory budget -> batch size, exit buckets, and the policy JSON round trip.
 
-    /work/main/.venv/bin/python -m pytest tests/test_arms.py -q
+    python -m pytest tests/test_arms.py -q
 """
 
 import numpy as np

@@ -117,3 +117,19 @@ def test_seeded_sampling_does_not_depend_on_batch_neighbours() -> None:
     assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(alone, crowded))
     greedy = _hf_alone(engine.loaded, ids[1], MAX_TOKENS[1])
     assert [t for t, _ in alone] != greedy  # it really sampled
+
+
+def test_static_batching_on_the_engine_equals_hf_alone() -> None:
+    """mode="static": a batch runs until its longest member ends; members that finish early leave the engine's batch
+    (release comes at the batch end) and the others' tokens are unaffected."""
+    loaded = load_cached("tiny-llama")
+    engine = EarlyExitEngine(loaded, load_tuned_heads=False)
+    executor = EngineExecutor(lambda arm: (engine, ExitConfig()), arm="full")
+    scheduler = Scheduler(executor, MemoryBudget(10**9, 1, 1), VirtualClock(), arm="full", mode="static")
+    collected: dict[int, list[int]] = {}
+    scheduler.submit_many(_requests(engine, collected))
+    records = scheduler.run_until(math.inf)
+    assert sorted(r.request_id for r in records) == list(range(len(PROMPTS))) and len(executor.batch) == 0
+    for i, ids in enumerate(engine.encode(PROMPTS)):
+        want = _hf_alone(loaded, ids, MAX_TOKENS[i])
+        assert collected[i] == want[: len(collected[i])], f"request {i}"

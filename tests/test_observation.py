@@ -1,7 +1,7 @@
 """One observation for the env and the server: the same epoch telemetry, fed through each one's real end-of-epoch
 path (env.step on the replay env; the server's controller ending an epoch), gives the same vector.
 
-    /work/main/.venv/bin/python -m pytest tests/test_observation.py -q
+    python -m pytest tests/test_observation.py -q
 """
 
 from types import SimpleNamespace

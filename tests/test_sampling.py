@@ -1,7 +1,7 @@
 """Sampling and logprobs of the engine (helios/sampling.py) against independent references: Hugging Face's own
 `generate` and forward pass, and scipy's chi-square test.
 
-    /work/main/.venv/bin/python -m pytest tests/test_sampling.py -q
+    python -m pytest tests/test_sampling.py -q
 
 Empirical distributions come from one batched `generate` call of N identical prompts with seeds 0..N-1 (each row has
 its own generator, so rows are independent draws); the seeds are fixed, so every test is deterministic, and a

@@ -1,6 +1,6 @@
 """The scheduler (helios.scheduler) on hand-computed schedules, and its replay executor against today's replay.
 
-    /work/main/.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_scheduler.py
+    python -m pytest -q tests/test_scheduler.py
 
 The toy executor is a test double for the model side: prefill costs a fixed time per context token, a decode step
 a fixed time per call plus per row, and each request's output length is fixed in advance (its "EOS"). Every
