@@ -236,10 +236,6 @@ class ServingExecutor(EngineExecutor):
                 seq.finished, seq.finish_reason = True, "stop"
         return super().prefill(good) if good else 0.0
 
-    def release(self, seq: SequenceState) -> None:
-        if self.batch is not None and self._key(seq) in self.batch.seq_ids:
-            super().release(seq)
-
 
 # ----------------------------------------------------------------------------------------------- sequences
 
