@@ -383,15 +383,24 @@ class SchedulerBackend(abc.ABC):
 
     # -- reference and capacity: the same scheduler path, on a scheduler of their own
 
-    def _standalone(self, arm: Any, requests: Sequence[SequenceRequest], t_end: float) -> EpochResult:
-        """`requests` served by `arm`, already loaded (warm: no switch), from an empty queue at clock 0."""
+    def _standalone(self, arm: Any, requests: Sequence[SequenceRequest], t_end: float, *,
+                    fit_all: bool = False) -> EpochResult:
+        """`requests` served by `arm`, already loaded (warm: no switch), from an empty queue at clock 0. `fit_all`:
+        enlarge the memory budget, if needed, so that the largest request fits beside the weights (the reference
+        run is measured even where the budget would mask its arm, as its batch is at least 1)."""
         executor = self._executor(arm, cold=False)
-        sched = Scheduler(executor, self._budget(arm), VirtualClock(0.0), arm=arm)
+        budget = self._budget(arm)
+        if fit_all and requests:
+            need = budget.weight_bytes + budget.kv_bytes_per_token * max(r.prompt_tokens + r.max_tokens
+                                                                         for r in requests)
+            budget = dataclasses.replace(budget, memory_budget_bytes=max(budget.memory_budget_bytes, need))
+        sched = Scheduler(executor, budget, VirtualClock(0.0), arm=arm)
         return self._run_span(sched, requests, t_end)
 
     def reference_profile(self, targets: Any = None) -> dict[str, dict[str, float]]:
         """Per workload source: the metrics of the reference candidate at full depth, no exits, already loaded,
-        serving a nominal epoch of that source from an empty queue: `reference_requests` requests, arriving evenly
+        serving a nominal epoch of that source from an empty queue, with memory for at least its largest request
+        beside the weights (so it refuses none): `reference_requests` requests, arriving evenly
         over epoch_s at the workload's base rate (open loop; the span is [0, epoch_s)), or all at 0 (closed loop;
         the span runs until they finish). Computed by `_run_span` and span_metrics, as every epoch is."""
         spec = self.spec
@@ -404,7 +413,7 @@ class SchedulerBackend(abc.ABC):
             lengths = spec.workload.output_tokens
             max_tokens = [spec.new_tokens if not lengths else lengths[source].draw(rng) for _ in range(n)]
             requests = self._source_requests(source, arrivals, max_tokens, tag="reference")
-            result = self._standalone(self._reference_arm, requests, epoch_s)
+            result = self._standalone(self._reference_arm, requests, epoch_s, fit_all=True)
             values = result.values(targets, accuracy_default=0.0)
             if values is None:
                 raise RuntimeError(f"the reference run of source {source!r} produced nothing")
@@ -735,7 +744,11 @@ class ReplayBackend(SchedulerBackend):
                 raise RuntimeError("fork between epochs only: every submitted request has arrived then")
             memo[id(sched._lock)] = threading.Lock()  # noqa: SLF001 (a lock cannot be copied)
             memo[id(sched._order)] = itertools.count()  # noqa: SLF001 (orders only break ties among future arrivals)
-        return copy.deepcopy(ep, memo)
+        forked = copy.deepcopy(ep, memo)
+        if forked.scheduler is not None:  # the executor finds its sequences by id(): re-key them to the copies
+            executor = forked.scheduler.executor
+            executor._live = {id(seq): seq for seq in executor._live.values()}  # noqa: SLF001
+        return forked
 
     def evaluate(self, epoch: int, arm_index: int) -> EpochResult:
         """What serving `epoch` with `arm_index` would give from the episode's current state if the arm were already

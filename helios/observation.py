@@ -44,6 +44,7 @@ from helios.workloads import SOURCE_NAMES
 
 OBS_RATIO_MAX = 16.0
 ACCURACY_EPS = 1e-3  # (acc + eps) / (ref + eps), so that 0 / 0 reads 1
+_TINY = 1e-12
 TELEMETRY = ("throughput_ratio", "latency_ratio", "energy_ratio", "accuracy_ratio", "switch_ratio")
 LOAD = ("queue_ratio", "running_fraction", "arrival_ratio", "attainment")
 
@@ -101,12 +102,13 @@ def build_observation(layout: ObservationLayout, *, histogram: np.ndarray | None
     if values is not None and reference is not None:
         if histogram is not None:
             obs[: layout.bins] = histogram
+        # A zero reference (e.g. an idle reference span) reads as the clip, not a ZeroDivisionError.
         ratios = (
-            values["throughput_tok_s"] / reference["throughput_tok_s"],
-            values["latency_p95_s"] / reference["latency_p95_s"],
-            values["energy_j_per_tok"] / reference["energy_j_per_tok"],
+            values["throughput_tok_s"] / max(reference["throughput_tok_s"], _TINY),
+            values["latency_p95_s"] / max(reference["latency_p95_s"], _TINY),
+            values["energy_j_per_tok"] / max(reference["energy_j_per_tok"], _TINY),
             (values["accuracy"] + ACCURACY_EPS) / (reference["accuracy"] + ACCURACY_EPS),
-            switch_s / reference["latency_p95_s"],
+            switch_s / max(reference["latency_p95_s"], _TINY),
         )
         # Plain floats, not a numpy clip: this runs every replay step (the hot path of training).
         obs[layout.bins : queue] = [min(max(r, 0.0), OBS_RATIO_MAX) for r in ratios]
