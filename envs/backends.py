@@ -177,6 +177,8 @@ class EpochResult:
     switch_policy: str  # how it was applied ("none" when no switch was requested)
     switch_pending: bool  # the requested arm is not in effect at the end (a drain still running)
     decode_steps: int = 0
+    recomputed: int = 0  # re-admissions after a recompute switch in this span
+    max_running: int = 0  # most sequences running at once in the span
 
     def values(self, targets: Any = None, accuracy_default: float = 0.0) -> dict[str, float] | None:
         """helios.telemetry.span_metrics of the epoch; None when nothing happened in it (scores neutral)."""
@@ -379,6 +381,7 @@ class SchedulerBackend(abc.ABC):
             accuracy=sum(scores) / len(scores) if scores else None, histogram=histogram, submitted=len(requests),
             rejected=len(sched.rejected) - rejected_before, queued=sched.queue_len, running=sched.running,
             switch="none", switch_policy="none", switch_pending=False, decode_steps=span.decode_steps,
+            recomputed=span.recomputed, max_running=span.max_running,
         )
 
     # -- reference and capacity: the same scheduler path, on a scheduler of their own

@@ -365,7 +365,8 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         power_w = result.energy_j / result.busy_s if result.busy_s > 0 else 0.0
         load = {
             "submitted": result.submitted, "finished": len(result.records), "queued": result.queued,
-            "running": result.running, "rejected": result.rejected, "span_s": span_s,
+            "running": result.running, "rejected": result.rejected, "recomputed": result.recomputed,
+            "max_running": result.max_running, "span_s": span_s,
             "arrival_rps": result.submitted / span_s if self.serving.open_loop and span_s > 0 else 0.0,
             "switch_policy": result.switch_policy, "switch_pending": result.switch_pending,
             "episode_submitted": ep.submitted, "episode_finished": ep.finished, "episode_rejected": ep.rejected,
