@@ -8,9 +8,12 @@
     obs, info = env.reset(seed=0)
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample(mask=info["action_mask"]))
 
-One step, start to end: the workload's next epoch of requests -> env.step(arm) -> the backend serves them with the
-arm (live: helios.engine on the truncated model; replay: the recorded trace) -> telemetry of the epoch (throughput,
-latency, energy, accuracy, exit layers) -> SLO reward against the reference run (helios.slo) -> observation.
+One step, start to end: env.step(arm) -> the epoch's requests join the episode's scheduler queue at their arrival
+times, the arm switch is applied between decode steps -> the scheduler runs the epoch's span of time (live:
+helios.engine on the truncated model, measured clock; replay: the recorded traces, the cost model's clock) ->
+per-request records of the span (TTFT, TPOT, end-to-end, tokens, exit layers, accuracy) and what is still queued
+-> the epoch's metrics (helios.telemetry.span_metrics) -> SLO reward against the reference run (helios.slo) ->
+observation (helios.observation, with load features).
 """
 
 from __future__ import annotations
@@ -52,13 +55,26 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     """
     ## Description
 
-    An LLM server with a fixed memory budget serves a drifting workload (code, then prose, then questions, ...), one
-    epoch of requests per step. Before each epoch the agent picks an *arm*: a candidate model, how many of its
-    layers to load (its depth), and an early-exit setting. Truncated models leave memory for bigger batches (the
-    throughput gain of HELIOS, arXiv 2504.10724) but may lose accuracy; which arm is best changes as the workload
-    drifts. Two backends share this class: `live` (`helios/ModelDepth-v0`) serves every epoch with real early-exit
-    inference, `replay` (`helios/ModelDepthReplay-v0`) prices the same from recorded traces, fast enough for
-    training.
+    An LLM server with a fixed memory budget serves a drifting workload (code, then prose, then questions, ...) under
+    load. Before each epoch the agent picks an *arm*: a candidate model, how many of its layers to load (its depth),
+    and an early-exit setting. Truncated models leave memory for more concurrent sequences (the throughput gain of
+    HELIOS, arXiv 2504.10724) but may lose accuracy; which arm is best changes as the workload's mix and load drift.
+    Two backends share this class: `live` (`helios/ModelDepth-v0`) runs real early-exit inference, `replay`
+    (`helios/ModelDepthReplay-v0`) prices the same from recorded traces, fast enough for training.
+
+    ## Epochs
+
+    One scheduler per episode (helios.scheduler: continuous batching under the memory budget, FIFO admission, the
+    code the server runs) serves every epoch as a span of its clock (envs/backends.py):
+    * open loop (`arrival.kind` poisson or gamma): epoch e is [e x epoch_s, (e + 1) x epoch_s) of the workload's
+      timeline; its requests arrive at their workload times. The queue and the running sequences persist across
+      epochs: an overloaded epoch leaves a backlog that the next epoch starts with. A step is atomic, so a span
+      ends at the first decode step boundary at or after its end.
+    * closed loop: the epoch's batch is issued at once and the span lasts until it has finished; no queue carries
+      over.
+    The clock is virtual: live advances it by the engine's measured compute and skips idle time; replay advances
+    it by the calibrated cost model's price of each step (its running rows and their context lengths). Each request
+    generates up to its workload `max_tokens` (else `new_tokens`), stopping at EOS.
 
     ## Action Space
 
@@ -70,46 +86,78 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     | candidate    | model name (helios.models)                                                       |
     | depth        | decoder layers loaded (a prefix of the model)                                    |
     | exit         | `none`, or criterion >= threshold at exit points (fractions of the loaded depth) |
-    | batch_size   | sequences that fit the budget: (budget - weights) // (K/V per sequence), capped  |
+    | batch_size   | sequences of `context_tokens` that fit beside the weights, capped: a guaranteed  |
+    |              | concurrency; the scheduler reserves prompt + max_tokens per sequence, so usually |
+    |              | more run at once (up to max_batch_size)                                          |
     | feasible     | batch_size >= 1; infeasible arms are masked                                      |
 
+    A new arm takes effect between decode steps. An exit-only change keeps the in-flight sequences (free). A
+    change of candidate or depth loads the new weights after the in-flight sequences finish on the old arm
+    (`switch_policy="drain"`, the default) or preempts them to be re-prefilled on the new arm (`"recompute"`;
+    across candidates whose tokenizers differ it falls back to drain). The load's time (measured in live, modelled
+    in replay) and energy are charged to the epoch in which the switch happens; a drain that outlasts its epoch
+    switches, and is charged, in a later one (`info["load"]["switch_pending"]`). The first epoch pays a cold load.
+
     `env.action_masks()` and `info["action_mask"]` (bool, one per arm) mark the feasible arms. A masked action is
-    refused (`on_masked_action="penalty"`, the default): nothing is served that epoch, the loaded arm stays, the
-    reward is `-masked_action_penalty`. With `on_masked_action="raise"` it raises MaskedActionError. An index
-    outside the table raises ValueError.
+    refused (`on_masked_action="penalty"`, the default): the loaded arm stays and keeps serving (the epoch's time
+    and requests pass; before any arm is loaded, the requests wait), the reward is `-masked_action_penalty`. With
+    `on_masked_action="raise"` it raises MaskedActionError. An index outside the table raises ValueError.
 
     ## Observation Space
 
     `Box(0, high, (n_obs,), float32)`; `env.observation_names` names every entry. The layout and its builder are
-    helios.observation's (its docstring is the table), shared with the server. Ratios are to the reference run's
-    value for the epoch's workload mix, clipped to [0, 16]; the queue is the next epoch's requests against a
-    nominal epoch's (`reference_requests`), with their source mixture (helios.workloads.SOURCE_NAMES).
+    helios.observation's (its docstring is the table), shared with the server: the last epoch's exit histogram and
+    its throughput, latency, energy and accuracy as ratios to the reference (clipped to [0, 16]), its switch time;
+    load: `queue_ratio` (requests queued at the epoch's end, plus a closed loop's next batch, over a nominal epoch's
+    `reference_requests`), `running_fraction` (sequences running at its end / max_batch_size), `arrival_ratio`
+    (its arrivals per second over the workload's rate unit: the measured capacity of its `capacity_of` arm, else its
+    base rate; 0 for closed loop), `attainment` (of the SLO's TTFT/TPOT targets; 0 without targets); the next
+    epoch's source mixture (helios.workloads.SOURCE_NAMES); the loaded arm (one-hots, depth and batch fractions);
+    episode progress.
 
     After `reset` the telemetry entries are 0 and no arm is loaded (all arm entries 0): the first step pays a cold
-    load. The queue and mixture describe the requests the next action will serve (a server sees its queue).
+    load.
 
     ## Rewards
 
-    `helios.slo` (`conf/slo/*.yaml`: throughput, latency, energy, accuracy, balanced): for each weighted metric,
-    normalised weight x log2(score), score = how many times better than the reference (the reference candidate at
-    full depth, no exits, measured per workload source when the episode is reset, mixed by the epoch's source
-    weights); minus a penalty per violated constraint. `info` carries every component: `metrics`, `reference`,
-    `scores`, `reward_terms`, `penalties`. Switching arm costs its real time and energy (`info["switch_s"]`; see
-    envs/backends.py), which lowers that epoch's throughput and raises its latency and energy.
-    Replay pairs the accuracy reference (common random numbers): the reference arm's accuracy on the epoch's own
-    requests, not its per-source mean. With ~8 requests an epoch, the unpaired reference made the reference arm miss
-    its own 0.9 accuracy floor on 32% of epochs (drift3, ROUGE-L), i.e. the floor penalised request sampling. Live
-    cannot serve the reference arm beside the chosen one, so it keeps the per-source profile.
+    `helios.slo` (`conf/slo/*.yaml`: throughput, latency, energy, accuracy, balanced, goodput, attainment,
+    accuracy_under_latency): for each weighted metric, normalised weight x log2(score), score = how many times better
+    than the reference; minus a penalty per violated constraint. The epoch's metrics come from its span
+    (helios.telemetry.span_metrics):
+
+    | metric           | of the epoch's span                                                              |
+    |------------------|----------------------------------------------------------------------------------|
+    | throughput_tok_s | tokens produced / busy seconds (prefill + decode + switch)                       |
+    | latency_p95_s    | p95 end-to-end of requests finished in it, with the age of those still waiting   |
+    | energy_j_per_tok | live: the meter around the span's compute; replay: busy s x the trace's power    |
+    |                  | figure (an estimate; `info["energy_source"]` says which)                         |
+    | accuracy         | mean score of the finished requests (replay: teacher-forced trace tokens)        |
+    | goodput_rps      | requests/s that met both TTFT and TPOT targets (SLOs with targets)               |
+    | attainment       | met / judged; a request is judged once (helios.slo.request_metrics), a rejected  |
+    |                  | one counts as missed                                                             |
+    | ttft_p95_s       | p95 TTFT (waiting requests count their wait so far); tpot_p95_s likewise         |
+
+    A switch is inside these figures: requests waited for it, and its seconds are busy time. An epoch in which
+    nothing happened scores neutral (its metrics are the reference's). The reference is the reference candidate at
+    full depth, no exits, already loaded, serving a nominal epoch of each source on the same scheduler path (open
+    loop: `reference_requests` arriving evenly over epoch_s at the base rate; closed loop: one batch), mixed by the
+    epoch's source weights, measured when the env is first reset. Replay pairs the accuracy reference (common random
+    numbers): the reference arm's accuracy on the epoch's own requests. `info` carries every component: `metrics`
+    (with the request counts met/missed/rejected), `reference`, `scores`, `reward_terms`, `penalties`, and `load`
+    (submitted, finished, queued, running, rejected, recomputed, span_s, arrival_rps, switch_policy, switch_pending,
+    and episode totals: episode_submitted = episode_finished + queued + running + episode_rejected).
 
     ## Starting State
 
-    Nothing loaded; epoch 0 of the workload. Replay draws one of `variants` request samples per episode from the
-    seeded `np_random`; live serves the workload's own requests.
+    Nothing loaded, no queue, the clock at 0; epoch 0 of the workload. Replay draws one of `variants` request samples
+    per episode from the seeded `np_random` (the same seed replays the same episode); live serves the workload's own
+    requests. `state_dict()` / `load_state_dict()` resume an episode: replay re-serves the recorded epochs and so
+    rebuilds the queue exactly; live resumes cold with an empty queue (see `load_state_dict`).
 
     ## Episode End
 
     Terminates after `workload.episode_epochs` steps (drift3: 30), when the workload's schedule (and its drift)
-    has played out; never truncates by itself.
+    has played out; never truncates by itself. Requests still queued then are reported, not served.
 
     ## Arguments
 
@@ -122,20 +170,22 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     | candidates            | conf/candidates name, or a list of {name, depths}                            |
     | reference             | candidate whose full-depth run normalises metrics (None: the first)          |
     | exits                 | list of {criterion, threshold, exit_fractions}                               |
-    | workload              | conf/workload name or config (helios.workloads)                              |
+    | workload              | conf/workload name or config (helios.workloads); a rate relative to          |
+    |                       | capacity(`capacity_of`) is resolved by envs.capacity (measured once, cached) |
     | slo                   | conf/slo name or config (helios.slo)                                         |
     | energy                | conf/energy name or config (live meter; replay uses the trace's power figure)|
     | memory_budget_mib     | memory for resident weights + K/V cache                                      |
-    | context_tokens        | K/V reserved per sequence (prompt + generated tokens)                        |
-    | max_batch_size        | cap on any arm's batch size                                                  |
-    | new_tokens            | tokens generated per request                                                 |
+    | context_tokens        | K/V per sequence that sizes an arm's guaranteed batch (and its feasibility)  |
+    | max_batch_size        | cap on sequences running at once                                             |
+    | new_tokens            | max_tokens of a request whose workload draws none                            |
     | accuracy_metric       | rouge_l, exact_match or contains_answer (helios.metrics) vs the references   |
     | histogram_bins        | exit-layer histogram buckets                                                 |
     | on_masked_action      | "penalty" or "raise"                                                         |
     | masked_action_penalty | reward of a refused (masked) action, negated                                 |
+    | switch_policy         | "drain" or "recompute": in-flight sequences at a change of candidate/depth   |
     | per_source            | replay: trace requests per workload source                                   |
-    | variants              | replay: request samples tabulated (one drawn per episode)                    |
-    | trace_dir             | replay: where traces are cached (None: ~/.cache/helios/traces)               |
+    | variants              | replay: request samples (one drawn per episode)                              |
+    | trace_dir             | replay: where traces (and capacities) are cached (None: ~/.cache/helios)     |
     | traces                | replay: {candidate: trace path}, used as given (a missing file is an error)  |
     | build_traces          | replay: record missing traces on first use (False: a missing trace errors)   |
 
@@ -146,7 +196,9 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Version History
 
-    * v0: initial version.
+    * v0: epochs are spans of one continuous-batching scheduler per episode (queue carried over, switches between
+      decode steps, goodput/attainment metrics, load features); before, an epoch was a fixed batch served
+      statically with a batch latency model.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
