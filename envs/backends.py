@@ -581,7 +581,7 @@ class ReplayBackend(SchedulerBackend):
         self._evaluating = False
         self._variant = 0
         self._ids: list[list[list[int]]] = []
-        self._epoch_requests: dict[tuple[int, int], list[tuple[Hashable, float, int, int]]] = {}
+        self._epoch_requests: dict[tuple[int, int], list[SequenceRequest]] = {}
 
     # -- construction helpers
 
@@ -662,10 +662,19 @@ class ReplayBackend(SchedulerBackend):
         return stepper
 
     def _requests(self, epoch: int, t0_s: float) -> list[SequenceRequest]:
+        # Open loop: t0 is fixed by the epoch, so the (immutable) requests of a (variant, epoch) are built once and
+        # reused by every episode that draws the variant; building them was the largest cost of a loaded step.
+        key = (self._variant, epoch)
+        cached = self._epoch_requests.get(key) if self.spec.open_loop else None
+        if cached is not None:
+            return list(cached)
         ids = self._ids[self._variant][epoch]
         prompt_len = self._prompt_len
-        return [SequenceRequest((epoch, k, rid), t0_s + arrival_s, prompt_len(rid), max_tokens, rid)
-                for k, ((_, arrival_s, max_tokens), rid) in enumerate(zip(self._lengths[epoch], ids))]
+        requests = [SequenceRequest((epoch, k, rid), t0_s + arrival_s, prompt_len(rid), max_tokens, rid)
+                    for k, ((_, arrival_s, max_tokens), rid) in enumerate(zip(self._lengths[epoch], ids))]
+        if self.spec.open_loop:
+            self._epoch_requests[key] = requests
+        return list(requests)
 
     def _prompt_len(self, rid: int) -> int:
         replayer = self.replayers[self.spec.reference]
