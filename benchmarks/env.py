@@ -1,13 +1,22 @@
-"""Environment benchmark: replay steps per second, and the share of a live step spent inside the engine.
+"""Environment benchmark: replay steps per second with the queue simulated, and the share of a live step spent inside
+the engine.
 
     python benchmarks/env.py --json outputs/env_bench.json                 # ~1 minute once traces exist
     python benchmarks/env.py --replay-env tiny --live-steps 4 --threads 1    # no real-model traces needed
 
-Replay: steps per second through `gymnasium.make(...)` (its order-enforcing and checker wrappers included) and on the
-raw environment, single process, with random feasible actions drawn beforehand; episode resets are part of the
-loop, environment construction (trace loading and tabulation) is not. Median of `--rounds` rounds. The default
-environment (SmolLM2 + Gemma-3) is used when its traces are cached, else the tiny candidates (the step cost does
-not depend on the model: a replay step is a table lookup plus the reward).
+Replay: every step serves its epoch as a span of the episode's scheduler (helios.scheduler + helios.replay_executor:
+continuous batching, one decode step at a time on the cost model's clock, the queue carried across epochs), then
+scores it (helios.telemetry.span_metrics, helios.slo). Steps per second through `gymnasium.make(...)` (its
+order-enforcing and checker wrappers included) and on the raw environment, single process, with random feasible
+actions drawn beforehand; episode resets are part of the loop, environment construction (trace loading) is not.
+Median of `--rounds` rounds, as wall-clock steps/s and as steps per second of this process's CPU time (the machine
+may be shared: CPU time leaves out the time other processes took from it). Two workloads:
+  drift3     the env's default (closed loop, 8 requests an epoch): the default environment (SmolLM2 + Gemma-3)
+             when its traces are cached, else the tiny candidates (a replay step's cost depends on the requests and
+             tokens an epoch holds, not on the model)
+  open_loop  tiny candidates on bursts-like load: gamma arrivals (cv 2), alternating 0.6x and 2x the measured
+             capacity of tiny-llama@2 (envs/capacity.py), epoch_s set so a load-1 epoch holds ~24 requests, up to
+             32 tokens each: at 2x a backlog builds and carries over, which is what the scheduler must simulate.
 
 Live: tiny candidates on drift3. engine fraction = seconds inside EarlyExitEngine.generate / step wall seconds,
 (a) keeping one arm (after its cold load) and (b) with random feasible arms, where model loads are the rest.
@@ -36,10 +45,24 @@ import envs
 from envs.model_depth import ModelDepthEnv, _group, env_config
 from helios.paths import atomic_file
 
+# 8 MiB and 2048-token contexts: the tiny models' byte-level tokenizer makes HumanEval prompts ~1,000 tokens long,
+# which a smaller budget would refuse (the scheduler reserves prompt + max_tokens of K/V per sequence).
 TINY = {
-    "candidates": "tiny", "workload": "drift3", "memory_budget_mib": 1.5, "context_tokens": 512, "new_tokens": 8,
+    "candidates": "tiny", "workload": "drift3", "memory_budget_mib": 8.0, "context_tokens": 2048, "new_tokens": 8,
     "exits": [{"criterion": "none"}, {"criterion": "cosine", "threshold": 0.5, "exit_fractions": [0.5]}],
 }
+OPEN_LOOP_REQUESTS = 24  # a load-1 epoch's requests (epoch_s = this / capacity)
+
+
+def open_loop_workload(epoch_s: float) -> dict[str, Any]:
+    phases = [{"epochs": 5, "load": load, "mixture": mixture}
+              for mixture in ({"code": 0.7, "qa": 0.3}, {"prose": 0.7, "qa": 0.3}) for load in (0.6, 2.0)]
+    return {"seed": 0, "episode_epochs": 20,
+            "arrival": {"kind": "gamma", "cv": 2.0, "epoch_s": epoch_s, "rate_x_capacity": 1.0,
+                        "capacity_of": "tiny-llama@2"},
+            "output_tokens": {"code": {"median_tokens": 16, "max_tokens": 32}, "prose": {"median_tokens": 16, "max_tokens": 32},
+                              "qa": {"dist": "uniform", "min_tokens": 2, "max_tokens": 16}},
+            "phases": phases}
 
 
 def default_traces_cached() -> bool:
@@ -56,31 +79,58 @@ def replay_kwargs(which: str, trace_dir: str) -> dict[str, Any]:
     return {**TINY, "per_source": 2, "trace_dir": trace_dir}
 
 
-def steps_per_s(env: gymnasium.Env, steps: int, seed: int) -> float:
+def open_loop_kwargs(trace_dir: str) -> dict[str, Any]:
+    """Tiny candidates on bursts-like load; a first construction measures (and caches) the capacity that sizes
+    epoch_s, so that a load-1 epoch holds OPEN_LOOP_REQUESTS requests on any machine."""
+    kwargs = {**TINY, "per_source": 2, "trace_dir": trace_dir, "slo": "goodput", "workload": open_loop_workload(1.0)}
+    probe = gymnasium.make(envs.ENV_IDS["replay"], **kwargs)
+    capacity_rps = probe.unwrapped.capacity["capacity_rps"]
+    probe.close()
+    return {**kwargs, "workload": open_loop_workload(OPEN_LOOP_REQUESTS / capacity_rps)}
+
+
+def steps_per_s(env: gymnasium.Env, steps: int, seed: int) -> tuple[float, float, dict[str, float]]:
+    """(wall-clock steps/s, CPU-time steps/s, mean requests submitted / finished / queued per step)."""
     mask = env.unwrapped.action_masks()
     actions = np.random.default_rng(seed).choice(np.flatnonzero(mask), size=steps).tolist()
     env.reset(seed=seed)
     step, reset = env.step, env.reset
-    start = time.perf_counter()
+    submitted = finished = queued = 0
+    start, cpu_start = time.perf_counter(), time.process_time()
     for action in actions:
-        if step(action)[2]:
+        _, _, terminated, _, info = step(action)
+        load = info["load"]
+        submitted += load["submitted"]
+        finished += load["finished"]
+        queued += load["queued"]
+        if terminated:
             reset()
-    return steps / (time.perf_counter() - start)
+    wall_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    return steps / wall_s, steps / cpu_s, {"submitted": submitted / steps, "finished": finished / steps,
+                                           "queued_at_end": queued / steps}
 
 
-def bench_replay(which: str, trace_dir: str, steps: int, rounds: int) -> dict[str, Any]:
+def bench_replay(which: str, kwargs: dict[str, Any], steps: int, rounds: int, prefix: str) -> dict[str, Any]:
     start = time.perf_counter()
-    env = gymnasium.make(envs.ENV_IDS["replay"], **replay_kwargs(which, trace_dir))
+    env = gymnasium.make(envs.ENV_IDS["replay"], **kwargs)
     construct_s = time.perf_counter() - start
-    steps_per_s(env, 2000, seed=99)  # warm-up (and the passive checker's first-step checks)
+    steps_per_s(env, min(steps, 500), seed=99)  # warm-up (and the passive checker's first-step checks)
     wrapped = [steps_per_s(env, steps, seed=r) for r in range(rounds)]
     raw = [steps_per_s(env.unwrapped, steps, seed=r) for r in range(rounds)]
     unwrapped: ModelDepthEnv = env.unwrapped  # type: ignore[assignment]
     result = {
-        "replay_env": which, "replay_arms": len(unwrapped.arms), "replay_obs_dim": int(env.observation_space.shape[0]),
-        "replay_construct_s": construct_s, "replay_steps_per_s": statistics.median(wrapped),
-        "replay_steps_per_s_unwrapped": statistics.median(raw), "replay_rounds": wrapped,
+        f"{prefix}_env": which, f"{prefix}_arms": len(unwrapped.arms),
+        f"{prefix}_obs_dim": int(env.observation_space.shape[0]), f"{prefix}_construct_s": construct_s,
+        f"{prefix}_steps_per_s": statistics.median(w for w, _, _ in wrapped),
+        f"{prefix}_steps_per_cpu_s": statistics.median(c for _, c, _ in wrapped),
+        f"{prefix}_steps_per_s_unwrapped": statistics.median(w for w, _, _ in raw),
+        f"{prefix}_steps_per_cpu_s_unwrapped": statistics.median(c for _, c, _ in raw),
+        f"{prefix}_rounds": [w for w, _, _ in wrapped], f"{prefix}_requests_per_step": wrapped[0][2],
+        f"{prefix}_queue_simulated": True,
     }
+    if unwrapped.capacity is not None:
+        result[f"{prefix}_capacity_rps"] = unwrapped.capacity["capacity_rps"]
+        result[f"{prefix}_epoch_s"] = unwrapped.serving.workload.arrival.epoch_s
     env.close()
     return result
 
@@ -140,7 +190,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replay-env", choices=("auto", "default", "tiny"), default="auto",
                         help="auto: the default env when its traces are cached, else tiny")
-    parser.add_argument("--replay-steps", type=int, default=100_000)
+    parser.add_argument("--replay-steps", type=int, default=20_000)
+    parser.add_argument("--open-loop-steps", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--live-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (live inference, trace recording)")
@@ -155,10 +206,17 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
         "load_avg_1m_at_start": os.getloadavg()[0], "threads": args.threads,
     }
-    results.update(bench_replay(which, trace_dir, args.replay_steps, args.rounds))
-    print(f"replay ({which}, {results['replay_arms']} arms): {results['replay_steps_per_s']:,.0f} steps/s through "
-          f"gymnasium.make, {results['replay_steps_per_s_unwrapped']:,.0f} raw "
-          f"(construction {results['replay_construct_s']:.1f} s)")
+    results.update(bench_replay(which, replay_kwargs(which, trace_dir), args.replay_steps, args.rounds, "replay"))
+    print(f"replay drift3 ({which}, {results['replay_arms']} arms, queue simulated): "
+          f"{results['replay_steps_per_s']:,.0f} steps/s through gymnasium.make "
+          f"({results['replay_steps_per_cpu_s']:,.0f} per CPU-second), {results['replay_steps_per_s_unwrapped']:,.0f} raw "
+          f"({results['replay_steps_per_cpu_s_unwrapped']:,.0f} per CPU-second); construction "
+          f"{results['replay_construct_s']:.1f} s; per step {results['replay_requests_per_step']}")
+    results.update(bench_replay("tiny", open_loop_kwargs(trace_dir), args.open_loop_steps, args.rounds, "open_loop"))
+    print(f"replay open loop (tiny, bursts-like, {results['open_loop_epoch_s']:.3g} s epochs): "
+          f"{results['open_loop_steps_per_s']:,.0f} steps/s through gymnasium.make "
+          f"({results['open_loop_steps_per_cpu_s']:,.0f} per CPU-second), "
+          f"{results['open_loop_steps_per_s_unwrapped']:,.0f} raw; per step {results['open_loop_requests_per_step']}")
     results.update(bench_live(args.live_steps))
     print(f"live (tiny): {results['live_engine_fraction']:.1%} of step time in the engine keeping one arm "
           f"({results['live_step_s'] * 1e3:.0f} ms/step); random arms {results['live_engine_fraction_random_arms']:.1%} "

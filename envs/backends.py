@@ -1,72 +1,74 @@
-"""Serving backends of the ModelDepth environment: one interface, two ways to serve an epoch of requests.
+"""Serving backends of the ModelDepth environment: one scheduler per episode, on one of two clocks.
 
     backend = ReplayBackend(spec, trace_paths)      # or LiveBackend(spec)
-    reference = backend.reference_profile()         # per source: the reference run's metrics
-    backend.begin_episode(rng)                      # cold start: nothing loaded
-    outcome, switch = backend.serve(epoch, arm)     # the epoch's requests served by that arm
-    values = epoch_metrics(outcome, switch)         # the SLO's metrics (helios.slo.METRICS)
+    backend.bind(workload)                          # the episode's workload (its rate known: capacity resolved)
+    reference = backend.reference_profile()         # per source: the reference arm's metrics, same scheduler path
+    backend.begin_episode(rng)                      # cold start: nothing loaded, empty queue, clock at 0
+    result = backend.serve(epoch, arm_index)        # one epoch = one span of the episode's scheduler
+    result.values                                   # the SLO's metrics (helios.telemetry.span_metrics)
 
-live    Real early-exit inference. An arm switch loads the arm's candidate truncated to its depth
-        (helios.models.load_candidate; the load is timed), then the epoch's requests run through helios.engine in
-        batches of the arm's batch size; energy is read from helios.energy's meter around it, accuracy scored by
-        helios.metrics on the decoded outputs.
-replay  The same from recorded traces (helios.profiling, helios.replay). Every (variant, epoch, arm) outcome is
-        computed once at construction, so a step is a table lookup. A variant is one draw of trace requests for
-        every epoch: request i of epoch e is a trace request of the same source as the live workload's request i
-        (the trace holds a pool per source), so both backends see the same source mix and arrivals.
+Both backends run helios.scheduler (continuous batching under the memory budget, FIFO, the one admission and
+retirement code the server runs too) on a `VirtualClock`; they differ only in the executor, i.e. in where a step's
+seconds come from:
+  live    helios.engine_executor on the arm's truncated model: a step advances the clock by the engine's measured
+          compute; idle time is skipped (the clock jumps to the next arrival), so a lightly loaded simulated hour
+          does not take an hour. Energy: helios.energy's meter around the span's compute.
+  replay  helios.replay_executor: a step advances the clock by the calibrated cost model's price of the running
+          rows and their context lengths; tokens and exit layers come from the trace (teacher-forced). Energy: busy
+          seconds x the trace's power figure (an estimate, labelled `replay:<source>`).
 
-Switching (what a change of arm really costs, added to the epoch by `epoch_metrics`):
-  * exit setting only: free (the same weights serve it).
-  * depth or candidate: a load of the new (candidate, depth). helios.models has no incremental layer loading, so a
-    depth change reloads the truncated model; its cost is that reload. Live: measured (wall clock of load_candidate
-    plus engine set-up; energy metered). Replay: modeled as seconds per resident weight byte x the arm's weight
-    bytes, the rate measured while the trace was recorded (trace meta `load_timings`, warm page cache), or, for a
-    trace recorded before that field existed, measured once when the backend is built (`switch_cost_source`).
-    Energy: the trace's power figure x the load seconds (an estimate, like all replay energy).
-  * re-prefilling the KV cache: zero here. Epochs are served whole (closed loop: the next batch is issued when this
-    one finishes), so no sequence is in flight across an epoch boundary, and each batch's prefill is already part
-    of its epoch's busy time.
-  The first epoch of an episode pays a cold load of its arm.
+An epoch is a span of time on the episode's timeline, not a fixed count of requests. Epoch e's requests (the
+workload's, `Workload.epoch(e)`) are submitted at `t0 + arrival_s`, then `Scheduler.run_until(t_end)`:
+  open loop (poisson, gamma)  t0 = e x epoch_s and t_end = t0 + epoch_s. The queue and the running sequences persist
+                              across epochs: an overloaded epoch leaves a backlog that the next one starts with. A
+                              step is atomic, so a span ends at the first iteration boundary at or after t_end.
+  closed loop                 all requests at t0 = the clock now (where the last span ended), t_end = when the
+                              scheduler runs dry (closed loop: the next batch is issued when this one finishes), so no
+                              queue carries over.
+Each request's `max_tokens` is the workload's draw (`Request.max_tokens`), else the env's `new_tokens`; a sequence also
+ends at EOS (live: the model's; replay: the trace's full-depth output). Replay traces are recorded with
+`ServingSpec.trace_tokens` tokens per request, so no output is cut short by its trace.
 
-Latency: requests are served in arrival order, in consecutive batches of the arm's batch size; a batch starts when
-the server is free and its last request has arrived; a request's latency is its batch's end minus its arrival. A
-switch delays every request of the epoch by its load (exact for closed-loop arrivals, an upper bound for Poisson).
+Switching happens between decode steps (helios.scheduler, "Switching"): an exit-setting change keeps the in-flight
+sequences and their K/V (`keep`, free); a change of candidate or depth loads the new (candidate, depth) after the
+in-flight sequences `drain` on the old arm, or preempts them to be re-prefilled on the new one (`recompute`), per the
+config's `switch_policy`. A recompute across candidates whose tokenizers differ falls back to drain (generated token
+ids mean nothing in another vocabulary), in both backends alike. The load's seconds are charged to the span in which
+the switch happens: measured in live (wall clock of loading the truncated model and building its engine), modelled in
+replay (seconds per resident weight byte x the arm's weight bytes, the rate measured while the trace was recorded).
+A drain that outlasts its epoch completes, and is charged, in a later one. The first epoch of an episode pays a cold
+load of its arm.
+
+What an epoch reports (`EpochResult`): the records of the requests that finished in the span, the requests still in
+the system at its end, and the span's seconds, tokens, energy, accuracy (mean per finished request with a
+reference; replay scores the teacher-forced tokens) and exit-layer histogram (over the finished requests' tokens).
 """
 
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
+import itertools
+import math
+import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from helios.arms import (
-    Arm,
-    CandidateSpec,
-    ExitSpec,
-    MemoryBudget,
-    MemoryInfo,
-    build_arms,
-    exit_buckets,
-    exit_histogram,
-    normalised,
-)
+from helios.arms import Arm, CandidateSpec, ExitSpec, MemoryBudget, MemoryInfo, build_arms, exit_buckets
 from helios.exit_config import ExitConfig
-from helios.telemetry import (
-    NO_SWITCH,
-    EpochOutcome,
-    SwitchCost,
-    SwitchKind,
-    empty_outcome,
-    epoch_metrics,
-    latency_p95_s,
-)
+from helios.replay_executor import ReplayExecutor
+from helios.scheduler import MemoryBudget as SchedulerBudget
+from helios.scheduler import RequestRecord, Scheduler, SequenceRequest, SequenceState, VirtualClock
+from helios.telemetry import SwitchKind, span_metrics
 from helios.workloads import Request, Workload
+
+SWITCH_POLICIES: tuple[str, ...] = ("drain", "recompute")  # `keep` is chosen automatically for an exit-only change
 
 # ----------------------------------------------------------------------------------------------- specification
 
@@ -78,30 +80,45 @@ class ServingSpec:
     candidates: tuple[CandidateSpec, ...]
     exits: tuple[ExitSpec, ...]
     reference: str  # the candidate whose full-depth run normalises the reward
-    workload: Workload
+    workload: Workload  # before `bind`: built with a placeholder capacity (pool, mixtures and lengths are right)
     workload_cfg: dict[str, Any]
     memory_budget_bytes: int
-    context_tokens: int  # K/V reserved per sequence (prompt + generated), like a server's max_model_len
-    max_batch_size: int
-    new_tokens: int
+    context_tokens: int  # K/V per sequence that sizes an arm's guaranteed batch (`Arm.batch_size`), like max_model_len
+    max_batch_size: int  # the scheduler's cap on sequences running at once (an engine's batch limit)
+    new_tokens: int  # max_tokens of a request whose workload draws none
     accuracy_metric: str
     histogram_bins: int
     energy_cfg: dict[str, Any]
+    switch_policy: str = "drain"
 
     @property
     def budget(self) -> MemoryBudget:
         return MemoryBudget(self.memory_budget_bytes, self.context_tokens, self.max_batch_size)
 
     @property
+    def open_loop(self) -> bool:
+        return self.workload.arrival.kind != "closed"
+
+    @property
+    def trace_tokens(self) -> int:
+        """Tokens a replay trace records per request: the most any request may generate (its source's largest
+        `max_tokens`, or new_tokens), so that replay never cuts an output short of what live would generate."""
+        lengths = self.workload.output_tokens
+        if not lengths:
+            return self.new_tokens
+        return max(int(length.tokens if length.dist == "fixed" else length.max_tokens)  # type: ignore[arg-type]
+                   for length in lengths.values())
+
+    @property
     def reference_requests(self) -> int:
-        """Requests per source in the reference run: a nominal epoch's worth."""
-        arrival = self.workload.arrival
-        if arrival.kind == "closed":
-            return int(arrival.batch_size)
-        return max(1, round(arrival.rate_per_s * arrival.epoch_s))
+        """Requests in a nominal epoch: a closed loop's batch, else the base rate x epoch_s (at least 1)."""
+        workload = self.workload
+        if workload.base_rate_per_s is None:
+            return int(workload.arrival.batch_size)
+        return max(1, round(workload.base_rate_per_s * workload.arrival.epoch_s))
 
-
-# ----------------------------------------------------------------------------------------------- one epoch
+    def max_tokens(self, request: Request) -> int:
+        return self.new_tokens if request.max_tokens is None else int(request.max_tokens)
 
 
 def mix_reference(per_source: Mapping[str, Mapping[str, float]], mixture: Mapping[str, float]) -> dict[str, float]:
@@ -111,41 +128,9 @@ def mix_reference(per_source: Mapping[str, Mapping[str, float]], mixture: Mappin
     return {m: sum(w * per_source[s][m] for s, w in mixture.items() if w > 0) / total for m in metrics}
 
 
-class Backend(abc.ABC):
-    """Serves epochs of a workload with the arm of each step (see module docstring)."""
-
-    kind: str
-    arms: tuple[Arm, ...]
-    switch_cost_source: str
-
-    @abc.abstractmethod
-    def reference_profile(self) -> dict[str, dict[str, float]]:
-        """Per workload source: the metrics of the reference candidate at full depth, no exits, serving a nominal
-        epoch of that source at its budget batch size (at least 1)."""
-
-    @abc.abstractmethod
-    def begin_episode(self, rng: np.random.Generator) -> None:
-        """Start an episode cold (nothing loaded); replay draws its request variant from `rng`."""
-
-    @abc.abstractmethod
-    def serve(self, epoch: int, arm_index: int) -> tuple[EpochOutcome, SwitchCost]:
-        """Switch to the arm if needed and serve the epoch's requests with it."""
-
-    @abc.abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        """The backend's position within an episode (JSON), for resuming a run."""
-
-    @abc.abstractmethod
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore `state_dict()`."""
-
-    def close(self) -> None:  # noqa: B027 (optional hook)
-        """Release what the backend holds (idempotent)."""
-
-
 def reference_arm(spec: ServingSpec, memory: MemoryInfo) -> Arm:
-    """The reference run's setting: the reference candidate at full depth, no exits, its budget batch (>= 1; the
-    reference is measured even where the budget would mask it)."""
+    """The reference run's setting: the reference candidate at full depth, no exits (measured even where the budget
+    would mask it: its batch is at least 1)."""
     depth, budget = memory.num_layers, spec.budget
     weight_bytes = memory.weight_bytes_by_depth[depth]
     kv_per_seq = budget.kv_bytes_per_seq(memory, depth)
@@ -153,11 +138,400 @@ def reference_arm(spec: ServingSpec, memory: MemoryInfo) -> Arm:
     return Arm(-1, spec.reference, -1, depth, depth, -1, "none", ExitConfig(), weight_bytes, kv_per_seq, batch, True)
 
 
+def switch_kind(previous: Arm | None, arm: Arm) -> SwitchKind:
+    if previous is None:
+        return "cold"
+    if previous.candidate != arm.candidate:
+        return "candidate"
+    if previous.depth != arm.depth:
+        return "depth"
+    return "none" if previous.exit_index == arm.exit_index else "exit"
+
+
+# ----------------------------------------------------------------------------------------------- one epoch
+
+
+@dataclasses.dataclass
+class EpochResult:
+    """One epoch served as a span of the episode's scheduler (module docstring). Seconds are on the scheduler's
+    clock; `served` is False when no arm was ever loaded (a refused first action): then the requests wait."""
+
+    served: bool
+    start_s: float
+    end_s: float
+    records: list[RequestRecord]  # requests finished in the span (some may have arrived in earlier epochs)
+    in_system: list[dict[str, Any]]  # still queued or running at the end: arrival_s, ttft_s (None: no token yet)
+    busy_s: float  # prefill + decode + switch
+    compute_s: float  # prefill + decode (live: measured; replay: modelled)
+    switch_s: float  # loads applied in this span
+    output_tokens: int
+    energy_j: float
+    energy_source: str
+    accuracy: float | None  # mean over finished requests with a reference; None when none
+    histogram: np.ndarray  # float32 [bins]: shares of the finished requests' tokens by exit layer / layers
+    submitted: int  # this epoch's requests
+    rejected: int  # refused by the scheduler in this span (never fit beside the weights)
+    queued: int  # at the end (held requests included when nothing is loaded)
+    running: int
+    switch: SwitchKind  # the change of arm requested this epoch
+    switch_policy: str  # how it was applied ("none" when no switch was requested)
+    switch_pending: bool  # the requested arm is not in effect at the end (a drain still running)
+    decode_steps: int = 0
+    recomputed: int = 0  # re-admissions after a recompute switch in this span
+    max_running: int = 0  # most sequences running at once in the span
+
+    def values(self, targets: Any = None, accuracy_default: float = 0.0) -> dict[str, float] | None:
+        """helios.telemetry.span_metrics of the epoch; None when nothing happened in it (scores neutral)."""
+        return span_metrics(
+            records=self.records, in_system=self.in_system, span_start_s=self.start_s, span_end_s=self.end_s,
+            busy_s=self.busy_s, output_tokens=self.output_tokens, energy_j=self.energy_j,
+            accuracy=accuracy_default if self.accuracy is None else self.accuracy, targets=targets,
+            rejected=self.rejected,
+        )
+
+
+@dataclasses.dataclass
+class _Episode:
+    """Where an episode stands: its scheduler (None until an arm is loaded), the requests held meanwhile, counters."""
+
+    scheduler: Scheduler | None = None
+    requested: int | None = None  # the arm index last requested (in effect, or pending behind a drain)
+    held: list[SequenceRequest] = dataclasses.field(default_factory=list)
+    closed_clock_s: float = 0.0  # closed loop before any scheduler: where the next epoch starts
+    submitted: int = 0
+    finished: int = 0
+    rejected: int = 0
+    actions: list[int | None] = dataclasses.field(default_factory=list)  # per epoch served (None: refused)
+
+
+class SchedulerBackend(abc.ABC):
+    """The part both backends share: the episode's scheduler, epochs as spans, metrics (module docstring).
+
+    Subclasses provide the executor (`_executor`), the epoch's requests (`_requests`), the energy of a span
+    (`_energy_begin` / `_energy_end`) and per-request accuracy (`_accuracy`)."""
+
+    kind: str
+    arms: tuple[Arm, ...]
+    switch_cost_source: str
+    energy_source: str
+
+    def __init__(self, spec: ServingSpec) -> None:
+        self.spec = spec
+        self._episode = _Episode()
+        self._tokenizers_equal: dict[tuple[str, str], bool] = {}
+        self._buckets: dict[int, list[int]] = {}
+
+    # -- hooks
+
+    @abc.abstractmethod
+    def _executor(self, arm: Any, *, cold: bool) -> Any:
+        """An executor with `arm` current (cold: its first switch charges the load). For the episode, the reference
+        run and capacity runs."""
+
+    @abc.abstractmethod
+    def _requests(self, epoch: int, t0_s: float) -> list[SequenceRequest]:
+        """Epoch `epoch`'s requests, arriving at t0_s + their arrival_s."""
+
+    @abc.abstractmethod
+    def _energy_begin(self, executor: Any) -> None: ...
+
+    @abc.abstractmethod
+    def _energy_end(self, executor: Any) -> float: ...
+
+    @abc.abstractmethod
+    def _accuracy(self, request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:
+        """The task score of one finished request (None: it has no reference)."""
+
+    @abc.abstractmethod
+    def _tokenizer_vocab(self, candidate: str) -> Mapping[str, int]: ...
+
+    @abc.abstractmethod
+    def memory(self, candidate: str) -> MemoryInfo: ...
+
+    # -- shared
+
+    def scheduler_budget(self, candidate: str, depth: int) -> SchedulerBudget:
+        """The scheduler's budget for (candidate, depth): weights at that depth + K/V per token over its layers,
+        within the env's memory budget, at most max_batch_size sequences at once."""
+        info = self.memory(candidate)
+        return SchedulerBudget(self.spec.memory_budget_bytes, int(info.weight_bytes_by_depth[int(depth)]),
+                               info.kv_bytes_per_token_layer * int(depth), self.spec.max_batch_size)
+
+    def _budget(self, arm: Any) -> SchedulerBudget:
+        return self.scheduler_budget(arm.candidate, arm.depth)
+
+    def _same_tokenizer(self, a: str, b: str) -> bool:
+        if a == b:
+            return True
+        key = (a, b) if a < b else (b, a)
+        if key not in self._tokenizers_equal:
+            self._tokenizers_equal[key] = self._tokenizer_vocab(a) == self._tokenizer_vocab(b)
+        return self._tokenizers_equal[key]
+
+    def _policy(self, current: Any, arm: Any) -> str:
+        if (current.candidate, current.depth) == (arm.candidate, arm.depth):
+            return "keep"
+        if self.spec.switch_policy == "recompute" and not self._same_tokenizer(current.candidate, arm.candidate):
+            return "drain"  # generated ids mean nothing in another vocabulary (module docstring)
+        return self.spec.switch_policy
+
+    def _bucket_table(self, num_layers: int) -> list[int]:
+        if num_layers not in self._buckets:
+            self._buckets[num_layers] = exit_buckets(num_layers, self.spec.histogram_bins).tolist()
+        return self._buckets[num_layers]
+
+    @property
+    def episode(self) -> _Episode:
+        return self._episode
+
+    def begin_episode(self, rng: np.random.Generator) -> None:
+        """Start an episode cold: nothing loaded, no queue, the clock at 0."""
+        self._end_episode()
+        self._episode = _Episode()
+
+    def _end_episode(self) -> None:  # noqa: B027 (optional hook)
+        """Release what the last episode held."""
+
+    def _episode_executor(self, arm: Any) -> Any:
+        """The executor of a new episode's scheduler, cold (its first switch charges the load)."""
+        return self._executor(arm, cold=True)
+
+    def serve(self, epoch: int, arm_index: int | None) -> EpochResult:
+        """Serve epoch `epoch` with arm `arm_index` (None: keep what is loaded, a refused action)."""
+        ep = self._episode
+        ep.actions.append(arm_index)
+        spec = self.spec
+        sched = ep.scheduler
+        if spec.open_loop:
+            epoch_s = float(spec.workload.arrival.epoch_s)
+            t0, t_end = epoch * epoch_s, (epoch + 1) * epoch_s
+        else:
+            t0 = sched.clock.now() if sched is not None else ep.closed_clock_s
+            t_end = math.inf
+        requests = self._requests(epoch, t0)
+        submitted = len(requests)
+        ep.submitted += submitted
+        kind: SwitchKind = "none"
+        policy = "none"
+        if arm_index is not None and arm_index != ep.requested:
+            arm = self.arms[arm_index]
+            kind = switch_kind(None if ep.requested is None else self.arms[ep.requested], arm)
+            if sched is None:  # the episode's first arm: a scheduler on the episode's clock, the cold load pending
+                sched = ep.scheduler = Scheduler(self._episode_executor(arm), self._budget(arm), VirtualClock(t0),
+                                                 arm=None)
+                policy = "drain"  # nothing is in flight, so the load applies at the first iteration
+                requests = ep.held + requests  # what waited for an arm keeps its arrival times (and its wait)
+                ep.held = []
+            else:
+                policy = self._policy(sched.arm, arm)
+            sched.switch_arm(arm, self._budget(arm), policy)  # type: ignore[arg-type]
+            ep.requested = arm_index
+        if sched is None:  # nothing ever loaded: the requests wait for the first arm, and the time passes
+            ep.held.extend(requests)
+            end = t_end if math.isfinite(t_end) else t0
+            return EpochResult(
+                served=False, start_s=t0, end_s=end, records=[],
+                in_system=[{"arrival_s": r.arrival_s, "ttft_s": None} for r in ep.held], busy_s=0.0, compute_s=0.0,
+                switch_s=0.0, output_tokens=0, energy_j=0.0, energy_source=self.energy_source, accuracy=None,
+                histogram=np.zeros(spec.histogram_bins, np.float32), submitted=submitted, rejected=0,
+                queued=len(ep.held), running=0, switch="none", switch_policy="none", switch_pending=False)
+        result = self._run_span(sched, requests, t_end)
+        result.submitted = submitted
+        result.switch, result.switch_policy = kind, policy
+        result.switch_pending = sched.arm is not self.arms[ep.requested]  # type: ignore[index]
+        ep.finished += len(result.records)
+        ep.rejected += result.rejected
+        return result
+
+    def _run_span(self, sched: Scheduler, requests: Sequence[SequenceRequest], t_end: float) -> EpochResult:
+        """Submit `requests`, run the scheduler to `t_end`, and summarise the span."""
+        executor = sched.executor
+        rejected_before = len(sched.rejected)
+        for request in requests:
+            sched.submit(request)
+        self._energy_begin(executor)
+        records = sched.run_until(t_end)
+        energy_j = self._energy_end(executor)
+        span = sched.span
+        # Accuracy and exit layers of the finished requests, from what the executor captured at release.
+        released = executor.released
+        bins = self.spec.histogram_bins
+        counts = [0] * bins
+        scores: list[float] = []
+        for record in records:
+            arm, token_ids = released.pop(record.request_id)
+            score = self._accuracy(record.request_id, arm, token_ids)
+            if score is not None:
+                scores.append(score)
+            table = self._bucket_table(arm.num_layers if hasattr(arm, "num_layers") else arm.depth)
+            for layer in record.exit_layers:
+                counts[table[layer]] += 1
+        total = sum(counts)
+        histogram = np.array([c / total for c in counts] if total else counts, dtype=np.float32)
+        end = span.end_s
+        in_system = [
+            {"arrival_s": seq.request.arrival_s,
+             "ttft_s": None if seq.first_token_s != seq.first_token_s else seq.first_token_s - seq.request.arrival_s}
+            for seq in _in_system(sched)
+        ]
+        return EpochResult(
+            served=True, start_s=span.start_s, end_s=end, records=records, in_system=in_system, busy_s=span.busy_s,
+            compute_s=span.prefill_s + span.decode_s, switch_s=span.switch_s, output_tokens=span.output_tokens,
+            energy_j=energy_j, energy_source=self.energy_source,
+            accuracy=sum(scores) / len(scores) if scores else None, histogram=histogram, submitted=len(requests),
+            rejected=len(sched.rejected) - rejected_before, queued=sched.queue_len, running=sched.running,
+            switch="none", switch_policy="none", switch_pending=False, decode_steps=span.decode_steps,
+            recomputed=span.recomputed, max_running=span.max_running,
+        )
+
+    # -- reference and capacity: the same scheduler path, on a scheduler of their own
+
+    def _standalone(self, arm: Any, requests: Sequence[SequenceRequest], t_end: float, *,
+                    fit_all: bool = False) -> EpochResult:
+        """`requests` served by `arm`, already loaded (warm: no switch), from an empty queue at clock 0. `fit_all`:
+        enlarge the memory budget, if needed, so that the largest request fits beside the weights (the reference
+        run is measured even where the budget would mask its arm, as its batch is at least 1)."""
+        executor = self._executor(arm, cold=False)
+        budget = self._budget(arm)
+        if fit_all and requests:
+            need = budget.weight_bytes + budget.kv_bytes_per_token * max(r.prompt_tokens + r.max_tokens
+                                                                         for r in requests)
+            budget = dataclasses.replace(budget, memory_budget_bytes=max(budget.memory_budget_bytes, need))
+        sched = Scheduler(executor, budget, VirtualClock(0.0), arm=arm)
+        return self._run_span(sched, requests, t_end)
+
+    def reference_profile(self, targets: Any = None) -> dict[str, dict[str, float]]:
+        """Per workload source: the metrics of the reference candidate at full depth, no exits, already loaded,
+        serving a nominal epoch of that source from an empty queue, with memory for at least its largest request
+        beside the weights (so it refuses none): `reference_requests` requests, arriving evenly
+        over epoch_s at the workload's base rate (open loop; the span is [0, epoch_s)), or all at 0 (closed loop;
+        the span runs until they finish). Computed by `_run_span` and span_metrics, as every epoch is."""
+        spec = self.spec
+        profile: dict[str, dict[str, float]] = {}
+        n = spec.reference_requests
+        epoch_s = float(spec.workload.arrival.epoch_s) if spec.open_loop else math.inf
+        for index, source in enumerate(spec.workload.sources):
+            rng = np.random.default_rng([spec.workload.seed, 0x5EF, index])
+            arrivals = [k * epoch_s / n if spec.open_loop else 0.0 for k in range(n)]
+            lengths = spec.workload.output_tokens
+            max_tokens = [spec.new_tokens if not lengths else lengths[source].draw(rng) for _ in range(n)]
+            requests = self._source_requests(source, arrivals, max_tokens, tag="reference")
+            result = self._standalone(self._reference_arm, requests, epoch_s, fit_all=True)
+            values = result.values(targets, accuracy_default=0.0)
+            if values is None:
+                raise RuntimeError(f"the reference run of source {source!r} produced nothing")
+            profile[source] = values
+        return profile
+
+    @abc.abstractmethod
+    def _source_requests(self, source: str, arrivals_s: Sequence[float], max_tokens: Sequence[int],
+                         tag: str) -> list[SequenceRequest]:
+        """Requests of `source` from the backend's pool, cycling through it, at the given arrivals and lengths."""
+
+    def measure_capacity(self, candidate: str, depth: int, requests: int = 256) -> dict[str, Any]:
+        """Requests/s that the continuous scheduler sustains with (candidate, depth), exits off, at saturation on
+        the workload's request mix: `requests` requests (sources drawn by the episode's mean mixture, weighted by
+        each epoch's load; max_tokens by the workload's output lengths) all at t = 0. The rate is taken over the
+        middle half of the completions (finishes n/4 .. 3n/4), while the queue is still full, which leaves out the
+        start (every sequence prefilling at once) and the drain at the end."""
+        spec = self.spec
+        workload = spec.workload
+        info = self.memory(candidate)
+        if not 1 <= depth <= info.num_layers:
+            raise ValueError(f"capacity_of {candidate}@{depth}: depth outside 1..{info.num_layers}")
+        weights = np.zeros(len(workload.sources))
+        for e in range(workload.episode_epochs):
+            mixture = workload.mixture_at(e)
+            weights += workload.load_at(e) * np.array([mixture[s] for s in workload.sources])
+        weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(weights), 1 / len(weights))
+        rng = np.random.default_rng([workload.seed, 0xCA9])
+        sources = [workload.sources[int(i)] for i in rng.choice(len(weights), size=requests, p=weights)]
+        lengths = workload.output_tokens
+        batch: list[SequenceRequest] = []
+        for k, source in enumerate(sources):
+            length = spec.new_tokens if not lengths else lengths[source].draw(rng)
+            batch += self._source_requests(source, [0.0], [length], tag=f"capacity-{k}")
+        arm = _CapacityArm(candidate, int(depth), ExitConfig(), info.num_layers)
+        start = time.perf_counter()
+        result = self._standalone(arm, batch, math.inf)
+        finishes = sorted(r.finished_s for r in result.records)
+        lo, hi = len(finishes) // 4, (3 * len(finishes)) // 4
+        if len(finishes) < 8 or finishes[hi] <= finishes[lo]:
+            raise RuntimeError(f"capacity of {candidate}@{depth}: too few completions to measure ({len(finishes)})")
+        return {"capacity_rps": (hi - lo) / (finishes[hi] - finishes[lo]), "requests": requests,
+                "finished": len(finishes), "makespan_s": finishes[-1], "rejected": result.rejected,
+                "measure_wall_s": time.perf_counter() - start}
+
+    # -- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"actions": list(self._episode.actions)}
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release what the backend holds (idempotent)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _CapacityArm:
+    """The arm whose capacity is measured: (candidate, depth), exits off (not necessarily in the arm table)."""
+
+    candidate: str
+    depth: int
+    exit_config: ExitConfig
+    num_layers: int
+
+
+def _in_system(sched: Scheduler) -> list[SequenceState]:
+    """The sequences queued or running in `sched`. helios.scheduler exposes only their counts; the env must judge each
+    one against its TTFT deadline (helios.slo.request_metrics), so it reads the scheduler's queue and running set
+    (read-only; a public accessor there would be the better home)."""
+    return [*sched._queue, *sched._running, *sched._batch_done]  # noqa: SLF001
+
+
 # ----------------------------------------------------------------------------------------------- replay
 
 
-class ReplayBackend(Backend):
-    """Outcomes priced from traces (helios.replay), tabulated at construction; `serve` is a lookup."""
+class _ReplayStepper(ReplayExecutor):
+    """The replay executor as the env drives it: charges a cold load, sums the span's energy (seconds x the serving
+    candidate's power figure), and keeps what each retiring sequence produced for scoring."""
+
+    def __init__(self, replayers: Mapping[str, Any], arm: Any, *, load_s_per_byte: Mapping[str, float],
+                 power_w: Mapping[str, float], cold: bool) -> None:
+        super().__init__(replayers, arm, load_s_per_byte=load_s_per_byte, record_tokens=True)
+        self.power_w = dict(power_w)
+        self._power = self.power_w[arm.candidate]
+        self.energy_j = 0.0
+        self.cold = cold
+        self.free_switch = False  # evaluate_arms: "if it were already loaded"
+        self.released: dict[Hashable, tuple[Any, list[int]]] = {}
+
+    def prefill(self, seqs: list[SequenceState]) -> float:
+        seconds = super().prefill(seqs)
+        self.energy_j += seconds * self._power
+        return seconds
+
+    def decode(self, seqs: list[SequenceState]) -> float:
+        seconds = super().decode(seqs)
+        self.energy_j += seconds * self._power
+        return seconds
+
+    def release(self, seq: SequenceState) -> None:
+        super().release(seq)
+        self.released[seq.request.request_id] = (self.arm, seq.token_ids)
+
+    def switch(self, arm: Any, preempted: list[SequenceState]) -> float:
+        seconds = super().switch(arm, preempted)
+        if self.cold:  # the episode's first load: nothing was resident, whatever arm the executor was built with
+            seconds, self.cold = self.load_s(arm), False
+        if self.free_switch:
+            seconds = 0.0
+        self._power = self.power_w[arm.candidate]
+        self.energy_j += seconds * self._power
+        return seconds
+
+
+class ReplayBackend(SchedulerBackend):
+    """Epochs priced from traces through helios.replay_executor on a virtual clock (module docstring)."""
 
     kind = "replay"
 
@@ -166,20 +540,24 @@ class ReplayBackend(Backend):
         from helios.replay import Replayer
         from helios.traces import read_trace
 
-        self.spec = spec
+        super().__init__(spec)
+        self.trace_paths = {name: Path(path) for name, path in trace_paths.items()}
         traces = {name: read_trace(path) for name, path in trace_paths.items()}
         self._check_traces(traces, trace_paths)
         self.replayers = {name: Replayer(trace) for name, trace in traces.items()}
-        memory = {name: _trace_memory(trace.meta) for name, trace in traces.items()}
-        self.arms = build_arms(spec.candidates, spec.exits, memory, spec.budget, spec.reference)
-        self._reference_arm = reference_arm(spec, memory[spec.reference])
+        self._memory = {name: _trace_memory(trace.meta) for name, trace in traces.items()}
+        self.arms = build_arms(spec.candidates, spec.exits, self._memory, spec.budget, spec.reference)
+        self._reference_arm = reference_arm(spec, self._memory[spec.reference])
         self.power_w = {name: float(trace.meta["power_w"]) for name, trace in traces.items()}
+        sources = {str(trace.meta.get("energy_source", "model")) for trace in traces.values()}
+        self.energy_source = "replay:" + ",".join(sorted(sources)) + " (estimate: busy seconds x power)"
         self.load_s_per_byte, self.switch_cost_source = self._load_rates(traces)
+        self.variants = variants
 
         # The trace pool: request id -> source and reference text (shared by every candidate's trace).
         any_trace = traces[spec.candidates[0].name]
-        first_rows = {rid: rows[0] for rid, rows in self.replayers[spec.candidates[0].name].request_rows.items()}
-        self.pool_source = {rid: str(any_trace.source[row]) for rid, row in first_rows.items()}
+        first = self.replayers[spec.candidates[0].name]
+        self.pool_source = {rid: str(any_trace.source[rows[0]]) for rid, rows in first.request_rows.items()}
         self.pool_by_source = {
             source: np.array(sorted(r for r, s in self.pool_source.items() if s == source), dtype=np.int64)
             for source in spec.workload.sources
@@ -187,35 +565,29 @@ class ReplayBackend(Backend):
         missing = [s for s, ids in self.pool_by_source.items() if ids.size == 0]
         if missing:
             raise ValueError(f"the traces hold no request of source(s) {missing}; re-record them for this workload")
-        references = list(any_trace.meta["references"])
-        tokenizers = {c.name: load_tokenizer(c.name, progress=False) for c in spec.candidates}
-
-        # Per (arm, trace request): accuracy and exit-bucket counts, which do not depend on batching.
-        per_request = {arm.index: self._per_request(arm, tokenizers[arm.candidate], references) for arm in self.arms
-                       if arm.feasible}
-        self._reference_profile = self._measure_reference(tokenizers[spec.reference], references)
-
-        # Per (variant, epoch, arm): the epoch's requests drawn from the pool by source, priced per batch.
-        epochs = [spec.workload.epoch(e) for e in range(spec.workload.episode_epochs)]
-        self.variants = variants
-        self._table: list[list[list[EpochOutcome | None]]] = []
-        for k in range(variants):
-            rows = []
-            for e, requests in enumerate(epochs):
-                rng = np.random.default_rng([spec.workload.seed, 0x5EED, k, e])
-                ids = [int(rng.choice(self.pool_by_source[r.source])) for r in requests]
-                arrivals = [r.arrival_s for r in requests]
-                rows.append([self._price(arm, ids, arrivals, per_request.get(arm.index)) for arm in self.arms])
-            self._table.append(rows)
-        self._switch_table = self._switch_costs()
+        self.references: list[str | None] = list(any_trace.meta["references"])
+        self.tokenizers = {c.name: load_tokenizer(c.name, progress=False) for c in spec.candidates}
+        # Per candidate and trace request: its tokens until the trace's first full-depth EOS (inclusive), which is
+        # where the replay executor ends it (helios.replay_executor), for the paired reference accuracy.
+        self._eos_len: dict[str, dict[int, int]] = {}
+        for name, replayer in self.replayers.items():
+            eos = np.array(replayer.trace.meta.get("eos_ids") or [], dtype=np.int64)
+            self._eos_len[name] = {}
+            for rid, rows in replayer.request_rows.items():
+                hits = np.flatnonzero(np.isin(replayer.trace.full_token[rows], eos))
+                self._eos_len[name][rid] = int(hits[0]) + 1 if len(hits) else len(rows)
+        self._accuracy_cache: dict[tuple[str, int, tuple[int, ...]], float | None] = {}
+        self._stepper: _ReplayStepper | None = None
+        self._evaluating = False
         self._variant = 0
-        self._loaded: int | None = None
+        self._ids: list[list[list[int]]] = []
+        self._epoch_requests: dict[tuple[int, int], list[SequenceRequest]] = {}
 
     # -- construction helpers
 
     def _check_traces(self, traces: Mapping[str, Any], paths: Mapping[str, Path]) -> None:
         spec = self.spec
-        expected = _json_roundtrip(spec.workload_cfg)
+        expected = _json_roundtrip(trace_workload_cfg(spec.workload_cfg))
         names = None
         for name, trace in traces.items():
             meta = trace.meta
@@ -224,9 +596,10 @@ class ReplayBackend(Backend):
             if meta.get("workload") != expected:
                 raise ValueError(f"trace {paths[name]} was recorded on a different workload than this environment's; "
                                  "re-record it (envs.model_depth builds traces with build_traces=True)")
-            if int(meta.get("new_tokens", 0)) < spec.new_tokens:
+            if int(meta.get("new_tokens", 0)) < spec.trace_tokens:
                 raise ValueError(f"trace {paths[name]} has {meta.get('new_tokens')} tokens per request; the "
-                                 f"environment needs new_tokens={spec.new_tokens}")
+                                 f"environment needs {spec.trace_tokens} (the most a request of this workload may "
+                                 "generate, or new_tokens)")
             if names is None:
                 names = meta.get("request_names")
             elif meta.get("request_names") != names:
@@ -248,97 +621,190 @@ class ReplayBackend(Backend):
             return rates, "measured at construction for " + ", ".join(measured) + "; trace meta load_timings otherwise"
         return rates, "trace meta load_timings (measured while recording)"
 
-    def _per_request(self, arm: Arm, tokenizer: Any, references: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
-        from helios.metrics import compute_accuracy
-        from helios.replay import Setting
+    def bind(self, workload: Workload) -> None:
+        """The episode workload (rates resolved). Draws, per variant and epoch, the trace request that stands in
+        for each workload request: one of the same source (common to all arms, so arms meet the same requests)."""
+        spec = self.spec = dataclasses.replace(self.spec, workload=workload)
+        self._ids = []
+        self._epoch_requests = {}
+        self._lengths = []
+        for e in range(workload.episode_epochs):
+            self._lengths.append([(r.source, r.arrival_s, spec.max_tokens(r)) for r in workload.epoch(e)])
+        for k in range(self.variants):
+            rows = []
+            for e, requests in enumerate(self._lengths):
+                rng = np.random.default_rng([workload.seed, 0x5EED, k, e])
+                rows.append([int(rng.choice(self.pool_by_source[source])) for source, _, _ in requests])
+            self._ids.append(rows)
+        self._paired: dict[tuple[int, int], float | None] = {}
 
-        replayer = self.replayers[arm.candidate]
-        exit_layer, tokens = replayer.exits(Setting(arm.depth, arm.exit_config, 1))
-        buckets = exit_buckets(arm.num_layers, self.spec.histogram_bins)  # per request below: counts, not shares
-        n = len(replayer.request_rows)
-        accuracy = np.full(n, np.nan)
-        counts = np.zeros((n, self.spec.histogram_bins), dtype=np.float64)
-        for rid, rows in replayer.request_rows.items():
-            rows = rows[: self.spec.new_tokens]
-            counts[rid] = np.bincount(buckets[exit_layer[rows]], minlength=self.spec.histogram_bins)
-            if references[rid] is not None:
-                text = tokenizer.decode(tokens[rows].tolist(), skip_special_tokens=True)
-                accuracy[rid] = compute_accuracy(self.spec.accuracy_metric, predictions=[text],
-                                                 references=[references[rid]])
-        return accuracy, counts
+    def memory(self, candidate: str) -> MemoryInfo:
+        if candidate not in self._memory:
+            raise ValueError(f"replay can only price candidates with a trace: {sorted(self._memory)}; got {candidate!r}")
+        return self._memory[candidate]
 
-    def _price(self, arm: Arm, ids: list[int], arrivals: list[float],
-               per_request: tuple[np.ndarray, np.ndarray] | None) -> EpochOutcome | None:
-        from helios.replay import Setting
+    def _tokenizer_vocab(self, candidate: str) -> Mapping[str, int]:
+        return self.tokenizers[candidate].get_vocab()
 
-        if not arm.feasible or per_request is None:
-            return None
-        if not ids:
-            return empty_outcome(self.spec.histogram_bins)
-        result = self.replayers[arm.candidate].run(ids, Setting(arm.depth, arm.exit_config, arm.batch_size),
-                                                   new_tokens=self.spec.new_tokens)
-        durations = [p + d for p, d in zip(result.prefill_s, result.decode_s)]
-        accuracy, counts = per_request
-        scores = accuracy[ids]
-        return EpochOutcome(
-            requests=len(ids), tokens=result.generated_tokens, busy_s=result.busy_s,
-            latency_p95_s=latency_p95_s(arrivals, arm.batch_size, durations), energy_j=result.energy_j,
-            accuracy=float(np.nanmean(scores)) if np.isfinite(scores).any() else 0.0,
-            histogram=normalised(counts[ids].sum(0)), batches=len(durations),
-        )
+    def _executor(self, arm: Any, *, cold: bool) -> _ReplayStepper:
+        return _ReplayStepper(self.replayers, arm, load_s_per_byte=self.load_s_per_byte, power_w=self.power_w,
+                              cold=cold)
 
-    def _measure_reference(self, tokenizer: Any, references: Sequence[str | None]) -> dict[str, dict[str, float]]:
-        arm = self._reference_arm
-        per_request = self._per_request(arm, tokenizer, references)
-        profile = {}
-        for source, pool in self.pool_by_source.items():
-            ids = [int(pool[i % pool.size]) for i in range(self.spec.reference_requests)]
-            outcome = self._price(arm, ids, [0.0] * len(ids), per_request)
-            profile[source] = epoch_metrics(outcome, NO_SWITCH)  # type: ignore[arg-type]
-        return profile
+    def _episode_executor(self, arm: Any) -> _ReplayStepper:
+        """One executor per env, reset per episode: indexing the traces and tabulating an arm's step prices is
+        done once, not per episode."""
+        if self._stepper is None:
+            self._stepper = self._executor(arm, cold=True)
+        stepper = self._stepper
+        stepper._live.clear()  # noqa: SLF001 (a new episode: nothing holds K/V)
+        stepper.released.clear()
+        stepper.cold, stepper.free_switch, stepper.energy_j = True, self._evaluating, 0.0
+        return stepper
 
-    def _switch_costs(self) -> list[list[SwitchCost]]:
-        """[previous arm + 1][next arm] (row 0: nothing loaded)."""
-        def cost(previous: Arm | None, arm: Arm) -> SwitchCost:
-            if previous is not None and (previous.candidate, previous.depth) == (arm.candidate, arm.depth):
-                return NO_SWITCH if previous.exit_index == arm.exit_index else SwitchCost("exit", 0.0, 0.0)
-            kind: SwitchKind = (
-                "cold" if previous is None else "candidate" if previous.candidate != arm.candidate else "depth"
-            )
-            seconds = self.load_s_per_byte[arm.candidate] * arm.weight_bytes
-            return SwitchCost(kind, seconds, self.power_w[arm.candidate] * seconds)
+    def _requests(self, epoch: int, t0_s: float) -> list[SequenceRequest]:
+        # Open loop: t0 is fixed by the epoch, so the (immutable) requests of a (variant, epoch) are built once and
+        # reused by every episode that draws the variant; building them was the largest cost of a loaded step.
+        key = (self._variant, epoch)
+        cached = self._epoch_requests.get(key) if self.spec.open_loop else None
+        if cached is not None:
+            return list(cached)
+        ids = self._ids[self._variant][epoch]
+        prompt_len = self._prompt_len
+        requests = [SequenceRequest((epoch, k, rid), t0_s + arrival_s, prompt_len(rid), max_tokens, rid)
+                    for k, ((_, arrival_s, max_tokens), rid) in enumerate(zip(self._lengths[epoch], ids))]
+        if self.spec.open_loop:
+            self._epoch_requests[key] = requests
+        return list(requests)
 
-        return [[cost(previous, arm) for arm in self.arms] for previous in (None, *self.arms)]
+    def _prompt_len(self, rid: int) -> int:
+        replayer = self.replayers[self.spec.reference]
+        return int(replayer.trace.prompt_len[replayer.request_rows[rid][0]])
 
-    # -- the interface
+    def _source_requests(self, source: str, arrivals_s: Sequence[float], max_tokens: Sequence[int],
+                         tag: str) -> list[SequenceRequest]:
+        pool = self.pool_by_source[source]
+        return [SequenceRequest((tag, source, k, int(pool[k % pool.size])), float(a), self._prompt_len(int(pool[k % pool.size])),
+                                int(m), int(pool[k % pool.size]))
+                for k, (a, m) in enumerate(zip(arrivals_s, max_tokens))]
 
-    def reference_profile(self) -> dict[str, dict[str, float]]:
-        return {source: dict(metrics) for source, metrics in self._reference_profile.items()}
+    def _energy_begin(self, executor: _ReplayStepper) -> None:
+        executor.energy_j = 0.0
+
+    def _energy_end(self, executor: _ReplayStepper) -> float:
+        return executor.energy_j
+
+    def _rid(self, request_id: Hashable) -> int:
+        return int(request_id[-1])  # type: ignore[index]  (every replay request id ends with its trace request)
+
+    def _accuracy(self, request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:
+        return self._score(arm.candidate, self._rid(request_id), token_ids)
+
+    def _score(self, candidate: str, rid: int, token_ids: Sequence[int]) -> float | None:
+        key = (candidate, rid, tuple(token_ids))
+        score = self._accuracy_cache.get(key, -1.0)
+        if score == -1.0:
+            reference = self.references[rid]
+            if reference is None:
+                score = None
+            else:
+                from helios.metrics import compute_accuracy
+
+                text = self.tokenizers[candidate].decode(list(token_ids), skip_special_tokens=True)
+                score = compute_accuracy(self.spec.accuracy_metric, predictions=[text], references=[reference])
+            self._accuracy_cache[key] = score
+        return score
+
+    # -- replay only: what an arm would do, without serving
+
+    def paired_reference_accuracy(self, epoch: int) -> float | None:
+        """The reference arm's mean accuracy on epoch `epoch`'s own requests (this episode's variant), each
+        generating what the replay executor would give it (max_tokens, cut at the trace's EOS): common random
+        numbers for the accuracy floor (the env card's Rewards section)."""
+        key = (self._variant, epoch)
+        if key not in self._paired:
+            from helios.replay import Setting
+
+            arm = self._reference_arm
+            replayer = self.replayers[arm.candidate]
+            _, tokens = replayer.exits(Setting(arm.depth, arm.exit_config, 1))
+            scores = []
+            for (_, _, max_tokens), rid in zip(self._lengths[epoch], self._ids[self._variant][epoch]):
+                n = min(max_tokens, self._eos_len[arm.candidate][rid])
+                score = self._score(arm.candidate, rid, tokens[replayer.request_rows[rid][:n]].tolist())
+                if score is not None:
+                    scores.append(score)
+            self._paired[key] = sum(scores) / len(scores) if scores else None
+        return self._paired[key]
+
+    def fork(self) -> _Episode:
+        """A copy of the episode's state that can be served on without touching the episode (evaluate_arms). The
+        traces, the tabulated step prices and the arm objects are shared, not copied."""
+        ep = self._episode
+        memo: dict[int, Any] = {id(arm): arm for arm in self.arms}
+        stepper = self._stepper
+        if stepper is not None:
+            memo[id(stepper._candidates)] = stepper._candidates  # noqa: SLF001
+            memo[id(stepper._tables_cache)] = stepper._tables_cache  # noqa: SLF001
+            for cand in stepper._candidates.values():  # noqa: SLF001
+                memo[id(cand)] = cand
+            for tables in stepper._tables_cache.values():  # noqa: SLF001
+                memo[id(tables)] = tables
+            memo[id(stepper.power_w)] = stepper.power_w
+        sched = ep.scheduler
+        if sched is not None:
+            if sched.pending_arrivals:
+                raise RuntimeError("fork between epochs only: every submitted request has arrived then")
+            memo[id(sched._lock)] = threading.Lock()  # noqa: SLF001 (a lock cannot be copied)
+            memo[id(sched._order)] = itertools.count()  # noqa: SLF001 (orders only break ties among future arrivals)
+        forked = copy.deepcopy(ep, memo)
+        if forked.scheduler is not None:  # the executor finds its sequences by id(): re-key them to the copies
+            executor = forked.scheduler.executor
+            executor._live = {id(seq): seq for seq in executor._live.values()}  # noqa: SLF001
+        return forked
+
+    def evaluate(self, epoch: int, arm_index: int) -> EpochResult:
+        """What serving `epoch` with `arm_index` would give from the episode's current state if the arm were already
+        loaded: no load time (in-flight sequences still follow the switch policy). The episode is left as it was."""
+        saved = self._episode
+        self._episode = self.fork()
+        self._evaluating = True
+        try:
+            if self._episode.scheduler is not None:
+                self._episode.scheduler.executor.free_switch = True
+            return self.serve(epoch, arm_index)
+        finally:
+            self._episode, self._evaluating = saved, False
 
     def begin_episode(self, rng: np.random.Generator) -> None:
+        super().begin_episode(rng)
         self._variant = int(rng.integers(self.variants))
-        self._loaded = None
 
-    def peek(self, epoch: int, arm_index: int) -> EpochOutcome | None:
-        """The outcome `arm_index` would have on `epoch` (None if infeasible), without serving or switching."""
-        return self._table[self._variant][epoch][arm_index]
+    def begin_episode_at(self, variant: int) -> None:
+        """A cold episode on request sample `variant` (resuming: the env then re-serves the recorded epochs)."""
+        if not 0 <= variant < self.variants:
+            raise ValueError(f"variant {variant} outside 0..{self.variants - 1}")
+        self._episode = _Episode()
+        self._variant = variant
 
     def state_dict(self) -> dict[str, Any]:
-        return {"variant": self._variant, "loaded": self._loaded}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._variant, self._loaded = int(state["variant"]), state["loaded"]
-
-    def serve(self, epoch: int, arm_index: int) -> tuple[EpochOutcome, SwitchCost]:
-        outcome = self._table[self._variant][epoch][arm_index]
-        if outcome is None:
-            raise ValueError(f"arm {arm_index} ({self.arms[arm_index].label}) does not fit the memory budget")
-        switch = self._switch_table[0 if self._loaded is None else self._loaded + 1][arm_index]
-        self._loaded = arm_index
-        return outcome, switch
+        return {**super().state_dict(), "variant": self._variant}
 
     def close(self) -> None:
-        self._table = []
+        self._episode = _Episode()
+        self._stepper = None
+
+
+def trace_workload_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The workload config a replay trace is keyed and recorded by: the config itself, except that a capacity-relative
+    rate is dropped (the trace records the request pool, which no rate changes, and the capacity is measured on the
+    traces, so they cannot depend on it)."""
+    cfg = dict(cfg)
+    arrival = dict(cfg.get("arrival") or {})
+    if arrival.get("rate_x_capacity") is not None:
+        arrival.pop("rate_x_capacity")
+        arrival.pop("capacity_of", None)
+        cfg["arrival"] = arrival
+    return cfg
 
 
 def _trace_memory(meta: Mapping[str, Any]) -> MemoryInfo:
@@ -368,116 +834,220 @@ def _time_load(name: str, depth: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- live
 
 
-class LiveBackend(Backend):
-    """Real inference through helios.engine on the arm's truncated model; every figure is measured."""
+class LiveBackend(SchedulerBackend):
+    """Real inference through helios.engine_executor on a measured virtual clock; every figure is measured."""
 
     kind = "live"
-    switch_cost_source = "measured (wall clock of each load)"
+    switch_cost_source = "measured (wall clock of loading the truncated model and building its engine)"
 
     def __init__(self, spec: ServingSpec) -> None:
         from helios.energy import meter_from_config
         from helios.models import memory_profile
 
-        self.spec = spec
+        super().__init__(spec)
         # Config files only (no weights): sizes the arms before anything loads.
         profiles = {c.name: memory_profile(c.name, progress=False) for c in spec.candidates}
-        memory = {name: MemoryInfo(p.num_layers, p.weight_bytes_by_depth, p.kv_bytes_per_token_layer)
-                  for name, p in profiles.items()}
-        self.arms = build_arms(spec.candidates, spec.exits, memory, spec.budget, spec.reference)
-        self._reference_arm = reference_arm(spec, memory[spec.reference])
+        self._memory = {name: MemoryInfo(p.num_layers, p.weight_bytes_by_depth, p.kv_bytes_per_token_layer)
+                        for name, p in profiles.items()}
+        self.arms = build_arms(spec.candidates, spec.exits, self._memory, spec.budget, spec.reference)
+        self._reference_arm = reference_arm(spec, self._memory[spec.reference])
         self.meter = meter_from_config(spec.energy_cfg, device="cpu")
-        self._loaded: tuple[Arm, Any, Any] | None = None  # (arm, LoadedModel, EarlyExitEngine)
-        self._reference_profile: dict[str, dict[str, float]] | None = None
-        self.engine_s_total = 0.0  # seconds inside EarlyExitEngine.generate since construction
+        self.energy_source = f"live:{self.meter.source}"
+        self._resident: tuple[tuple[str, int], Any] | None = None  # ((candidate, depth), EarlyExitEngine)
+        self._tokenizers: dict[str, Any] = {}
+        self._max_contexts: dict[str, int] = {}
+        self._prompt_ids: dict[tuple[Hashable, str], list[int]] = {}
+        self._pool: dict[str, list[Request]] | None = None
+        self._requests_by_id: dict[Hashable, Request] = {}
+        self.engine_s_total = 0.0  # measured compute seconds since construction
         self.load_s_total = 0.0
 
-    def _load(self, arm: Arm) -> tuple[SwitchCost, Any, Any]:
+    def bind(self, workload: Workload) -> None:
+        self.spec = dataclasses.replace(self.spec, workload=workload)
+
+    def memory(self, candidate: str) -> MemoryInfo:
+        if candidate not in self._memory:
+            from helios.models import memory_profile
+
+            p = memory_profile(candidate, progress=False)
+            self._memory[candidate] = MemoryInfo(p.num_layers, p.weight_bytes_by_depth, p.kv_bytes_per_token_layer)
+        return self._memory[candidate]
+
+    def tokenizer(self, candidate: str) -> Any:
+        if candidate not in self._tokenizers:
+            from helios.models import load_tokenizer
+
+            self._tokenizers[candidate] = load_tokenizer(candidate, progress=False)
+        return self._tokenizers[candidate]
+
+    def _tokenizer_vocab(self, candidate: str) -> Mapping[str, int]:
+        return self.tokenizer(candidate).get_vocab()
+
+    def prompt_ids(self, request: Request, candidate: str) -> list[int]:
+        """The prompt's token ids under `candidate`'s tokenizer, cut to the model's context minus the longest output
+        (as replay traces are recorded)."""
+        key = (request.request_id, candidate)
+        if key not in self._prompt_ids:
+            from helios.workloads import encode_requests
+
+            max_context = self._max_context(candidate)
+            self._prompt_ids[key] = encode_requests([request], self.tokenizer(candidate),
+                                                    max_context - self.spec.trace_tokens)[0]
+        return self._prompt_ids[key]
+
+    def _max_context(self, candidate: str) -> int:
+        """Positions `candidate` was trained for, from its config (EarlyExitEngine.max_context, without loading)."""
+        if candidate not in self._max_contexts:
+            from transformers import AutoConfig
+
+            from helios.models import resolve_checkpoint
+
+            config = AutoConfig.from_pretrained(resolve_checkpoint(candidate, progress=False))
+            config = getattr(config, "text_config", None) or config
+            self._max_contexts[candidate] = int(getattr(config, "max_position_embeddings", 1 << 30))
+        return self._max_contexts[candidate]
+
+    @property
+    def resident_candidate(self) -> str:
+        """The candidate whose model is loaded: live holds one model at a time, so this is who serves."""
+        if self._resident is None:
+            raise RuntimeError("no model is loaded")
+        return self._resident[0][0]
+
+    def _load_engine(self, arm: Any) -> tuple[Any, ExitConfig]:
+        """The executor's loader: the resident engine when (candidate, depth) is unchanged (an exit-only switch keeps
+        the K/V), else free it and load the truncated model (the executor times this)."""
         from helios.engine import EarlyExitEngine
         from helios.models import load_candidate
 
-        loaded_arm = None if self._loaded is None else self._loaded[0]
-        if loaded_arm is not None and (loaded_arm.candidate, loaded_arm.depth) == (arm.candidate, arm.depth):
-            kind: SwitchKind = "none" if loaded_arm.exit_index == arm.exit_index else "exit"
-            _, model, engine = self._loaded  # type: ignore[misc]
-            self._loaded = (arm, model, engine)
-            return (NO_SWITCH if kind == "none" else SwitchCost("exit", 0.0, 0.0)), model, engine
-        kind = "cold" if loaded_arm is None else "candidate" if loaded_arm.candidate != arm.candidate else "depth"
-        self._loaded = None  # free the old model before loading the new one, as a budget-bound server must
-        self.meter.start()
-        start = time.perf_counter()
-        model = load_candidate(arm.candidate, arm.depth, progress=False)
-        engine = EarlyExitEngine(model)
-        seconds = time.perf_counter() - start
-        energy = self.meter.stop().energy_j
-        self.load_s_total += seconds
-        self._loaded = (arm, model, engine)
-        return SwitchCost(kind, seconds, energy), model, engine
+        key = (arm.candidate, int(arm.depth))
+        if self._resident is None or self._resident[0] != key:
+            self._resident = None  # free the old model before loading the new one, as a budget-bound server must
+            start = time.perf_counter()
+            engine = EarlyExitEngine(load_candidate(arm.candidate, int(arm.depth), progress=False))
+            self.load_s_total += time.perf_counter() - start
+            self._resident = (key, engine)
+        return self._resident[1], arm.exit_config
 
-    def _run(self, arm: Arm, model: Any, engine: Any, requests: Sequence[Request]) -> EpochOutcome:
-        from helios.metrics import compute_accuracy
-        from helios.workloads import encode_requests
+    def _executor(self, arm: Any, *, cold: bool) -> Any:
+        stepper = _live_stepper(self)
+        if not cold:  # warm (reference, capacity): loaded before the span, not charged to it
+            stepper.switch(arm, [])
+        return stepper
 
+    def _payload(self, request: Request) -> _LivePayload:
+        self._requests_by_id[request.request_id] = request
+        return _LivePayload(self, request)
+
+    def _requests(self, epoch: int, t0_s: float) -> list[SequenceRequest]:
         spec = self.spec
-        if not requests:
-            return empty_outcome(spec.histogram_bins)
-        prompts = encode_requests(list(requests), model.tokenizer, engine.max_context - spec.new_tokens)
-        results = []
-        engine_s = 0.0
+        out = []
+        for request in spec.workload.epoch(epoch):
+            payload = self._payload(request)
+            out.append(SequenceRequest(request.request_id, t0_s + request.arrival_s,
+                                       len(self.prompt_ids(request, spec.reference)), spec.max_tokens(request), payload))
+        return out
+
+    def _source_requests(self, source: str, arrivals_s: Sequence[float], max_tokens: Sequence[int],
+                         tag: str) -> list[SequenceRequest]:
+        if self._pool is None:
+            pool = self.spec.workload.pool(max(1, self.spec.reference_requests))
+            self._pool = {s: [r for r in pool if r.source == s] for s in self.spec.workload.sources}
+        pool = self._pool[source]
+        out = []
+        for k, (a, m) in enumerate(zip(arrivals_s, max_tokens)):
+            request = dataclasses.replace(pool[k % len(pool)], request_id=f"{tag}-{source}-{k}")
+            out.append(SequenceRequest(request.request_id, float(a), len(self.prompt_ids(request, self.spec.reference)),
+                                       int(m), self._payload(request)))
+        return out
+
+    def _energy_begin(self, executor: Any) -> None:
         self.meter.start()
-        for start in range(0, len(prompts), arm.batch_size):
-            t0 = time.perf_counter()
-            results.append(engine.generate(prompts[start : start + arm.batch_size], spec.new_tokens,
-                                           arm.exit_config, stop_at_eos=False))
-            engine_s += time.perf_counter() - t0
-        energy_j = self.meter.stop().energy_j
-        self.engine_s_total += engine_s
-        exit_layers = np.concatenate([np.asarray(row) for r in results for row in r.exit_layers])
-        texts = [model.tokenizer.decode(tokens, skip_special_tokens=True) for r in results for tokens in r.tokens]
-        references = [request.reference for request in requests]
-        accuracy = 0.0
-        if any(ref is not None for ref in references):
-            accuracy = compute_accuracy(spec.accuracy_metric, predictions=texts, references=references)
-        durations = [r.prefill_s + r.decode_s for r in results]
-        return EpochOutcome(
-            requests=len(requests), tokens=sum(r.generated_tokens for r in results), busy_s=sum(durations),
-            latency_p95_s=latency_p95_s([q.arrival_s for q in requests], arm.batch_size, durations),
-            energy_j=float(energy_j), accuracy=float(accuracy),
-            histogram=exit_histogram(exit_layers, arm.num_layers, spec.histogram_bins),
-            batches=len(results), engine_s=engine_s,
-        )
 
-    # -- the interface
+    def _energy_end(self, executor: Any) -> float:
+        return float(self.meter.stop().energy_j)
 
-    def reference_profile(self) -> dict[str, dict[str, float]]:
-        """Measured on first call (the reference candidate loaded at full depth, then freed) and kept."""
-        if self._reference_profile is None:
-            arm = self._reference_arm
-            _, model, engine = self._load(arm)
-            pool = self.spec.workload.pool(self.spec.reference_requests)
-            profile = {}
-            for source in self.spec.workload.sources:
-                requests = [r for r in pool if r.source == source]
-                outcome = self._run(arm, model, engine, [dataclasses.replace(r, arrival_s=0.0) for r in requests])
-                profile[source] = epoch_metrics(outcome, NO_SWITCH)
-            self._loaded = None
-            self._reference_profile = profile  # type: ignore[assignment]
-        return {source: dict(metrics) for source, metrics in self._reference_profile.items()}  # type: ignore[union-attr]
+    def _accuracy(self, request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:
+        request = self._requests_by_id.pop(request_id)
+        if request.reference is None:
+            return None
+        from helios.metrics import compute_accuracy
+
+        text = self.tokenizer(arm.candidate).decode(list(token_ids), skip_special_tokens=True)
+        return compute_accuracy(self.spec.accuracy_metric, predictions=[text], references=[request.reference])
+
+    def _run_span(self, sched: Scheduler, requests: Sequence[SequenceRequest], t_end: float) -> EpochResult:
+        result = super()._run_span(sched, requests, t_end)
+        self.engine_s_total += result.compute_s
+        return result
 
     def begin_episode(self, rng: np.random.Generator) -> None:
-        self._loaded = None  # cold start, as in replay
+        super().begin_episode(rng)
+        self._resident = None  # cold start, as in replay: the first epoch pays a real load
+        self._requests_by_id.clear()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # a resumed live run starts cold: the next step reloads its arm (and pays for it)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._loaded = None
-
-    def serve(self, epoch: int, arm_index: int) -> tuple[EpochOutcome, SwitchCost]:
-        arm = self.arms[arm_index]
-        if not arm.feasible:
-            raise ValueError(f"arm {arm_index} ({arm.label}) does not fit the memory budget")
-        switch, model, engine = self._load(arm)
-        return self._run(arm, model, engine, self.spec.workload.epoch(epoch)), switch
+    def resume_at(self, epoch: int) -> None:
+        """Resume an episode at `epoch` cold with an empty queue (ModelDepthEnv.load_state_dict says why)."""
+        self._episode = _Episode()
+        self._resident = None
+        self._requests_by_id.clear()
 
     def close(self) -> None:
-        self._loaded = None
+        self._episode = _Episode()
+        self._resident = None
+
+
+class _LivePayload:
+    """helios.engine_executor's payload, tokenised for whichever candidate serves the request (a queued request
+    that outlives a switch of candidate is re-tokenised for the new one)."""
+
+    __slots__ = ("backend", "request")
+    on_token = None
+
+    def __init__(self, backend: LiveBackend, request: Request) -> None:
+        self.backend, self.request = backend, request
+
+    @property
+    def sampling(self) -> Any:
+        from helios.sampling import GREEDY
+
+        return GREEDY
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.backend.prompt_ids(self.request, self.backend.resident_candidate)
+
+
+def _live_stepper_class() -> type:
+    from helios.engine_executor import EngineExecutor
+
+    class LiveStepper(EngineExecutor):
+        """The engine executor as the env drives it: prompts tokenised for the current candidate, and what each
+        retiring sequence produced kept for scoring."""
+
+        def __init__(self, backend: LiveBackend) -> None:
+            self.backend = backend
+            self.released: dict[Hashable, tuple[Any, list[int]]] = {}
+            super().__init__(backend._load_engine, arm=None)  # noqa: SLF001
+
+        def prompt_tokens(self, request: SequenceRequest) -> int:
+            if self.arm is None:
+                return request.prompt_tokens
+            return len(self.backend.prompt_ids(request.payload.request, self.arm.candidate))
+
+        def release(self, seq: SequenceState) -> None:
+            super().release(seq)
+            self.released[seq.request.request_id] = (self.arm, list(seq.token_ids))
+
+    return LiveStepper
+
+
+_LIVE_STEPPER: list[type] = []  # the class, built on first use: helios.engine_executor imports torch
+
+
+def _live_stepper(backend: LiveBackend) -> Any:
+    if not _LIVE_STEPPER:
+        _LIVE_STEPPER.append(_live_stepper_class())
+    return _LIVE_STEPPER[0](backend)
+
+Backend = SchedulerBackend  # the name envs.model_depth and older callers use

@@ -8,9 +8,12 @@
     obs, info = env.reset(seed=0)
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample(mask=info["action_mask"]))
 
-One step, start to end: the workload's next epoch of requests -> env.step(arm) -> the backend serves them with the
-arm (live: helios.engine on the truncated model; replay: the recorded trace) -> telemetry of the epoch (throughput,
-latency, energy, accuracy, exit layers) -> SLO reward against the reference run (helios.slo) -> observation.
+One step, start to end: env.step(arm) -> the epoch's requests join the episode's scheduler queue at their arrival
+times, the arm switch is applied between decode steps -> the scheduler runs the epoch's span of time (live:
+helios.engine on the truncated model, measured clock; replay: the recorded traces, the cost model's clock) ->
+per-request records of the span (TTFT, TPOT, end-to-end, tokens, exit layers, accuracy) and what is still queued
+-> the epoch's metrics (helios.telemetry.span_metrics) -> SLO reward against the reference run (helios.slo) ->
+observation (helios.observation, with load features).
 """
 
 from __future__ import annotations
@@ -26,13 +29,12 @@ import numpy as np
 from gymnasium import spaces
 
 from envs import ENV_IDS
-from envs.backends import Backend, ServingSpec, mix_reference
+from envs.backends import SWITCH_POLICIES, Backend, EpochResult, ServingSpec, mix_reference, trace_workload_cfg
 from helios.arms import Arm, CandidateSpec, ExitSpec, reference_arm_index
 from helios.config import check_keys
 from helios.observation import ObservationLayout, build_observation
 from helios.slo import METRICS, SLO, slo_from_config
-from helios.telemetry import NO_SWITCH, EpochOutcome, SwitchCost, epoch_metrics
-from helios.workloads import workload_from_config
+from helios.workloads import capacity_arm, workload_from_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BACKENDS: tuple[str, ...] = ("live", "replay")
@@ -40,6 +42,7 @@ BACKENDS: tuple[str, ...] = ("live", "replay")
 COMMON_KEYS: tuple[str, ...] = (
     "candidates", "reference", "exits", "workload", "slo", "energy", "memory_budget_mib", "context_tokens",
     "max_batch_size", "new_tokens", "accuracy_metric", "histogram_bins", "on_masked_action", "masked_action_penalty",
+    "switch_policy",
 )
 REPLAY_KEYS: tuple[str, ...] = ("per_source", "variants", "trace_dir", "traces", "build_traces")
 
@@ -52,13 +55,26 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     """
     ## Description
 
-    An LLM server with a fixed memory budget serves a drifting workload (code, then prose, then questions, ...), one
-    epoch of requests per step. Before each epoch the agent picks an *arm*: a candidate model, how many of its
-    layers to load (its depth), and an early-exit setting. Truncated models leave memory for bigger batches (the
-    throughput gain of HELIOS, arXiv 2504.10724) but may lose accuracy; which arm is best changes as the workload
-    drifts. Two backends share this class: `live` (`helios/ModelDepth-v0`) serves every epoch with real early-exit
-    inference, `replay` (`helios/ModelDepthReplay-v0`) prices the same from recorded traces, fast enough for
-    training.
+    An LLM server with a fixed memory budget serves a drifting workload (code, then prose, then questions, ...) under
+    load. Before each epoch the agent picks an *arm*: a candidate model, how many of its layers to load (its depth),
+    and an early-exit setting. Truncated models leave memory for more concurrent sequences (the throughput gain of
+    HELIOS, arXiv 2504.10724) but may lose accuracy; which arm is best changes as the workload's mix and load drift.
+    Two backends share this class: `live` (`helios/ModelDepth-v0`) runs real early-exit inference, `replay`
+    (`helios/ModelDepthReplay-v0`) prices the same from recorded traces, fast enough for training.
+
+    ## Epochs
+
+    One scheduler per episode (helios.scheduler: continuous batching under the memory budget, FIFO admission, the
+    code the server runs) serves every epoch as a span of its clock (envs/backends.py):
+    * open loop (`arrival.kind` poisson or gamma): epoch e is [e x epoch_s, (e + 1) x epoch_s) of the workload's
+      timeline; its requests arrive at their workload times. The queue and the running sequences persist across
+      epochs: an overloaded epoch leaves a backlog that the next epoch starts with. A step is atomic, so a span
+      ends at the first decode step boundary at or after its end.
+    * closed loop: the epoch's batch is issued at once and the span lasts until it has finished; no queue carries
+      over.
+    The clock is virtual: live advances it by the engine's measured compute and skips idle time; replay advances
+    it by the calibrated cost model's price of each step (its running rows and their context lengths). Each request
+    generates up to its workload `max_tokens` (else `new_tokens`), stopping at EOS.
 
     ## Action Space
 
@@ -70,46 +86,78 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     | candidate    | model name (helios.models)                                                       |
     | depth        | decoder layers loaded (a prefix of the model)                                    |
     | exit         | `none`, or criterion >= threshold at exit points (fractions of the loaded depth) |
-    | batch_size   | sequences that fit the budget: (budget - weights) // (K/V per sequence), capped  |
+    | batch_size   | sequences of `context_tokens` that fit beside the weights, capped: a guaranteed  |
+    |              | concurrency; the scheduler reserves prompt + max_tokens per sequence, so usually |
+    |              | more run at once (up to max_batch_size)                                          |
     | feasible     | batch_size >= 1; infeasible arms are masked                                      |
 
+    A new arm takes effect between decode steps. An exit-only change keeps the in-flight sequences (free). A
+    change of candidate or depth loads the new weights after the in-flight sequences finish on the old arm
+    (`switch_policy="drain"`, the default) or preempts them to be re-prefilled on the new arm (`"recompute"`;
+    across candidates whose tokenizers differ it falls back to drain). The load's time (measured in live, modelled
+    in replay) and energy are charged to the epoch in which the switch happens; a drain that outlasts its epoch
+    switches, and is charged, in a later one (`info["load"]["switch_pending"]`). The first epoch pays a cold load.
+
     `env.action_masks()` and `info["action_mask"]` (bool, one per arm) mark the feasible arms. A masked action is
-    refused (`on_masked_action="penalty"`, the default): nothing is served that epoch, the loaded arm stays, the
-    reward is `-masked_action_penalty`. With `on_masked_action="raise"` it raises MaskedActionError. An index
-    outside the table raises ValueError.
+    refused (`on_masked_action="penalty"`, the default): the loaded arm stays and keeps serving (the epoch's time
+    and requests pass; before any arm is loaded, the requests wait), the reward is `-masked_action_penalty`. With
+    `on_masked_action="raise"` it raises MaskedActionError. An index outside the table raises ValueError.
 
     ## Observation Space
 
     `Box(0, high, (n_obs,), float32)`; `env.observation_names` names every entry. The layout and its builder are
-    helios.observation's (its docstring is the table), shared with the server. Ratios are to the reference run's
-    value for the epoch's workload mix, clipped to [0, 16]; the queue is the next epoch's requests against a
-    nominal epoch's (`reference_requests`), with their source mixture (helios.workloads.SOURCE_NAMES).
+    helios.observation's (its docstring is the table), shared with the server: the last epoch's exit histogram and
+    its throughput, latency, energy and accuracy as ratios to the reference (clipped to [0, 16]), its switch time;
+    load: `queue_ratio` (requests queued at the epoch's end, plus a closed loop's next batch, over a nominal epoch's
+    `reference_requests`), `running_fraction` (sequences running at its end / max_batch_size), `arrival_ratio`
+    (its arrivals per second over the workload's rate unit: the measured capacity of its `capacity_of` arm, else its
+    base rate; 0 for closed loop), `attainment` (of the SLO's TTFT/TPOT targets; 0 without targets); the next
+    epoch's source mixture (helios.workloads.SOURCE_NAMES); the loaded arm (one-hots, depth and batch fractions);
+    episode progress.
 
     After `reset` the telemetry entries are 0 and no arm is loaded (all arm entries 0): the first step pays a cold
-    load. The queue and mixture describe the requests the next action will serve (a server sees its queue).
+    load.
 
     ## Rewards
 
-    `helios.slo` (`conf/slo/*.yaml`: throughput, latency, energy, accuracy, balanced): for each weighted metric,
-    normalised weight x log2(score), score = how many times better than the reference (the reference candidate at
-    full depth, no exits, measured per workload source when the episode is reset, mixed by the epoch's source
-    weights); minus a penalty per violated constraint. `info` carries every component: `metrics`, `reference`,
-    `scores`, `reward_terms`, `penalties`. Switching arm costs its real time and energy (`info["switch_s"]`; see
-    envs/backends.py), which lowers that epoch's throughput and raises its latency and energy.
-    Replay pairs the accuracy reference (common random numbers): the reference arm's accuracy on the epoch's own
-    requests, not its per-source mean. With ~8 requests an epoch, the unpaired reference made the reference arm miss
-    its own 0.9 accuracy floor on 32% of epochs (drift3, ROUGE-L), i.e. the floor penalised request sampling. Live
-    cannot serve the reference arm beside the chosen one, so it keeps the per-source profile.
+    `helios.slo` (`conf/slo/*.yaml`: throughput, latency, energy, accuracy, balanced, goodput, attainment,
+    accuracy_under_latency): for each weighted metric, normalised weight x log2(score), score = how many times better
+    than the reference; minus a penalty per violated constraint. The epoch's metrics come from its span
+    (helios.telemetry.span_metrics):
+
+    | metric           | of the epoch's span                                                              |
+    |------------------|----------------------------------------------------------------------------------|
+    | throughput_tok_s | tokens produced / busy seconds (prefill + decode + switch)                       |
+    | latency_p95_s    | p95 end-to-end of requests finished in it, with the age of those still waiting   |
+    | energy_j_per_tok | live: the meter around the span's compute; replay: busy s x the trace's power    |
+    |                  | figure (an estimate; `info["energy_source"]` says which)                         |
+    | accuracy         | mean score of the finished requests (replay: teacher-forced trace tokens)        |
+    | goodput_rps      | requests/s that met both TTFT and TPOT targets (SLOs with targets)               |
+    | attainment       | met / judged; a request is judged once (helios.slo.request_metrics), a rejected  |
+    |                  | one counts as missed                                                             |
+    | ttft_p95_s       | p95 TTFT (waiting requests count their wait so far); tpot_p95_s likewise         |
+
+    A switch is inside these figures: requests waited for it, and its seconds are busy time. An epoch in which
+    nothing happened scores neutral (its metrics are the reference's). The reference is the reference candidate at
+    full depth, no exits, already loaded, serving a nominal epoch of each source on the same scheduler path (open
+    loop: `reference_requests` arriving evenly over epoch_s at the base rate; closed loop: one batch), mixed by the
+    epoch's source weights, measured when the env is first reset. Replay pairs the accuracy reference (common random
+    numbers): the reference arm's accuracy on the epoch's own requests. `info` carries every component: `metrics`
+    (with the request counts met/missed/rejected), `reference`, `scores`, `reward_terms`, `penalties`, and `load`
+    (submitted, finished, queued, running, rejected, recomputed, span_s, arrival_rps, switch_policy, switch_pending,
+    and episode totals: episode_submitted = episode_finished + queued + running + episode_rejected).
 
     ## Starting State
 
-    Nothing loaded; epoch 0 of the workload. Replay draws one of `variants` request samples per episode from the
-    seeded `np_random`; live serves the workload's own requests.
+    Nothing loaded, no queue, the clock at 0; epoch 0 of the workload. Replay draws one of `variants` request samples
+    per episode from the seeded `np_random` (the same seed replays the same episode); live serves the workload's own
+    requests. `state_dict()` / `load_state_dict()` resume an episode: replay re-serves the recorded epochs and so
+    rebuilds the queue exactly; live resumes cold with an empty queue (see `load_state_dict`).
 
     ## Episode End
 
     Terminates after `workload.episode_epochs` steps (drift3: 30), when the workload's schedule (and its drift)
-    has played out; never truncates by itself.
+    has played out; never truncates by itself. Requests still queued then are reported, not served.
 
     ## Arguments
 
@@ -122,20 +170,22 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     | candidates            | conf/candidates name, or a list of {name, depths}                            |
     | reference             | candidate whose full-depth run normalises metrics (None: the first)          |
     | exits                 | list of {criterion, threshold, exit_fractions}                               |
-    | workload              | conf/workload name or config (helios.workloads)                              |
+    | workload              | conf/workload name or config (helios.workloads); a rate relative to          |
+    |                       | capacity(`capacity_of`) is resolved by envs.capacity (measured once, cached) |
     | slo                   | conf/slo name or config (helios.slo)                                         |
     | energy                | conf/energy name or config (live meter; replay uses the trace's power figure)|
     | memory_budget_mib     | memory for resident weights + K/V cache                                      |
-    | context_tokens        | K/V reserved per sequence (prompt + generated tokens)                        |
-    | max_batch_size        | cap on any arm's batch size                                                  |
-    | new_tokens            | tokens generated per request                                                 |
+    | context_tokens        | K/V per sequence that sizes an arm's guaranteed batch (and its feasibility)  |
+    | max_batch_size        | cap on sequences running at once                                             |
+    | new_tokens            | max_tokens of a request whose workload draws none                            |
     | accuracy_metric       | rouge_l, exact_match or contains_answer (helios.metrics) vs the references   |
     | histogram_bins        | exit-layer histogram buckets                                                 |
     | on_masked_action      | "penalty" or "raise"                                                         |
     | masked_action_penalty | reward of a refused (masked) action, negated                                 |
+    | switch_policy         | "drain" or "recompute": in-flight sequences at a change of candidate/depth   |
     | per_source            | replay: trace requests per workload source                                   |
-    | variants              | replay: request samples tabulated (one drawn per episode)                    |
-    | trace_dir             | replay: where traces are cached (None: ~/.cache/helios/traces)               |
+    | variants              | replay: request samples (one drawn per episode)                              |
+    | trace_dir             | replay: where traces (and capacities) are cached (None: ~/.cache/helios)     |
     | traces                | replay: {candidate: trace path}, used as given (a missing file is an error)  |
     | build_traces          | replay: record missing traces on first use (False: a missing trace errors)   |
 
@@ -146,7 +196,9 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Version History
 
-    * v0: initial version.
+    * v0: epochs are spans of one continuous-batching scheduler per episode (queue carried over, switches between
+      decode steps, goodput/attainment metrics, load features); before, an epoch was a fixed batch served
+      statically with a batch latency model.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
@@ -169,6 +221,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         histogram_bins: int | None = None,
         on_masked_action: Literal["penalty", "raise"] | None = None,
         masked_action_penalty: float | None = None,
+        switch_policy: Literal["drain", "recompute"] | None = None,
         per_source: int | None = None,
         variants: int | None = None,
         trace_dir: str | Path | None = None,
@@ -197,12 +250,30 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         self.arms: tuple[Arm, ...] = self.backend.arms
         self._mask = np.array([arm.feasible for arm in self.arms], dtype=bool)
 
+        # A capacity-relative rate needs its arm's capacity before the workload exists (envs.capacity: cached).
+        self.capacity: dict[str, Any] | None = None
+        capacity_rps = None
+        workload_cfg = self.serving.workload_cfg
+        if capacity_arm(workload_cfg) is not None:
+            from envs.capacity import resolve_capacity
+
+            trace_paths = getattr(self.backend, "trace_paths", None)
+            out_dir = Path(cfg["trace_dir"]).expanduser() / "capacity" if backend == "replay" and cfg.get("trace_dir") \
+                else None
+            self.capacity = resolve_capacity(self.backend, str(capacity_arm(workload_cfg)), workload_cfg,
+                                             trace_paths=trace_paths, out_dir=out_dir)
+            capacity_rps = self.capacity["capacity_rps"]
+        self.backend.bind(workload_from_config(workload_cfg, capacity_rps=capacity_rps))
+        self.serving = self.backend.spec
         workload = self.serving.workload
+        # The arrival-rate entry of the observation is relative to this many requests/s (0: closed loop, no rate).
+        self._rate_unit_rps = workload.capacity_rps or workload.base_rate_per_s or 0.0
         self.episode_epochs = workload.episode_epochs
         self._phases = [workload.phase_at(e) for e in range(self.episode_epochs)]
         self._mixtures = [workload.mixture_at(e) for e in range(self.episode_epochs)]
-        # The queue the next action serves, per epoch: its request count and source mixture (none after the last).
-        self._waiting = [len(workload.epoch(e)) for e in range(self.episode_epochs)] + [0]
+        # A closed loop issues the next epoch's batch at the boundary: it is waiting when the agent acts.
+        issued = [len(workload.epoch(e)) if not self.serving.open_loop else 0 for e in range(self.episode_epochs)]
+        self._issued = issued + [0]
         self._mixture_features = [workload.features(e) for e in range(self.episode_epochs)] + [None]
         self.observation_layout = ObservationLayout(tuple(c.name for c in self.serving.candidates),
                                                     len(self.serving.exits), self.serving.histogram_bins,
@@ -212,6 +283,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         self.action_space = spaces.Discrete(len(self.arms))
 
         self._references: list[dict[str, float]] | None = None  # per epoch, set on the first reset
+        self._reference_profile: dict[str, dict[str, float]] | None = None
         self._epoch = 0
         self._loaded: int | None = None
         self._last: dict[str, Any] | None = None
@@ -231,44 +303,71 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         return self._reference_arm
 
     def evaluate_arms(self) -> np.ndarray:
-        """Replay only: the reward each arm would earn on the coming epoch if it were already loaded (no switch
-        cost), -inf for masked arms. What oracle baselines and regret need; live cannot know it without serving."""
-        if not hasattr(self.backend, "peek"):
+        """Replay only: the reward each arm would earn on the coming epoch if it were already loaded (no load time;
+        the queue and in-flight sequences as they stand, in-flight ones following the switch policy), -inf for
+        masked arms. What oracle baselines and regret need; live cannot know it without serving."""
+        if not hasattr(self.backend, "evaluate"):
             raise NotImplementedError("evaluate_arms needs the replay backend (live would have to serve every arm)")
         if self._references is None or self._epoch >= self.episode_epochs:
             raise RuntimeError("evaluate_arms needs a reset episode with epochs left")
         reference = self._epoch_reference(self._epoch)
         rewards = np.full(len(self.arms), -np.inf)
         for index in np.flatnonzero(self._mask):
-            outcome = self.backend.peek(self._epoch, int(index))
-            values = epoch_metrics(outcome, NO_SWITCH) or reference
-            rewards[index] = self.slo.evaluate(values, reference).total
+            result = self.backend.evaluate(self._epoch, int(index))  # type: ignore[attr-defined]
+            rewards[index] = self.slo.evaluate(self._values(result, reference), reference).total
         return rewards
 
     def _epoch_reference(self, epoch: int) -> dict[str, float]:
         """The reward's reference for `epoch`: the reference run's profile mixed by the epoch's workload; on replay,
         with the reference arm's accuracy on this epoch's own requests (see the Rewards section)."""
         reference = self._references[epoch]  # type: ignore[index]
-        if self._reference_arm is not None and hasattr(self.backend, "peek"):
-            outcome = self.backend.peek(epoch, self._reference_arm)
-            paired = epoch_metrics(outcome, NO_SWITCH) if outcome is not None else None
-            if paired:
-                reference = {**reference, "accuracy": paired["accuracy"]}
+        paired = getattr(self.backend, "paired_reference_accuracy", None)
+        if self._reference_arm is not None and paired is not None:
+            accuracy = paired(epoch)
+            if accuracy is not None:
+                reference = {**reference, "accuracy": accuracy}
         return reference
 
+    def _values(self, result: EpochResult, reference: Mapping[str, float]) -> dict[str, float]:
+        """The epoch's metrics (helios.telemetry.span_metrics); the reference's where nothing happened (neutral),
+        and the reference's accuracy where no scored request finished."""
+        values = result.values(self.slo.targets, accuracy_default=reference["accuracy"])
+        return dict(reference) if values is None else values
+
     def state_dict(self) -> dict[str, Any]:
-        """Where the episode stands (epoch, loaded arm, RNG, backend position): enough to resume a run."""
+        """Where the episode stands: epoch, loaded arm, RNG and the backend's position, which includes the arm played
+        at every epoch so far. Replay's `load_state_dict` re-serves those epochs (deterministic), which rebuilds the
+        scheduler's queue, running sequences and clock exactly; live cannot re-serve (measured), see there."""
         return {"epoch": self._epoch, "loaded": self._loaded, "np_random": self.np_random.bit_generator.state,
-                "backend": self.backend.state_dict()}
+                "backend": self.backend.state_dict(),
+                "queued": 0 if self._last is None else int(self._last["load"]["queued"]),
+                "running": 0 if self._last is None else int(self._last["load"]["running"])}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore `state_dict()` after `reset()` (which measures or loads the reference run first)."""
+        """Restore `state_dict()` after `reset()` (which measures or loads the reference run first).
+
+        replay: re-serves the episode's epochs with the recorded arms from a cold start, rebuilding the queue,
+        the running sequences and the clock exactly as they were (the replay clock is modelled, so it repeats).
+        live: the epochs are not re-served (that would take their real time again). The episode resumes at the
+        saved epoch, cold (nothing loaded: the next step pays a load) and with an empty queue: the `queued` +
+        `running` requests in the system at the checkpoint are dropped; the open-loop clock resumes at the epoch's
+        start on the workload's timeline, so later arrivals keep their times."""
         if self._references is None:
             raise RuntimeError("call reset() before load_state_dict()")
-        self._epoch = int(state["epoch"])
+        epoch = int(state["epoch"])
+        backend_state = state["backend"]
         self._loaded = None if state["loaded"] is None else int(state["loaded"])
+        if self.backend_kind == "replay":
+            self.backend.begin_episode_at(int(backend_state["variant"]))  # type: ignore[attr-defined]
+            actions = list(backend_state["actions"])
+            if len(actions) != epoch:
+                raise ValueError(f"state of epoch {epoch} records {len(actions)} actions; it must record one per epoch")
+            for e, action in enumerate(actions):
+                self.backend.serve(e, action)
+        else:
+            self.backend.resume_at(epoch)  # type: ignore[attr-defined]
+        self._epoch = epoch
         self.np_random.bit_generator.state = state["np_random"]
-        self.backend.load_state_dict(state["backend"])
 
     def action_masks(self) -> np.ndarray:
         """True for the arms that fit the memory budget (the name sb3-contrib's MaskablePPO looks for)."""
@@ -279,13 +378,14 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         if self._references is None:  # live measures its reference run here, once per environment
-            profile = self.backend.reference_profile()
-            self._references = [mix_reference(profile, mixture) for mixture in self._mixtures]
+            profile = self.backend.reference_profile(self.slo.targets)
+            self._reference_profile = {s: {m: v for m, v in p.items() if m in METRICS} for s, p in profile.items()}
+            self._references = [mix_reference(self._reference_profile, mixture) for mixture in self._mixtures]
         self.backend.begin_episode(self.np_random)
         self._epoch = 0
         self._loaded = None
         self._last = None
-        obs = self._observe(None, None, None, None)
+        obs = self._observe(None, None, None)
         return obs, {"epoch": 0, "phase": self._phases[0], "action_mask": self._mask.copy(),
                      "reference": dict(self._references[0])}
 
@@ -293,34 +393,51 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         arm_index = self._check_action(action)
         epoch = self._epoch
         reference = self._epoch_reference(epoch)
-        if self._mask[arm_index]:
-            outcome, switch = self.backend.serve(epoch, arm_index)  # engine (live) or trace (replay)
-            values = epoch_metrics(outcome, switch) or reference  # an epoch without requests scores neutral
+        feasible = bool(self._mask[arm_index])
+        if not feasible and self.on_masked_action == "raise":
+            raise MaskedActionError(f"action {arm_index} ({self.arms[arm_index].label}) is masked: it does not "
+                                    f"fit the memory budget of {self.serving.memory_budget_bytes / 2**20:g} MiB")
+        # A refused action changes nothing: the loaded arm (if any) serves the epoch, whose time passes anyway.
+        result = self.backend.serve(epoch, arm_index if feasible else None)
+        if result.served:
+            values = self._values(result, reference)
+        else:
+            values = dict.fromkeys(METRICS, 0.0)
+        if feasible:
             reward = self.slo.evaluate(values, reference)
             self._loaded = arm_index
             total, terms, scores, penalties = reward.total, reward.terms, reward.scores, reward.penalties
         else:
-            if self.on_masked_action == "raise":
-                raise MaskedActionError(f"action {arm_index} ({self.arms[arm_index].label}) is masked: it does not "
-                                        f"fit the memory budget of {self.serving.memory_budget_bytes / 2**20:g} MiB")
-            outcome, switch = None, None
-            values = dict.fromkeys(METRICS, 0.0)
             total, terms, scores = -self.masked_action_penalty, {}, {}
             penalties = {"masked_action": self.masked_action_penalty}
         self._epoch = epoch + 1
-        obs = self._observe(outcome, values, reference, switch)
+        served_arm = self._loaded if self._loaded is not None else arm_index
+        ep = self.backend.episode
+        span_s = result.end_s - result.start_s
+        power_w = result.energy_j / result.busy_s if result.busy_s > 0 else 0.0
+        load = {
+            "submitted": result.submitted, "finished": len(result.records), "queued": result.queued,
+            "running": result.running, "rejected": result.rejected, "recomputed": result.recomputed,
+            "max_running": result.max_running, "span_s": span_s,
+            "arrival_rps": result.submitted / span_s if self.serving.open_loop and span_s > 0 else 0.0,
+            "switch_policy": result.switch_policy, "switch_pending": result.switch_pending,
+            "episode_submitted": ep.submitted, "episode_finished": ep.finished, "episode_rejected": ep.rejected,
+        }
         info = {
             "epoch": epoch, "phase": self._phases[epoch], "arm": arm_index, "arm_label": self.arms[arm_index].label,
-            "batch_size": self.arms[arm_index].batch_size, "masked_action": outcome is None,
-            "switch": "none" if switch is None else switch.kind, "switch_s": 0.0 if switch is None else switch.seconds,
-            "switch_energy_j": 0.0 if switch is None else switch.energy_j,
-            "requests": 0 if outcome is None else outcome.requests, "tokens": 0 if outcome is None else outcome.tokens,
-            "engine_s": 0.0 if outcome is None else outcome.engine_s,
+            "batch_size": self.arms[served_arm].batch_size, "masked_action": not feasible,
+            "switch": result.switch, "switch_s": result.switch_s,
+            # The span's energy per busy second x its switch seconds: replay's exact figure (its energy is seconds
+            # x power), live's share of what the meter read over the span.
+            "switch_energy_j": power_w * result.switch_s,
+            "requests": len(result.records), "tokens": result.output_tokens, "engine_s": result.compute_s,
+            "energy_source": result.energy_source, "load": load,
             "metrics": dict(values), "reference": dict(reference), "scores": dict(scores),
             "reward_terms": dict(terms), "penalties": dict(penalties), "action_mask": self._mask.copy(),
-            "exit_histogram": (np.zeros(self.serving.histogram_bins) if outcome is None else outcome.histogram).tolist(),
+            "exit_histogram": result.histogram.tolist(),
         }
         self._last = info
+        obs = self._observe(result, values if result.served else None, reference)
         return obs, float(total), self._epoch >= self.episode_epochs, False, info
 
     def _check_action(self, action: Any) -> int:
@@ -337,15 +454,21 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
             raise ValueError(f"action {index} is out of range: valid arm indices are 0..{len(self.arms) - 1}")
         return index
 
-    def _observe(self, outcome: EpochOutcome | None, values: Mapping[str, float] | None,
-                 reference: Mapping[str, float] | None, switch: SwitchCost | None) -> np.ndarray:
-        """helios.observation's vector after an epoch (all None: nothing served yet, or a refused action)."""
+    def _observe(self, result: EpochResult | None, values: Mapping[str, float] | None,
+                 reference: Mapping[str, float] | None) -> np.ndarray:
+        """helios.observation's vector after an epoch (`values` None: nothing served yet, or an unserved epoch)."""
+        served = result is not None and values is not None
         return build_observation(
-            self.observation_layout, histogram=None if outcome is None else outcome.histogram,
-            values=None if outcome is None else values, reference=reference,
-            switch_s=0.0 if switch is None else switch.seconds, waiting=self._waiting[self._epoch],
+            self.observation_layout, histogram=result.histogram if served else None,  # type: ignore[union-attr]
+            values=values if served else None, reference=reference,
+            switch_s=0.0 if result is None else result.switch_s,
+            waiting=(0 if result is None else result.queued) + self._issued[self._epoch],
             nominal=self.serving.reference_requests, mixture=self._mixture_features[self._epoch],
-            arm=None if self._loaded is None else self.arms[self._loaded], progress=self._epoch / self.episode_epochs)
+            arm=None if self._loaded is None else self.arms[self._loaded], progress=self._epoch / self.episode_epochs,
+            running=0 if result is None else result.running,
+            arrival_rps=0.0 if result is None or self._last is None else self._last["load"]["arrival_rps"],
+            rate_unit_rps=self._rate_unit_rps,
+            attainment=values.get("attainment") if served else None)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------------------------------ the rest
 
@@ -472,11 +595,14 @@ def _serving_spec(cfg: Mapping[str, Any], backend: str) -> ServingSpec:
 
     text_metrics = [m for m, metric in ACCURACY_METRICS.items() if metric.inputs == ("predictions", "references")]
     workload_cfg = _group("workload", cfg["workload"])
+    # A capacity-relative rate is resolved once the backend exists (it measures the capacity); until then a
+    # placeholder capacity builds the workload, whose pool, mixtures and output lengths do not depend on it.
+    placeholder = 1.0 if capacity_arm(workload_cfg) is not None else None
     return ServingSpec(
         candidates=tuple(candidates),
         exits=tuple(exits),
         reference=reference,
-        workload=workload_from_config(workload_cfg),
+        workload=workload_from_config(workload_cfg, capacity_rps=placeholder),
         workload_cfg=dict(workload_cfg),
         memory_budget_bytes=int(_number("memory_budget_mib", cfg["memory_budget_mib"], minimum=0, strict=True) * 2**20),
         context_tokens=_number("context_tokens", cfg["context_tokens"], minimum=1, integer=True),
@@ -485,6 +611,7 @@ def _serving_spec(cfg: Mapping[str, Any], backend: str) -> ServingSpec:
         accuracy_metric=_choice("accuracy_metric", cfg["accuracy_metric"], text_metrics),
         histogram_bins=_number("histogram_bins", cfg["histogram_bins"], minimum=1, integer=True),
         energy_cfg=dict(_group("energy", cfg["energy"])),
+        switch_policy=_choice("switch_policy", cfg["switch_policy"], SWITCH_POLICIES),
     )
 
 
@@ -505,6 +632,9 @@ def _trace_paths(spec: ServingSpec, cfg: Mapping[str, Any]) -> dict[str, Path]:
     from helios.profiling import ensure_trace, trace_path
 
     names = [c.name for c in spec.candidates]
+    # Traces record the request pool, up to the longest output a request may ask for; a capacity-relative rate is
+    # not part of their key (envs.backends.trace_workload_cfg).
+    workload_cfg, tokens = trace_workload_cfg(spec.workload_cfg), spec.trace_tokens
     if cfg.get("traces") is not None:
         given = {name: Path(path).expanduser() for name, path in dict(cfg["traces"]).items()}
         missing = [name for name in names if name not in given]
@@ -517,7 +647,7 @@ def _trace_paths(spec: ServingSpec, cfg: Mapping[str, Any]) -> dict[str, Path]:
         return {name: given[name] for name in names}
     per_source = _number("per_source", cfg["per_source"], minimum=1, integer=True)
     out_dir = Path(cfg["trace_dir"]).expanduser() if cfg.get("trace_dir") else None
-    paths = {name: trace_path(name, spec.workload_cfg, per_source, spec.new_tokens, out_dir) for name in names}
+    paths = {name: trace_path(name, workload_cfg, per_source, tokens, out_dir) for name in names}
     missing = [c for c in spec.candidates if not paths[c.name].exists()]
     if missing and not cfg.get("build_traces"):
         raise FileNotFoundError(
@@ -534,8 +664,8 @@ def _trace_paths(spec: ServingSpec, cfg: Mapping[str, Any]) -> dict[str, Path]:
                 raise ValueError(f"depths {bad} of {candidate.name!r} exceed its {layers} layers")
         energy_cfg = spec.energy_cfg
         for candidate in missing:
-            ensure_trace(candidate.name, spec.workload_cfg, depths=candidate.depths, per_source=per_source,
-                         new_tokens=spec.new_tokens, energy_cfg=energy_cfg, out_dir=out_dir, progress=False)
+            ensure_trace(candidate.name, workload_cfg, depths=candidate.depths, per_source=per_source,
+                         new_tokens=tokens, energy_cfg=energy_cfg, out_dir=out_dir, progress=False)
     return paths
 
 

@@ -10,13 +10,18 @@ epoch alike.
 Switching is charged to the epoch served by the new arm: its seconds are added to the busy time (throughput) and to
 the p95 latency (a switch delays every request of the epoch by its load), its joules to the energy. The server
 therefore records each request's latency without the time it waited for that switch, which `epoch_metrics` adds.
+
+The env serves an epoch as a span of helios.scheduler (a queue that persists across epochs) and scores it with
+`span_metrics` from the span's per-request records instead: there a switch is already inside every record (the
+requests waited for it on the scheduler's clock) and inside the span's busy seconds, so nothing is added.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Literal
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -76,3 +81,131 @@ def latency_p95_s(arrivals_s: Sequence[float], batch_size: int, batch_durations_
         free_s = end_s
         latencies += [end_s - a for a in members]
     return float(np.percentile(latencies, 95)) if latencies else 0.0
+
+
+def p95(values: Sequence[float]) -> float:
+    """The 95th percentile with numpy's default (linear) interpolation, in plain Python: the env's replay step calls
+    it every epoch on a few dozen values, where np.percentile's overhead would dominate. 0.0 for no values."""
+    n = len(values)
+    if n == 0:
+        return 0.0
+    ordered = sorted(values)
+    position = 0.95 * (n - 1)
+    low = int(position)
+    high = min(low + 1, n - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
+def span_metrics(
+    *,
+    records: Sequence[Any],
+    in_system: Sequence[Mapping[str, Any]],
+    span_start_s: float,
+    span_end_s: float,
+    busy_s: float,
+    output_tokens: int,
+    energy_j: float,
+    accuracy: float,
+    targets: Any = None,
+    rejected: int = 0,
+) -> dict[str, float] | None:
+    """The SLO metrics (helios.slo.METRICS) of one span of continuous batching (an env epoch); None for a span in
+    which nothing happened (no token, no finished request, nobody waiting): such an epoch scores neutral.
+
+    `records`: helios.scheduler.RequestRecords of the requests that finished in the span; `in_system`: one mapping per
+    request still queued or running at its end, with `arrival_s` and `ttft_s` (None before its first token);
+    `busy_s`: prefill + decode + switch seconds of the span; `output_tokens`: tokens produced in it (by finished and
+    unfinished requests); `energy_j`: the span's energy, switch included; `accuracy`: the mean score of the requests
+    it finished (the caller's choice when it finished none); `targets`: helios.slo.RequestTargets, or None;
+`rejected`: requests the scheduler refused in the span (they can never fit the arm's memory beside its weights).
+
+      throughput_tok_s  output_tokens / busy_s: tokens per second of compute, i.e. the speed of the arm, not the
+                        arrival rate (over wall time, every arm that keeps up would read the same); 0 when busy_s = 0
+      latency_p95_s     p95 end-to-end latency of the requests finished in the span together with the age at the span's
+                        end of each request still in the system (a lower bound of its latency, so a backlog shows)
+      energy_j_per_tok  energy_j / output_tokens (a span that spent energy on no token is charged as if on one)
+      accuracy          as given
+      goodput_rps, attainment, ttft_p95_s, tpot_p95_s   helios.slo.request_metrics of records + in_system over the
+                        span (goodput and attainment only when `targets` is given; computed by
+                        `span_request_metrics`, its plain-Python twin), and its request counts
+                        met_requests, missed_requests, missed_unfinished_requests; a rejected request counts as
+                        missed in its span (otherwise an arm with little free memory would gain attainment by
+                        refusing the requests it cannot hold) and as rejected_requests
+    """
+    if output_tokens == 0 and not records and not in_system and not rejected:
+        return None
+    span_s = span_end_s - span_start_s
+    ages = [span_end_s - float(r["arrival_s"]) for r in in_system]
+    e2es = [r.e2e_s for r in records if r.arrival_s + r.e2e_s >= span_start_s]  # finished before: counted then
+    values: dict[str, float] = {
+        "throughput_tok_s": output_tokens / busy_s if busy_s > 0 else 0.0,
+        "latency_p95_s": p95(e2es + ages),
+        "energy_j_per_tok": energy_j / max(output_tokens, 1),
+        "accuracy": float(accuracy),
+    }
+    if span_s > 0 and math.isfinite(span_s):
+        values.update(span_request_metrics(records, in_system, span_start_s, span_end_s, targets))
+    else:  # a zero-length span (the clock was already past its end): nothing can be judged in it
+        values.update({"ttft_p95_s": 0.0, "tpot_p95_s": 0.0})
+        if targets is not None:
+            values.update({"goodput_rps": 0.0, "attainment": 1.0, "met_requests": 0, "missed_requests": 0,
+                           "missed_unfinished_requests": 0})
+    if targets is not None:
+        met, missed = values["met_requests"], values["missed_requests"] + rejected
+        values["missed_requests"] = missed
+        values["attainment"] = met / (met + missed) if met + missed else 1.0
+    values["rejected_requests"] = rejected
+    return values
+
+
+def span_request_metrics(records: Sequence[Any], in_system: Sequence[Mapping[str, Any]], span_start_s: float,
+                         span_end_s: float, targets: Any) -> dict[str, float]:
+    """helios.slo.request_metrics(records + in_system, span_end_s - span_start_s, targets, span_start_s=...), the
+    same definitions and numbers (tests/test_env.py checks them against it on random spans), in plain Python over
+    RequestRecords: the replay env calls it every step, where request_metrics' per-field lookups and np.percentile
+    took a third of the step. One reading is explicit here: a RequestRecord's tpot_s is NaN for a single-token
+    output, which has no TPOT and so meets the TPOT target (request_metrics' rule for tpot_s None).
+
+    `records` finished in the span (RequestRecords); `in_system` are unfinished at its end (mappings with arrival_s
+    and ttft_s, None before the first token)."""
+    judging = targets is not None
+    ttft_target_s, tpot_target_s = (targets.ttft_s, targets.tpot_s) if judging else (math.inf, math.inf)
+    met = missed = missed_unfinished = 0
+    ttfts_s: list[float] = []
+    tpots_s: list[float] = []
+    for record in records:  # finished
+        arrival_s, ttft_s, tpot_s = record.arrival_s, record.ttft_s, record.tpot_s
+        if arrival_s + record.e2e_s < span_start_s:
+            continue  # finished before this span: judged then
+        if arrival_s + ttft_s >= span_start_s:
+            ttfts_s.append(ttft_s)
+        has_tpot = tpot_s == tpot_s  # not NaN
+        if has_tpot:
+            tpots_s.append(tpot_s)
+        if ttft_s > ttft_target_s:
+            if span_start_s <= arrival_s + ttft_target_s < span_end_s:
+                missed += 1
+        elif not has_tpot or tpot_s <= tpot_target_s:
+            met += 1
+        else:
+            missed += 1
+    for entry in in_system:  # unfinished
+        arrival_s, ttft_s = float(entry["arrival_s"]), entry["ttft_s"]
+        if ttft_s is None:
+            waited_s = span_end_s - arrival_s
+            ttfts_s.append(waited_s)  # a lower bound of its TTFT, so that the backlog shows in the p95
+            late = waited_s > ttft_target_s
+        else:
+            if arrival_s + ttft_s >= span_start_s:
+                ttfts_s.append(float(ttft_s))
+            late = ttft_s > ttft_target_s
+        if late and span_start_s <= arrival_s + ttft_target_s < span_end_s:
+            missed += 1
+            missed_unfinished += 1
+    latencies = {"ttft_p95_s": p95(ttfts_s), "tpot_p95_s": p95(tpots_s)}
+    if not judging:
+        return latencies
+    judged = met + missed
+    return {"goodput_rps": met / (span_end_s - span_start_s), "attainment": met / judged if judged else 1.0,
+            **latencies, "met_requests": met, "missed_requests": missed,
+            "missed_unfinished_requests": missed_unfinished}

@@ -1,0 +1,309 @@
+"""The env's epochs as spans of one scheduler: no request is lost across switches under load (drain and recompute,
+replay and live), the queue carries over between epochs, goodput and attainment match a hand count, resume rebuilds
+the queue, and capacity-relative rates resolve through a cached capacity.
+
+    /work/main/.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_env_scheduler.py
+
+Tiny random-init candidates, traces recorded into a temporary directory (about a minute on 2 shared cores).
+"""
+
+import math
+
+import gymnasium
+import numpy as np
+import pytest
+
+import envs  # noqa: F401  (registers the ids)
+from envs.backends import trace_workload_cfg
+from gymnasium.utils.env_checker import data_equivalence
+
+from helios.scheduler import RequestRecord
+from helios.slo import RequestTargets, request_metrics
+from helios.telemetry import span_metrics, span_request_metrics
+
+EXITS = [{"criterion": "none"}, {"criterion": "cosine", "threshold": 0.5, "exit_fractions": [0.5]}]
+SOURCE_OPTIONS = {"prose": {"prompt_chars": 120, "reference_chars": 60}}
+OUTPUT_TOKENS = {"qa": {"dist": "uniform", "min_tokens": 2, "max_tokens": 8}, "prose": {"dist": "fixed", "tokens": 8}}
+# Load 3x the capacity of tiny-llama@2 (the fastest arm) overloads every arm; 0.3x lets a backlog drain. Epochs of
+# 0.5 s outlast a tiny model's load (tens of ms, measured when the trace is recorded), so switches apply inside them.
+OVERLOAD = {
+    "seed": 0, "episode_epochs": 6,
+    "arrival": {"kind": "gamma", "cv": 1.0, "epoch_s": 0.5, "rate_x_capacity": 1.0, "capacity_of": "tiny-llama@2"},
+    "output_tokens": OUTPUT_TOKENS, "source_options": SOURCE_OPTIONS,
+    "phases": [{"epochs": 3, "load": 3.0, "mixture": {"qa": 0.5, "prose": 0.5}},
+               {"epochs": 3, "load": 0.3, "mixture": {"qa": 1.0}}],
+}
+# 8 MiB: every arm fits and several sequences run at once, so a switch finds sequences in flight.
+COMMON = {"candidates": "tiny", "memory_budget_mib": 8.0, "context_tokens": 512, "new_tokens": 4, "exits": EXITS,
+          "slo": "goodput"}
+SWITCHING = [0, 2, 6, 1, 8, 4]  # llama@2, llama@4, gemma@3, llama@2 exit, gemma@6, llama@6: every kind of change
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trace_dir(tmp_path_factory, one_torch_thread):
+    from helios.profiling import ensure_trace
+
+    out = tmp_path_factory.mktemp("sched_traces")
+    for name, depths in (("tiny-llama", [2, 4, 6]), ("tiny-gemma3", [3, 6])):
+        ensure_trace(name, trace_workload_cfg(OVERLOAD), depths=depths, per_source=2, new_tokens=8, out_dir=out,
+                     progress=False, calibration_runs=4)
+    return out
+
+
+def replay_env(trace_dir, **overrides):
+    return gymnasium.make("helios/ModelDepthReplay-v0", **{**COMMON, "workload": OVERLOAD, "per_source": 2,
+                          "variants": 2, "trace_dir": str(trace_dir), "build_traces": False, **overrides})
+
+
+def collect_records(env, monkeypatch) -> list[list[RequestRecord]]:
+    """Every epoch's finished records, as the backend summarised them (the env reports counts only)."""
+    backend = env.unwrapped.backend
+    spans: list[list[RequestRecord]] = []
+    run_span = backend._run_span
+
+    def recording(sched, requests, t_end):
+        result = run_span(sched, requests, t_end)
+        spans.append(list(result.records))
+        return result
+
+    monkeypatch.setattr(backend, "_run_span", recording)
+    return spans
+
+
+def check_conservation(env, actions, spans) -> list[dict]:
+    """Steps `actions`; after each: submitted = finished + queued + running (and nothing rejected), by the env's
+    counters and by the records' ids."""
+    infos = []
+    env.reset(seed=0)
+    finished_ids: list = []
+    for action in actions:
+        *_, info = env.step(action)
+        load = info["load"]
+        finished_ids += [r.request_id for r in spans[-1]]
+        assert load["episode_rejected"] == 0
+        assert load["episode_submitted"] == load["episode_finished"] + load["queued"] + load["running"]
+        assert load["episode_finished"] == len(finished_ids) == len(set(finished_ids))  # each finished once
+        infos.append(info)
+    return infos
+
+
+# ----------------------------------------------------------------------------------------------- switching
+
+
+@pytest.mark.parametrize("policy", ["drain", "recompute"])
+def test_replay_switch_under_load_loses_no_request(trace_dir, monkeypatch, policy: str) -> None:
+    env = replay_env(trace_dir, switch_policy=policy)
+    spans = collect_records(env, monkeypatch)
+    infos = check_conservation(env, SWITCHING, spans)
+    # Under load: sequences were in flight when each later switch was asked for.
+    assert all(info["load"]["running"] + info["load"]["queued"] > 0 for info in infos[:3])
+    assert [info["switch"] for info in infos] == ["cold", "depth", "candidate", "candidate", "candidate", "candidate"]
+    assert infos[3]["load"]["switch_policy"] == policy  # gemma -> llama: the same byte-level tokenizer
+    recomputed = sum(info["load"]["recomputed"] for info in infos)
+    assert (recomputed > 0) if policy == "recompute" else (recomputed == 0)
+    recomputes = [r.recomputes for span in spans for r in span]
+    assert (max(recomputes) > 0) == (policy == "recompute")
+    env.close()
+
+
+def test_exit_only_change_keeps_in_flight_sequences(trace_dir) -> None:
+    env = replay_env(trace_dir, switch_policy="recompute")
+    env.reset(seed=0)
+    env.step(0)
+    *_, info = env.step(1)  # llama@2, exits on: same weights
+    assert info["switch"] == "exit" and info["load"]["switch_policy"] == "keep" and info["switch_s"] == 0.0
+    assert info["load"]["recomputed"] == 0
+    env.close()
+
+
+def test_live_switch_under_load_loses_no_request(monkeypatch) -> None:
+    """Live (measured clock) on tiny models: an absolute rate far above what they serve (tens of requests/s on a
+    CPU); epochs of 0.25 s outlast a tiny model's load (~50 ms), so each switch can apply inside its epoch."""
+    workload = {"seed": 0, "episode_epochs": 4, "arrival": {"kind": "poisson", "rate_per_s": 400.0, "epoch_s": 0.25},
+                "output_tokens": OUTPUT_TOKENS, "source_options": SOURCE_OPTIONS,
+                "phases": [{"epochs": 4, "mixture": {"qa": 0.5, "prose": 0.5}}]}
+    for policy in ("drain", "recompute"):
+        env = gymnasium.make("helios/ModelDepth-v0", **{**COMMON, "workload": workload, "switch_policy": policy})
+        spans = collect_records(env, monkeypatch)
+        infos = check_conservation(env, [0, 2, 6, 0], spans)
+        assert infos[-1]["load"]["queued"] > 0  # overloaded: a backlog at the end
+        # Each load is measured and charged to the epoch in which it happens: at once under recompute; under drain
+        # only once the old arm's sequences finish, which may outlast an epoch (reported as pending).
+        assert infos[0]["switch_s"] > 0
+        for info in infos[1:]:
+            assert info["switch_s"] > 0 or (policy == "drain" and info["load"]["switch_pending"])
+        recomputed = sum(info["load"]["recomputed"] for info in infos)
+        assert (recomputed > 0) == (policy == "recompute")
+        env.close()
+
+
+# ----------------------------------------------------------------------------------------------- the queue
+
+
+def test_queue_carries_over_between_epochs(trace_dir, monkeypatch) -> None:
+    env = replay_env(trace_dir)
+    spans = collect_records(env, monkeypatch)
+    names = env.unwrapped.observation_names
+    env.reset(seed=0)
+    spans.clear()  # the reference run's spans (first reset)
+    obs, _, _, _, first = env.step(8)  # gemma@6, the slowest arm, at 3x the fastest arm's capacity
+    backlog = first["load"]["queued"] + first["load"]["running"]
+    assert backlog > 0 and first["load"]["finished"] < first["load"]["submitted"]
+    assert obs[names.index("queue_ratio")] == pytest.approx(
+        min(16, first["load"]["queued"] / env.unwrapped.serving.reference_requests), rel=1e-6)
+    assert obs[names.index("arrival_ratio")] > 1.0  # 3x the capacity unit, give or take the draw
+    *_, second = env.step(0)  # the fastest arm now
+    carried = [r for r in spans[1] if r.request_id[0] == 0]  # epoch 0's requests finished in epoch 1
+    assert carried and all(r.arrival_s < 0.5 <= r.finished_s for r in carried), (first["load"], second["load"], [r.request_id for r in spans[1]][:5], len(spans))
+    assert second["load"]["finished"] == len(spans[1])
+    # The backlog grows while the load is 3x, and shrinks epoch by epoch in the light phase (0.3x).
+    backlogs = [backlog, second["load"]["queued"] + second["load"]["running"]]
+    for _ in range(4):
+        *_, info = env.step(0)
+        backlogs.append(info["load"]["queued"] + info["load"]["running"])
+    assert backlogs[2] > backlogs[1] > backlogs[0] > 0
+    assert backlogs[3] > backlogs[4] > backlogs[5]
+    env.close()
+
+
+def test_resume_rebuilds_the_queue(trace_dir) -> None:
+    """state_dict mid-episode, then a fresh env restored from it continues exactly as the original does."""
+    first, second = replay_env(trace_dir), replay_env(trace_dir)
+    first.reset(seed=3)
+    for action in (8, 6):
+        first.step(action)
+    state = first.unwrapped.state_dict()
+    assert state["queued"] + state["running"] > 0  # there is a queue to restore
+    ahead = [first.step(a) for a in (0, 2, 0)]
+    second.reset(seed=3)
+    second.unwrapped.load_state_dict(state)
+    again = [second.step(a) for a in (0, 2, 0)]
+    assert data_equivalence(ahead, again, exact=True)
+    first.close()
+    second.close()
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def record(rid, arrival_s, first_s, finished_s, tokens) -> RequestRecord:
+    return RequestRecord(rid, arrival_s, arrival_s, first_s, finished_s, 0.0, first_s - arrival_s,
+                         (finished_s - first_s) / (tokens - 1) if tokens > 1 else math.nan, finished_s - arrival_s,
+                         4, tokens, (1,) * tokens, "length")
+
+
+def test_goodput_and_attainment_by_hand() -> None:
+    """Span [10, 20) s, targets TTFT <= 1 s and TPOT <= 0.1 s:
+      a: ttft 0.5, tpot (15 - 10.5) / 9 = 0.5      finished in span -> missed (TPOT)
+      b: ttft 0.5, tpot (12 - 11.5) / 10 = 0.05    finished in span -> met
+      c: ttft 0.2, one token (no TPOT)             finished in span -> met
+      d: ttft 3.0 (late), finished 16              deadline 13 in span -> missed
+      e: finished at 9.5 (before the span)         ignored
+      f: waiting since 18.5, no token              deadline 19.5 in span -> missed, unfinished
+      g: waiting since 19.5                        deadline 20.5 after the span -> not judged yet
+      h: running, ttft 0.4 (on time)               not judged until it finishes
+    met 2, missed 3 -> attainment 0.4, goodput 2 / 10 s = 0.2 rps."""
+    records = [record("a", 10.0, 10.5, 15.0, 10), record("b", 11.0, 11.5, 12.0, 11), record("c", 12.0, 12.2, 12.2, 1),
+               record("d", 13.0 - 1.0, 15.0, 16.0, 5), record("e", 5.0, 6.0, 9.5, 4)]
+    in_system = [{"arrival_s": 18.5, "ttft_s": None}, {"arrival_s": 19.5, "ttft_s": None},
+                 {"arrival_s": 17.0, "ttft_s": 0.4}]
+    values = span_metrics(records=records, in_system=in_system, span_start_s=10.0, span_end_s=20.0, busy_s=8.0,
+                          output_tokens=40, energy_j=4.0, accuracy=0.5, targets=RequestTargets(1.0, 0.1))
+    assert values["met_requests"] == 2 and values["missed_requests"] == 3
+    assert values["missed_unfinished_requests"] == 1
+    assert values["attainment"] == pytest.approx(0.4) and values["goodput_rps"] == pytest.approx(0.2)
+    assert values["throughput_tok_s"] == 5.0 and values["energy_j_per_tok"] == 0.1
+    # e2e of a, b, c, d (5, 1, 0.2, 4) and ages 1.5, 0.5, 3: sorted 0.2 0.5 1 1.5 3 4 5 -> p95 at 5.7 = 4.7.
+    assert values["latency_p95_s"] == pytest.approx(4.7)
+    # A rejected request counts as missed: 2 met of 6.
+    rejected = span_metrics(records=records, in_system=in_system, span_start_s=10.0, span_end_s=20.0, busy_s=8.0,
+                            output_tokens=40, energy_j=4.0, accuracy=0.5, targets=RequestTargets(1.0, 0.1), rejected=1)
+    assert rejected["attainment"] == pytest.approx(2 / 6)
+
+
+def test_span_request_metrics_match_helios_slo() -> None:
+    """The plain-Python twin gives helios.slo.request_metrics' numbers on random spans (single-token outputs passed
+    to request_metrics with tpot_s None, its rule for 'no TPOT')."""
+    rng = np.random.default_rng(0)
+    targets = RequestTargets(1.0, 0.05)
+    for _ in range(50):
+        start, end = 10.0, 10.0 + float(rng.uniform(1, 20))
+        records, mappings, in_system = [], [], []
+        for k in range(int(rng.integers(0, 40))):
+            arrival = float(rng.uniform(0, end))
+            first = arrival + float(rng.exponential(0.8))
+            tokens = int(rng.integers(1, 20))
+            finished = first + tokens * float(rng.exponential(0.05))
+            if finished < end:
+                r = record(k, arrival, first, finished, tokens)
+                records.append(r)
+                mappings.append({"arrival_s": r.arrival_s, "ttft_s": r.ttft_s, "e2e_s": r.e2e_s,
+                                 "tpot_s": None if tokens == 1 else r.tpot_s, "output_tokens": tokens})
+            else:
+                in_system.append({"arrival_s": arrival, "ttft_s": first - arrival if first < end else None})
+        ours = span_request_metrics(records, in_system, start, end, targets)
+        theirs = request_metrics([*mappings, *in_system], end - start, targets, span_start_s=start)
+        assert ours == pytest.approx(theirs)
+
+
+def test_metrics_in_info_match_the_records(trace_dir, monkeypatch) -> None:
+    """info['metrics'] goodput and attainment, recounted from the epoch's records and backlog by hand."""
+    env = replay_env(trace_dir)
+    spans = collect_records(env, monkeypatch)
+    slo = env.unwrapped.slo
+    env.reset(seed=0)
+    *_, info = env.step(2)
+    records, load = spans[-1], info["load"]
+    start, end = 0.0, info["load"]["span_s"]
+    good = [r for r in records if r.ttft_s <= slo.ttft_target_s and (r.output_tokens == 1 or r.tpot_s <= slo.tpot_target_s)]
+    late_finished = [r for r in records if r.ttft_s > slo.ttft_target_s and r.arrival_s + slo.ttft_target_s < end]
+    slow = [r for r in records if r.ttft_s <= slo.ttft_target_s and r.output_tokens > 1 and r.tpot_s > slo.tpot_target_s]
+    # The backlog: nothing waited a full second in a 0.5 s epoch, so no unfinished request is judged yet.
+    assert load["queued"] + load["running"] > 0 and end < slo.ttft_target_s
+    assert info["metrics"]["met_requests"] == len(good)
+    assert info["metrics"]["missed_requests"] == len(late_finished) + len(slow)
+    assert info["metrics"]["goodput_rps"] == pytest.approx(len(good) / (end - start))
+    judged = len(good) + len(late_finished) + len(slow)
+    assert info["metrics"]["attainment"] == pytest.approx(len(good) / judged if judged else 1.0)
+    tokens = sum(r.output_tokens for r in records)
+    assert info["tokens"] >= tokens  # plus tokens of the unfinished
+    env.close()
+
+
+# ----------------------------------------------------------------------------------------------- capacity
+
+
+def test_capacity_is_measured_once_and_cached(trace_dir) -> None:
+    first = replay_env(trace_dir)
+    capacity = first.unwrapped.capacity
+    assert capacity is not None and capacity["capacity_rps"] > 0 and capacity["key"]["arm"] == "tiny-llama@2"
+    workload = first.unwrapped.serving.workload
+    # Rates are load x rate_x_capacity x the measured capacity.
+    assert [workload.rate_at(e) for e in range(6)] == pytest.approx([3.0 * capacity["capacity_rps"]] * 3
+                                                                    + [0.3 * capacity["capacity_rps"]] * 3)
+    second = replay_env(trace_dir)
+    assert second.unwrapped.capacity["cached"] and second.unwrapped.capacity["capacity_rps"] == capacity["capacity_rps"]
+    assert second.unwrapped.capacity["path"].startswith(str(trace_dir))
+    first.close()
+    second.close()
+
+
+def test_capacity_of_an_unknown_candidate_is_a_clear_error(trace_dir) -> None:
+    bad = {**OVERLOAD, "arrival": {**OVERLOAD["arrival"], "capacity_of": "smollm2-135m@30"}}
+    with pytest.raises(ValueError, match=r"replay can only measure a candidate it has a trace of: \['tiny-llama'"):
+        replay_env(trace_dir, workload=bad, traces=None, build_traces=False)
+
+
+def test_bad_switch_policy_names_the_valid_ones(trace_dir) -> None:
+    with pytest.raises(ValueError, match=r"switch_policy must be one of \['drain', 'recompute'\]"):
+        replay_env(trace_dir, switch_policy="keep")
