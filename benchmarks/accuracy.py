@@ -378,11 +378,13 @@ def depth_rows(scores: dict[tuple[str, ArmKey, int], Scores], requests: Sequence
 # ----------------------------------------------------------------------------------------------- report
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any], sources: Sequence[str] = ("mix",)) -> str:
+    """The SNR table (primary length), every arm's pooled value (comparability across candidates), and the
+    teacher-forced error (replay minus live) per depth."""
     lines = []
     primary = result["config"]["primary_tokens"]
-    lines.append(f"SNR at {primary} tokens (gap = full depth - most truncated; std = max of the two arms' epoch std; "
-                 "paired = std of the difference on the same requests):\n")
+    lines.append(f"SNR, {primary} tokens (gap = full depth - most truncated depth; std = max of the two arms' epoch "
+                 "std; paired = std of the epoch difference on the same requests):\n")
     lines.append("| candidate | metric | source | full | truncated | gap | std@8 | SNR@8 | SNR@16 | SNR@32 | paired SNR@8 "
                  "| epoch for SNR 5 |")
     lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -394,6 +396,29 @@ def markdown(result: dict[str, Any]) -> str:
             f"{row['mean_full']:.3f} | {row['mean_truncated']:.3f} | {row['gap']:+.3f} | {row['std_8']:.3f} | "
             f"{row['snr_8']:.1f} | {row['snr_16']:.1f} | {row['snr_32']:.1f} | {row['paired_snr_8']:.1f} | "
             f"{row['epoch_for_snr5'] if row['epoch_for_snr5'] is not None else '—'} |")
+    values = {(v["metric"], v["candidate"], v["depth"], v["mode"], v["tokens"], v["source"]): v["value"]
+              for v in result["values"]}
+    metrics = sorted({k[0] for k in values}, key=lambda m: (m.startswith("judge"), m))
+    arms = sorted({(k[1], k[2]) for k in values}, key=lambda a: (a[0], -a[1]))
+    for source in sources:
+        for tokens in result["config"]["lengths"]:
+            lines.append(f"\nEvery arm, free-running (live), source {source}, {tokens} tokens:\n")
+            lines.append("| metric | " + " | ".join(f"{c}@{d}" for c, d in arms) + " |")
+            lines.append("|---|" + "---:|" * len(arms))
+            for metric in metrics:
+                cells = [values.get((metric, c, d, "free", tokens, source)) for c, d in arms]
+                lines.append(f"| {metric} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in cells) + " |")
+    lines.append(f"\nTeacher-forced (replay) minus free-running (live), {primary} tokens, source mix "
+                 "(value: forced / free):\n")
+    forced_arms = sorted({(k[1], k[2]) for k in values if k[3] == "forced"}, key=lambda a: (a[0], -a[1]))
+    lines.append("| metric | " + " | ".join(f"{c}@{d}" for c, d in forced_arms) + " |")
+    lines.append("|---|" + "---:|" * len(forced_arms))
+    for metric in metrics:
+        cells = []
+        for c, d in forced_arms:
+            f, r = values.get((metric, c, d, "forced", primary, "mix")), values.get((metric, c, d, "free", primary, "mix"))
+            cells.append("—" if f is None or r is None else f"{f - r:+.3f} ({f:.3f} / {r:.3f})")
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -414,7 +439,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("HELIOS_CACHE_DIR", Path.home() / ".cache" / "helios")) / "accuracy")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--md", type=Path, default=None)
+    parser.add_argument("--md-sources", nargs="+", default=["mix"], help="sources of the per-arm tables")
+    parser.add_argument("--report", type=Path, default=None, help="print the tables of a --json result and exit")
     args = parser.parse_args()
+    if args.report:
+        print(markdown(json.loads(args.report.read_text()), args.md_sources))
+        return
     if args.quick:
         args.per_source, args.new_tokens = min(args.per_source, 32), min(args.new_tokens, 32)
     torch.set_num_threads(args.threads)
@@ -473,7 +503,7 @@ def main() -> None:
                     "wall_s": time.time() - started, "generation_s": gen_seconds},
         "snr": snr, "values": values, "samples": samples,
     }
-    table = markdown(result)
+    table = markdown(result, args.md_sources)
     print(table)
     if args.json:
         with atomic_file(args.json, "w") as handle:
