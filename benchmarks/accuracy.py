@@ -22,7 +22,10 @@
      judge:<name>      exp(-mean NLL per token) under a fixed judge at full depth (helios.metrics.judge_score), text
                        re-tokenised by the judge, conditioned on the prompt. A candidate judged by itself is favoured
                        (its greedy output is the judge's own argmax): compare arms under a judge of another family.
-3. Per (metric, source, length): the pooled value at full depth and at the most truncated depth, the gap, and the
+     judge:panel       with several judges: exp(-mean of their pooled NLLs per token), the geometric mean of their
+                       scores (each family has one favourable judge on the panel)
+3. Per (metric, source, length): the pooled value at full depth and at each truncated depth (the most truncated is
+   issue 13's condition; the intermediate ones are the decisions an agent actually faces), the gap, and the
    epoch-to-epoch standard deviation of an epoch of n requests (n = 8, the default closed-loop epoch, 16, 32) by
    bootstrap (requests drawn with replacement from the pool; an epoch's value pools its requests exactly as the
    metric does: token-weighted for fidelity and the judge); SNR = gap / max(std at full depth, std truncated), and
@@ -242,16 +245,26 @@ def judge_scores(judge_name: str, requests: Sequence[Request], texts: dict[tuple
 
 @dataclasses.dataclass
 class Scores:
-    """Per request (num, den): a metric's epoch value is transform(sum num / sum den) over the epoch's requests."""
+    """Per request (num, den), one column per part: an epoch's value is transform(mean over parts of
+    sum num / sum den over the epoch's requests). One part for every metric but the judge panel, whose parts are its
+    judges (exp(-mean of the judges' pooled NLLs) = the geometric mean of their judge scores)."""
 
-    num: np.ndarray
+    num: np.ndarray  # [requests, parts]
     den: np.ndarray
     transform: str = "identity"  # or "exp_neg" (judge: exp(-mean NLL))
+
+    def __post_init__(self) -> None:
+        self.num = np.asarray(self.num, dtype=float).reshape(len(self.num), -1)
+        self.den = np.asarray(self.den, dtype=float).reshape(len(self.den), -1)
+
+    @property
+    def size(self) -> int:
+        return int(self.num.shape[0])
 
     def value(self, idx: np.ndarray | None = None) -> np.ndarray | float:
         num = self.num if idx is None else self.num[idx]
         den = self.den if idx is None else self.den[idx]
-        ratio = num.sum(-1) / den.sum(-1)
+        ratio = (num.sum(-2) / den.sum(-2)).mean(-1)
         return np.exp(-ratio) if self.transform == "exp_neg" else ratio
 
 
@@ -295,24 +308,28 @@ def per_request_scores(requests: Sequence[Request], arms: dict[ArmKey, list[list
                 pairs = scores[(key, length)]
                 out[(f"judge:{judge_name}", key, length)] = Scores(
                     np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs], dtype=float), "exp_neg")
+            if len(judged) > 1:
+                parts = [out[(f"judge:{j}", key, length)] for j in judged]
+                out[("judge:panel", key, length)] = Scores(np.hstack([p.num for p in parts]),
+                                                           np.hstack([p.den for p in parts]), "exp_neg")
     return out
 
 
 def subset(scores: Scores, rows: np.ndarray) -> Scores | None:
     num, den = scores.num[rows], scores.den[rows]
-    keep = np.isfinite(num) & (den > 0)
+    keep = (np.isfinite(num) & (den > 0)).all(-1)
     if not keep.any():
         return None
     return Scores(num[keep], den[keep], scores.transform)
 
 
 def bootstrap_std(scores: Scores, n: int, rng: np.random.Generator, draws: int) -> float:
-    idx = rng.integers(0, scores.num.size, size=(draws, n))
+    idx = rng.integers(0, scores.size, size=(draws, n))
     return float(np.std(scores.value(idx), ddof=1))
 
 
 def paired_std(a: Scores, b: Scores, n: int, rng: np.random.Generator, draws: int) -> float:
-    idx = rng.integers(0, a.num.size, size=(draws, n))
+    idx = rng.integers(0, a.size, size=(draws, n))
     return float(np.std(np.asarray(a.value(idx)) - np.asarray(b.value(idx)), ddof=1))
 
 
@@ -331,18 +348,19 @@ def snr_rows(scores: dict[tuple[str, ArmKey, int], Scores], requests: Sequence[R
     metrics = sorted({m for m, _, _ in scores}, key=lambda m: (m.startswith("judge"), m))
     lengths = sorted({length for _, _, length in scores})
     rows = []
-    for candidate, depths in candidates.items():
-        full, low = ArmKey(candidate, full_depth[candidate], "free"), ArmKey(candidate, min(depths), "free")
+    pairs = [(c, d) for c, depths in candidates.items() for d in sorted(set(depths)) if d != full_depth[c]]
+    for candidate, depth in pairs:  # the most truncated depth first (issue 13's condition), then the others
+        full, low = ArmKey(candidate, full_depth[candidate], "free"), ArmKey(candidate, depth, "free")
         for metric in metrics:
             for length in lengths:
                 for group, members in groups.items():
                     a, b = subset(scores[(metric, full, length)], members), subset(scores[(metric, low, length)], members)
-                    if a is None or b is None or a.num.size != b.num.size:
+                    if a is None or b is None or a.size != b.size:
                         continue
                     rng = np.random.default_rng([seed, len(rows)])
                     row: dict[str, Any] = {
                         "candidate": candidate, "metric": metric, "source": group, "tokens": length,
-                        "full_depth": full.depth, "truncated_depth": low.depth, "requests": int(a.num.size),
+                        "full_depth": full.depth, "truncated_depth": low.depth, "requests": a.size,
                         "mean_full": float(a.value()), "mean_truncated": float(b.value()),
                     }
                     row["gap"] = row["mean_full"] - row["mean_truncated"]
@@ -371,7 +389,7 @@ def depth_rows(scores: dict[tuple[str, ArmKey, int], Scores], requests: Sequence
             if s is None:
                 continue
             rows.append({"metric": metric, "candidate": key.candidate, "depth": key.depth, "mode": key.mode,
-                         "tokens": length, "source": group, "value": float(s.value()), "requests": int(s.num.size)})
+                         "tokens": length, "source": group, "value": float(s.value()), "requests": s.size})
     return rows
 
 
