@@ -1,6 +1,8 @@
 """Which accuracy metric separates arms? Signal-to-noise of candidate metrics, and replay's teacher-forced error.
 
-    python benchmarks/accuracy.py --quick --json benchmarks/accuracy.json                  # SmolLM2 + Gemma-3, ~30 min
+    python benchmarks/accuracy.py --quick --candidates smollm2-135m:10,20,30 gemma3-270m:6,18 \
+        --json benchmarks/accuracy.json            # what benchmarks/RESULTS.md reports: ~50 min on a loaded 2-core CPU
+    python benchmarks/accuracy.py --quick --json PATH           # default shortlist incl. Gemma-3 at depth 12 (longer)
     python benchmarks/accuracy.py --quick --candidates smollm2-135m:10,20,30 --judges smollm2-135m --json /tmp/a.json
     python benchmarks/accuracy.py --per-source 8 --new-tokens 8 --candidates tiny-llama:2,6 --judges tiny-llama \\
         --reference tiny-llama --json /tmp/tiny.json                                        # smoke test, seconds
