@@ -5,6 +5,9 @@
     compute_accuracy("contains_answer", predictions=texts, references=refs)             # qa
     compute_accuracy("fidelity", tokens=early_exit_tokens, full_depth_tokens=full_tokens)
     compute_accuracy("perplexity", model=full_model, tokens=generated_ids, context_ids=prompt_ids)
+    compute_accuracy("judge_score", model=judge_model, tokens=judge_ids_of_output, context_ids=judge_ids_of_prompt)
+
+Tests: /work/main/.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_metrics.py
 
 Metrics (all means over requests; higher is better except perplexity):
   exact_match      1 if the prediction's first non-empty line equals the reference after SQuAD normalisation
@@ -22,14 +25,23 @@ Metrics (all means over requests; higher is better except perplexity):
                    length. Using the longer length penalises stopping early and running past the full-depth EOS.
                    Needs no reference text, so it applies to every source.
   perplexity       exp(token-weighted mean NLL) of the generated tokens under a reference model (pass a full-depth
-                   model), conditioned on the prompt, from the model's own `loss` (HF shifts the labels); prompt
-                   positions are masked with -100. Reference-free, and the only metric where lower is better.
+                   model), conditioned on the prompt (`token_nll`: log-softmax of the logits at the positions that
+                   predict generated tokens, as HF's shifted loss). Reference-free; the only metric where lower is
+                   better.
+  judge_score      exp(-token-weighted mean NLL) = 1 / perplexity, in (0, 1], higher is better: the geometric-mean
+                   probability a fixed judge (a full-depth model) gives the output, conditioned on the prompt. Give
+                   it the judge's tokens of the decoded output text (re-tokenise it with the judge's tokenizer), so
+                   candidates with different vocabularies are scored on one scale. A judge favours its own greedy
+                   outputs (self-judging bias): judge a candidate family with a model of another family where the
+                   comparison across candidates matters. Chosen by measurement in benchmarks/accuracy.py
+                   (benchmarks/RESULTS.md, issue 13).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -109,33 +121,68 @@ def token_agreement(tokens: Sequence[Sequence[int]], full_depth_tokens: Sequence
 
 
 @torch.inference_mode()
-def perplexity(
+def token_nll(
     model: torch.nn.Module, tokens: Sequence[Sequence[int]], context_ids: Sequence[Sequence[int]] | None = None
-) -> float:
-    """exp(mean NLL per generated token) under `model`, pooled over requests by token count.
+) -> list[tuple[float, int]]:
+    """Per request: (summed NLL in nats, number of scored tokens) of `tokens[i]` under `model`, given `context_ids[i]`.
 
-    One forward per request (no padding, so no attention-mask subtleties); `model(ids, labels=...).loss` is the
-    mean NLL over the unmasked labels, so multiplying by their count recovers each request's summed NLL.
+    One forward per request (no padding, so no attention-mask subtleties). Only the positions that predict a generated
+    token are projected onto the vocabulary (`logits_to_keep`): a judge with a 262k-token head (Gemma-3) would
+    otherwise build a [prompt length x 262k] logit matrix per request. Without context the first token is never
+    predicted (as in HF's shifted loss), so it is not scored; a request with nothing to score gives (0.0, 0).
     """
     contexts = context_ids if context_ids is not None else [[] for _ in tokens]
     if len(contexts) != len(tokens):
         raise ValueError(f"got {len(tokens)} generations but {len(contexts)} contexts; they must pair up")
     device = next(model.parameters()).device
-    nll_sum, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     for context, generated in zip(contexts, tokens):
         ids = [*map(int, context), *map(int, generated)]
-        # HF shifts labels by one inside the loss: label j is predicted from position j-1, so position 0 never is.
-        scored = len(generated) if context else len(generated) - 1
+        start = max(len(context), 1)  # first scored position; position p is predicted by the logits at p - 1
+        scored = len(ids) - start
         if scored < 1:
+            out.append((0.0, 0))
             continue
-        labels = [-100] * len(context) + [*map(int, generated)]
         input_ids = torch.tensor([ids], device=device)
-        loss = model(input_ids=input_ids, labels=torch.tensor([labels], device=device), use_cache=False).loss
-        nll_sum += float(loss) * scored
-        count += scored
+        logits = _last_logits(model, input_ids, scored + 1)[0, :-1]  # predictions for positions start..len-1
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        targets = input_ids[0, start:]
+        nll = -float(logprobs.gather(-1, targets[:, None]).double().sum())
+        out.append((nll, scored))
+    return out
+
+
+def _last_logits(model: torch.nn.Module, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions (all of them for a model whose forward lacks `logits_to_keep`)."""
+    try:
+        logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
+    except TypeError:
+        logits = model(input_ids=input_ids, use_cache=False).logits
+    return logits[:, -keep:]
+
+
+def _pooled_nll(model: torch.nn.Module, tokens: Sequence[Sequence[int]],
+                context_ids: Sequence[Sequence[int]] | None) -> float:
+    per_request = token_nll(model, tokens, context_ids)
+    count = sum(k for _, k in per_request)
     if count == 0:
         raise ValueError("perplexity needs at least one scored token (a generation of >= 1 token after a prompt)")
-    return float(torch.exp(torch.tensor(nll_sum / count, dtype=torch.float64)))
+    return sum(n for n, _ in per_request) / count
+
+
+def perplexity(
+    model: torch.nn.Module, tokens: Sequence[Sequence[int]], context_ids: Sequence[Sequence[int]] | None = None
+) -> float:
+    """exp(mean NLL per generated token) under `model`, pooled over requests by token count (lower is better)."""
+    return math.exp(_pooled_nll(model, tokens, context_ids))
+
+
+def judge_score(
+    model: torch.nn.Module, tokens: Sequence[Sequence[int]], context_ids: Sequence[Sequence[int]] | None = None
+) -> float:
+    """exp(-mean NLL per generated token) = 1 / perplexity, in (0, 1], higher is better: the judge's geometric-mean
+    probability of the generated tokens, pooled over requests by token count (module docstring: judge_score)."""
+    return math.exp(-_pooled_nll(model, tokens, context_ids))
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -166,8 +213,9 @@ METRICS: dict[str, Metric] = {
     ),
     "fidelity": Metric("fidelity", token_agreement, ("tokens", "full_depth_tokens"), True, False),
     "perplexity": Metric("perplexity", perplexity, ("model", "tokens"), False, False),
+    "judge_score": Metric("judge_score", judge_score, ("model", "tokens"), True, False),
 }
-_OPTIONAL_INPUTS = {"perplexity": ("context_ids",)}
+_OPTIONAL_INPUTS = {"perplexity": ("context_ids",), "judge_score": ("context_ids",)}
 
 
 def compute_accuracy(metric_name: str, **inputs: Any) -> float:

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from helios.metrics import METRICS, compute_accuracy, contains_answer, exact_match, perplexity, rouge_l, token_agreement
+from helios.metrics import (
+    METRICS, compute_accuracy, contains_answer, exact_match, judge_score, perplexity, rouge_l, token_agreement, token_nll,
+)
 from tests.conftest import load_cached
 
 
@@ -64,6 +66,47 @@ def test_perplexity_matches_model_loss_and_hand_scoring() -> None:
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+class _UniformLM(torch.nn.Module):
+    """A stand-in judge whose logits are all zero: every token has probability 1 / vocab, so NLL = log(vocab)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False, logits_to_keep: int = 0):
+        keep = logits_to_keep or input_ids.shape[1]
+        return type("Out", (), {"logits": torch.zeros(input_ids.shape[0], keep, self.vocab)})()
+
+
+def test_judge_score_by_hand_on_a_uniform_judge() -> None:
+    judge = _UniformLM(vocab=50)
+    # 3 generated tokens after a context: 3 scored, each NLL log 50; without context the first token is not scored.
+    assert token_nll(judge, [[1, 2, 3]], [[7, 8]]) == [pytest.approx((3 * math.log(50), 3))]
+    assert token_nll(judge, [[1, 2, 3]]) == [pytest.approx((2 * math.log(50), 2))]
+    assert judge_score(judge, [[1, 2, 3], [4]], [[7], [9]]) == pytest.approx(1 / 50)  # geometric-mean probability
+    assert compute_accuracy("judge_score", model=judge, tokens=[[1, 2]], context_ids=[[3]]) == pytest.approx(0.02)
+    assert token_nll(judge, [[5]]) == [(0.0, 0)]  # nothing to score
+    with pytest.raises(ValueError, match="at least one scored token"):
+        judge_score(judge, [[5]])
+
+
+def test_judge_score_matches_hand_scoring_and_model_loss() -> None:
+    model = load_cached("tiny-llama").model
+    contexts, generations = [[10, 20, 30], [5]], [[40, 50], [60, 70, 80, 90]]
+    scored = [_nll_by_hand(model, c, g) for c, g in zip(contexts, generations)]
+    got = token_nll(model, generations, contexts)
+    for (nll, count), (want_nll, want_count) in zip(got, scored):
+        assert count == want_count and nll == pytest.approx(want_nll, rel=1e-5)
+    expected = math.exp(-sum(n for n, _ in scored) / sum(k for _, k in scored))  # pooled per token: 2 + 4 tokens
+    assert compute_accuracy("judge_score", model=model, tokens=generations, context_ids=contexts) == pytest.approx(expected, rel=1e-5)
+    sequence = [72, 101, 108, 108, 111, 44, 32, 119]
+    with torch.inference_mode():
+        loss = model(torch.tensor([sequence]), labels=torch.tensor([sequence])).loss
+    assert judge_score(model, [sequence]) == pytest.approx(math.exp(-float(loss)), rel=1e-5)  # = 1 / HF perplexity
+    assert 0.0 < expected <= 1.0
+
+
 def test_registry_errors() -> None:
     with pytest.raises(ValueError, match=r"unknown accuracy metric 'bleu'; valid: \['exact_match', 'contains_answer'"):
         compute_accuracy("bleu", predictions=["a"], references=["a"])
@@ -73,5 +116,6 @@ def test_registry_errors() -> None:
         compute_accuracy("rouge_l", predictions=["a"], references=[None])
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         compute_accuracy("contains_answer", predictions=["a", "b"], references=["a"])
-    assert set(METRICS) == {"exact_match", "contains_answer", "rouge_l", "fidelity", "perplexity"}
+    assert set(METRICS) == {"exact_match", "contains_answer", "rouge_l", "fidelity", "perplexity", "judge_score"}
     assert not METRICS["perplexity"].higher_is_better
+    assert METRICS["judge_score"].higher_is_better and not METRICS["judge_score"].needs_reference
