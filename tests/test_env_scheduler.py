@@ -137,11 +137,14 @@ def test_live_switch_under_load_loses_no_request(monkeypatch) -> None:
         spans = collect_records(env, monkeypatch)
         infos = check_conservation(env, [0, 2, 6, 0], spans)
         assert infos[-1]["load"]["queued"] > 0  # overloaded: a backlog at the end
-        # Each load is measured and charged to the epoch in which it happens: at once under recompute; under drain
-        # only once the old arm's sequences finish, which may outlast an epoch (reported as pending).
+        # Each load is measured and charged to the epoch in which it happens: under recompute at the epoch's first
+        # step boundary, under drain once the old arm's sequences finish. Either may fall after the epoch's end (a
+        # step is atomic: on a loaded machine one measured prefill of the backlog can outlast a 0.25 s epoch); then
+        # the epoch reports the switch as pending.
         assert infos[0]["switch_s"] > 0
         for info in infos[1:]:
-            assert info["switch_s"] > 0 or (policy == "drain" and info["load"]["switch_pending"])
+            assert info["switch_s"] > 0 or info["load"]["switch_pending"]
+        assert sum(info["switch_s"] > 0 for info in infos[1:]) >= 1
         recomputed = sum(info["load"]["recomputed"] for info in infos)
         assert (recomputed > 0) == (policy == "recompute")
         env.close()
