@@ -5,7 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
-# Set-up of the default candidates, once (cached under ~/.cache/helios): the early-exit family trains in ~10 min
-# per model on 2 CPU cores; SmolLM2's GGUF converts in ~30 s on first load.
-for name in helios-ee-4l helios-ee-8l; do .venv/bin/python scripts/train_ee.py name=$name; done
+# The default candidate (SmolLM2) converts from its GGUF in ~30 s on first load, cached under ~/.cache/helios.
+# The early-exit family trained here is an override away (conf/env/live.yaml): env.candidates=live_ee.
 exec .venv/bin/python scripts/train.py agent=ucb "$@"
