@@ -132,10 +132,13 @@ def play_policy(env: gymnasium.Env, seed: int, episodes: int, policy: Any, name:
 
 def ladder_unavailable(env: gymnasium.Env) -> str | None:
     """None when the ladder can be played on `env` (replay); otherwise why not, in a sentence."""
-    base = env.unwrapped
-    kind = getattr(base, "backend_kind", "replay")
-    if kind != "replay":
-        return (f"the {kind} backend would serve every arm for real to play the ladder ((arms + 1) x the run's "
+    return ladder_unavailable_on(str(getattr(env.unwrapped, "backend_kind", "replay")))
+
+
+def ladder_unavailable_on(backend: str) -> str | None:
+    """`ladder_unavailable` by backend name, before any env is built."""
+    if backend != "replay":
+        return (f"the {backend} backend would serve every arm for real to play the ladder ((arms + 1) x the run's "
                 "episodes); best fixed arm, phase oracle, gap recovered and dynamic regret are replay-only")
     return None
 

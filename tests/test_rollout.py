@@ -205,28 +205,6 @@ def test_a_masked_static_arm_is_an_error() -> None:
         static_arm_index(table, "ref")
 
 
-def test_reward_panel_without_regret_draws_the_cumulative_reward_and_says_why() -> None:
-    from helios.plots import reward_and_regret_figure
-
-    rollout = Rollout(ToyEnv(backend_kind="live"), seed=0)
-    play(rollout, Scripted(PLAYED), until=6)
-    fig = reward_and_regret_figure(rollout.records, [0, 3], "toy", why_no_regret=rollout.why_no_yardsticks)
-    lower = fig.axes[1]
-    curves = [line for line in lower.get_lines() if len(line.get_xdata()) == 6]
-    assert len(curves) == 1 and np.allclose(curves[0].get_ydata(), np.cumsum(REWARDS))
-    assert lower.get_ylabel() == "cumulative SLO reward"
-    note = lower.get_title(loc="left").replace("\n", " ")
-    assert note.startswith("No regret vs the oracle") and "live backend" in note
-
-    rollout = Rollout(ToyEnv(), seed=0)
-    play(rollout, Scripted(PLAYED), until=6)
-    fig = reward_and_regret_figure(rollout.records, [0, 3], "toy")
-    lower = fig.axes[1]
-    curves = [line for line in lower.get_lines() if len(line.get_xdata()) == 6]
-    assert len(curves) == 1 and np.allclose(curves[0].get_ydata(), np.cumsum(REGRET))
-    assert lower.get_title(loc="left") == ""
-
-
 # ------------------------------------------------------------------ the yardstick ladder (agents/yardsticks.py)
 #
 # QueueToy: 4 epochs per episode in 2 phases, "calm" (epochs 0-1, 2 arrivals an epoch) and "rush" (epochs 2-3, 4
@@ -381,3 +359,39 @@ def test_gap_recovered_regret_and_ci_helpers() -> None:
     mean, half = mean_ci95([0.1, 0.3, 0.2, None])
     assert mean == pytest.approx(0.2) and half == pytest.approx(4.302652729911275 * 0.1 / math.sqrt(3))
     assert mean_ci95([0.4]) == (0.4, None) and mean_ci95([]) == (None, None)
+
+
+def test_regret_panel_is_against_the_played_phase_oracle_and_never_empty() -> None:
+    from agents.yardsticks import compute_ladder, ladder_unavailable
+    from helios.plots import arms_figure, reward_and_regret_figure
+
+    ladder = compute_ladder(QueueToy(), seed=3, episodes=2)
+    rollout = Rollout(QueueToy(), seed=3)
+    play(rollout, Scripted(AGENT_PLAYED), until=8)
+    yardsticks = {"phase oracle": ladder.phase_oracle.rewards, "best fixed arm": ladder.best_fixed.rewards,
+                  "static full depth": ladder.static.rewards}
+    fig = reward_and_regret_figure(rollout.records, [0, 2, 4, 6], "toy", yardsticks=yardsticks)
+    lower = fig.axes[1]
+    curves = [line for line in lower.get_lines() if len(line.get_xdata()) == 8]
+    # cumulative (schedule - agent): 1, 0, -2, 2 | 1, 0, -1, 0 (hand-computed above), ending at the dynamic regret 1
+    assert len(curves) == 1 and np.allclose(curves[0].get_ydata(), [1, 1, -1, 1, 2, 2, 1, 1])
+    assert "phase oracle" in lower.get_ylabel() and lower.get_title(loc="left") == ""
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels[:4] == ["agent", "phase oracle", "best fixed arm", "static full depth"]
+    assert "per-epoch oracle (reported, not a target)" in labels
+    assert len(fig.axes[0].patches) == 2  # phases 2 and 4 (rush, rush) shaded: the panel shows where drift happens
+
+    arms = arms_figure(rollout.records, [a["label"] for a in QUEUE_TABLE], [0, 2, 4, 6], "toy",
+                       schedule=ladder.phase_oracle.actions)
+    step = [line for line in arms.axes[0].get_lines() if line.get_label() == "phase oracle's arm"]
+    assert len(step) == 1 and list(step[0].get_ydata()) == [0, 0, 2, 2, 0, 0, 2, 2]
+
+    live = Rollout(QueueToy(backend_kind="live"), seed=0)
+    play(live, Scripted(AGENT_PLAYED), until=4)
+    fig = reward_and_regret_figure(live.records, [0, 2], "toy", why_no_regret=ladder_unavailable(live.env))
+    lower = fig.axes[1]
+    curves = [line for line in lower.get_lines() if len(line.get_xdata()) == 4]
+    assert len(curves) == 1 and np.allclose(curves[0].get_ydata(), np.cumsum(AGENT_REWARDS[:4]))
+    assert lower.get_ylabel() == "cumulative SLO reward"
+    note = lower.get_title(loc="left").replace("\n", " ")
+    assert note.startswith("No regret vs the phase oracle: the live backend") and "replay-only" in note
