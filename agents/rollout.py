@@ -97,6 +97,8 @@ def epoch_record(epoch: int, episode: int, reward: float, info: Mapping[str, Any
         "switch_s": float(info["switch_s"]), "metrics": dict(info["metrics"]),
         "reward_terms": dict(info["reward_terms"]), "penalties": dict(info["penalties"]),
     }
+    if "load" in info:  # open-loop workloads: the epoch's offered load (x capacity), for per-load reports
+        record["load"] = info["load"]
     if arm_rewards is not None:
         record["oracle_reward"] = float(np.max(arm_rewards))
         record["oracle_action"] = int(np.argmax(arm_rewards))
