@@ -27,7 +27,7 @@ Definitions (R = mean reward per epoch; rewards are sums of weight x log2(metric
   gap_recovered  = (R_agent - R_best_fixed) / (R_phase_oracle - R_best_fixed): 0 = the best fixed arm, 1 = the phase
                    oracle; it normalises between two fixed references as RouteLLM's APGR does (Ong et al. 2024,
                    "RouteLLM: Learning to Route LLMs with Preference Data", arXiv 2406.18665). None (null) when the
-                   phase oracle does not beat the best fixed arm: there is no gap to recover.
+                   phase oracle does not beat the best fixed arm by at least 1% (headroom < 1.01): no gap to recover.
   dynamic_regret = sum over the run's epochs of (phase oracle's reward on that epoch - the agent's reward on it):
                    regret against a time-varying comparator (the played per-phase schedule), paired epoch by epoch
                    (same seed, same requests); = epochs x (R_phase_oracle - R_agent); negative when the agent wins.
@@ -56,8 +56,9 @@ from scipy import stats
 
 from agents.rollout import Rollout, StaticArmMissing, play, reference_candidate, static_arm_index
 
-# A gap smaller than this (reward units: log2 ratios) is no gap: gap_recovered would divide noise by noise.
-MIN_GAP = 1e-9
+# A gap below this (reward units, log2 ratios: a headroom under 1.01x) counts as none: dividing by it would turn
+# gap_recovered into noise (an agent 0.3 below the best fixed arm on a 0.001 gap reads -300) and swamp the seed mean.
+MIN_GAP = math.log2(1.01)
 
 
 class FixedArm:
@@ -262,7 +263,7 @@ def compute_ladder(env: gymnasium.Env, seed: int, episodes: int) -> Ladder:
 
 def gap_recovered(agent: float, best_fixed: float, phase_oracle: float) -> float | None:
     """(R_agent - R_best_fixed) / (R_phase_oracle - R_best_fixed), RouteLLM's APGR form (Ong et al. 2024); None
-    when the phase oracle does not beat the best fixed arm (no gap)."""
+    when the phase oracle beats the best fixed arm by less than MIN_GAP (a headroom under 1.01x: no gap)."""
     gap = phase_oracle - best_fixed
     if not gap > MIN_GAP:
         return None

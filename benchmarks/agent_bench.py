@@ -26,7 +26,8 @@ conf/agent/<name>.yaml).
 Definitions (R = mean SLO reward per epoch over the run, learning included; rewards are log2 ratios, helios/slo.py):
   gap_recovered  = (R - R_best_fixed) / (R_phase_oracle - R_best_fixed) per seed, then mean ± 95% CI (Student t) over
                    seeds: 0 = the best fixed arm, 1 = the phase oracle. This normalises between two fixed references
-                   as RouteLLM's APGR does (Ong et al. 2024, arXiv 2406.18665). Null on a seed without headroom.
+                   as RouteLLM's APGR does (Ong et al. 2024, arXiv 2406.18665). Null on a seed whose headroom is
+                   under 1.01x (no gap to recover); such seeds are left out of the mean.
   regret         = dynamic regret: sum over the run's epochs of (phase oracle's reward - the agent's), paired by epoch
   per_epoch_regret = the same against the per-epoch oracle's price (evaluate_arms max, no switch cost): reported
   headroom       = 2 ** (R_phase_oracle - R_best_fixed): the objective ratio (geometric mean over seeds); target >= 1.3

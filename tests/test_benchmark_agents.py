@@ -63,7 +63,7 @@ def test_quick_benchmark_writes_the_contract(tmp_path: Path) -> None:
         epochs = 2 * 8  # quick: 2 episodes of 8 epochs
         assert agents["best_fixed"]["regret"] == pytest.approx(
             epochs * (s["phase_oracle_reward"] - s["best_fixed_reward"]))
-        if s["headroom"] > 1 + 1e-9:
+        if min(s["headroom_per_seed"]) >= 1.01:
             assert agents["best_fixed"]["gap_recovered"] == pytest.approx(0.0)
             assert agents["phase_oracle"]["gap_recovered"] == pytest.approx(1.0)
             assert s["best_gap_recovered"] == max(agents[a]["gap_recovered"] for a in AGENTS)

@@ -354,6 +354,7 @@ def test_gap_recovered_regret_and_ci_helpers() -> None:
     assert gap_recovered(1.0, 0.5, 1.5) == pytest.approx(0.5)
     assert gap_recovered(0.0, 0.5, 1.5) == pytest.approx(-0.5)  # worse than the best fixed arm: negative
     assert gap_recovered(1.0, 0.5, 0.5) is None
+    assert gap_recovered(1.0, 0.5, 0.5 + math.log2(1.009)) is None  # a headroom under 1.01x is no gap
     assert dynamic_regret([1.0, 2.0], [2.0, 2.5]) == pytest.approx(1.5)
     assert headroom(-0.5, -1.0) == pytest.approx(math.sqrt(2))
     mean, half = mean_ci95([0.1, 0.3, 0.2, None])
