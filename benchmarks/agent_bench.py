@@ -1,7 +1,8 @@
 """Agent benchmark: how much of the gap between the best fixed arm and the phase oracle each agent recovers, per
 scenario, on the replay env.
 
-    python benchmarks/agent_bench.py --quick --json /tmp/agents.json             # both scenarios, 5 seeds, minutes
+    python benchmarks/agent_bench.py --quick --json /tmp/agents.json   # both scenarios, 5 seeds: ~15 s once traces
+                                                                       # are cached (first run records them, ~10 min each)
     nice -n 10 python benchmarks/agent_bench.py --json benchmarks/agents.json --md benchmarks/agents.md
     python benchmarks/agent_bench.py --scenarios drift3 --slo throughput --agents ucb,sw_ucb --seeds 10
     python benchmarks/agent_bench.py --quick --scenarios /tmp/w1.yaml,/tmp/w2.yaml --env '{"candidates": "tiny"}'
