@@ -20,6 +20,12 @@ without serving it):
 The static arm is looked up in the env's arm table (`static_arm_index`). There is no fallback: when that arm is
 absent or masked the rollout fails before the first epoch, naming the arms that exist, because any other arm would
 silently change what "static" means between runs.
+
+The per-epoch oracle is reported, never a target. The targets are the ladder's rungs, played through this same loop
+by agents/yardsticks.py (replay only): static full depth, the best fixed arm in hindsight and the phase oracle (best
+fixed arm per workload phase, played with queue dynamics and switch costs); `summarise(records, epochs, ladder)`
+adds gap_recovered ((R - R_best_fixed) / (R_phase_oracle - R_best_fixed), RouteLLM's APGR form, Ong et al. 2024)
+and dynamic_regret (against the played phase oracle, epoch by epoch).
 """
 
 from __future__ import annotations
@@ -91,6 +97,8 @@ def epoch_record(epoch: int, episode: int, reward: float, info: Mapping[str, Any
         "switch_s": float(info["switch_s"]), "metrics": dict(info["metrics"]),
         "reward_terms": dict(info["reward_terms"]), "penalties": dict(info["penalties"]),
     }
+    if "load" in info:  # open-loop workloads: the epoch's offered load (x capacity), for per-load reports
+        record["load"] = info["load"]
     if arm_rewards is not None:
         record["oracle_reward"] = float(np.max(arm_rewards))
         record["oracle_action"] = int(np.argmax(arm_rewards))
@@ -184,9 +192,12 @@ def play(rollout: Rollout, policy: Policy, until: int, *, obs: np.ndarray | None
     return obs
 
 
-def summarise(records: Sequence[Mapping[str, Any]], episode_epochs: int) -> dict[str, float]:
-    """The run's means (reward, every info metric) and, when the records carry them, the yardsticks: the fields
-    summary.json holds and scripts/compare.py reads. Regret is the sum over epochs, the others are means."""
+def summarise(records: Sequence[Mapping[str, Any]], episode_epochs: int, ladder: Any = None,
+              why_no_ladder: str | None = None) -> dict[str, Any]:
+    """The run's means (reward, every info metric) and, when the records carry them, the per-epoch yardsticks: the
+    fields summary.json holds and scripts/compare.py reads. Regret (vs the per-epoch oracle) is the sum over epochs,
+    the others are means. With `ladder` (agents.yardsticks.Ladder over the same episodes): best_fixed_reward,
+    phase_oracle_reward, gap_recovered, dynamic_regret, headroom, best_fixed_arm; without, `why_no_ladder`."""
     if not records:
         raise ValueError("no epochs were played: nothing to summarise")
     rewards = np.array([r["reward"] for r in records], dtype=float)
@@ -200,4 +211,10 @@ def summarise(records: Sequence[Mapping[str, Any]], episode_epochs: int) -> dict
         summary["regret"] = float(sum(r["regret"] for r in records))
     if all("static_reward" in r for r in records):
         summary["static_mean_reward"] = float(np.mean([r["static_reward"] for r in records]))
+    if ladder is not None:
+        summary.update(ladder.score(rewards, first_epoch=int(records[0]["epoch"])))
+        summary["best_fixed_arm"] = ladder.labels[ladder.best_fixed_arm]
+        summary["phase_schedule"] = {str(p): ladder.labels[a] for p, a in ladder.phase_schedule.items()}
+    elif why_no_ladder is not None:
+        summary["why_no_ladder"] = why_no_ladder
     return summary

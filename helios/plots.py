@@ -2,13 +2,17 @@
 its run directory (reward_regret.png, arms.png, pareto.png).
 
     python scripts/train.py agent=ucb env=replay          # then open outputs/train/<run>/reward_regret.png
-    from helios.plots import plot_reward_and_regret; plot_reward_and_regret(records, phase_starts, path, title)
+    from helios.plots import plot_reward_and_regret
+    plot_reward_and_regret(records, phase_starts, path, title, yardsticks={"phase oracle": rewards, ...})
+
+Regret is drawn against the played phase oracle (agents/yardsticks.py), never against the per-epoch oracle, which is
+only reported; a panel without its data says why on the plot instead of staying empty.
 """
 
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,68 +41,96 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _shade_phases(ax: Axes, phases: Sequence[int]) -> None:
-    """Vertical lines at the first epoch of every workload phase after the first."""
-    for boundary in phases[1:]:
-        ax.axvline(boundary - 0.5, color="tab:red", lw=0.8, ls="--")
+def _shade_phases(ax: Axes, phases: Sequence[int], end: float | None = None) -> None:
+    """Workload phases as alternately shaded spans (`phases`: the first epoch of each phase, in order; `end`: one
+    past the last epoch), so a reader sees where the drift happens without reading tick labels."""
+    if not phases:
+        return
+    stops = [*phases[1:], end if end is not None else phases[-1] + 1]
+    for i, (start, stop) in enumerate(zip(phases, stops)):
+        if i % 2:
+            ax.axvspan(start - 0.5, stop - 0.5, color="tab:orange", alpha=0.12, lw=0)
+        if i:
+            ax.axvline(start - 0.5, color="tab:red", lw=0.6, ls="--", alpha=0.6)
 
 
 def plot_reward_and_regret(records: list[dict], phases: Sequence[int], path: Path, title: str,
-                           why_no_regret: str | None = None) -> Path:
-    """Reward per epoch (with the oracle and static yardsticks when the records carry them) above the cumulative
-    regret vs the oracle. Without yardsticks (live backend, oracle=false) the lower panel shows the cumulative
+                           why_no_regret: str | None = None,
+                           yardsticks: Mapping[str, Sequence[float]] | None = None) -> Path:
+    """Reward per epoch with the yardsticks, above the cumulative dynamic regret vs the played phase oracle
+    (agents/yardsticks.py). Without a phase oracle (live backend, oracle=false) the lower panel shows the cumulative
     reward instead and says on the plot why regret is absent (`why_no_regret`), rather than staying empty."""
-    return _save(reward_and_regret_figure(records, phases, title, why_no_regret), path)
+    return _save(reward_and_regret_figure(records, phases, title, why_no_regret, yardsticks), path)
 
 
 def reward_and_regret_figure(records: list[dict], phases: Sequence[int], title: str,
-                             why_no_regret: str | None = None) -> Figure:
-    """The figure plot_reward_and_regret saves (axes[0]: rewards, axes[1]: cumulative regret or reward)."""
+                             why_no_regret: str | None = None,
+                             yardsticks: Mapping[str, Sequence[float]] | None = None) -> Figure:
+    """The figure plot_reward_and_regret saves (axes[0]: rewards, axes[1]: cumulative regret or reward).
+
+    `yardsticks`: per-epoch rewards of played rungs aligned with `records` ("phase oracle", "best fixed arm",
+    "static full depth"); the "phase oracle" series is the regret's comparator. The per-epoch oracle the records
+    may carry (`oracle_reward`) is drawn faintly: reported, never a target."""
     plt = _pyplot()
     epochs = np.array([r["epoch"] for r in records])
     reward = np.array([r["reward"] for r in records])
+    yardsticks = {k: np.asarray(v, dtype=float) for k, v in (yardsticks or {}).items()}
     fig, axes = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
-    axes[0].plot(epochs, reward, lw=1, label="agent")
+    axes[0].plot(epochs, reward, lw=1.2, label="agent", zorder=3)
+    styles = {"phase oracle": dict(color="k", lw=1.2), "best fixed arm": dict(color="tab:green", lw=1, ls="--"),
+              "static full depth": dict(color="tab:gray", lw=1, ls=":")}
+    for name, values in yardsticks.items():
+        axes[0].plot(epochs, values, label=name, **styles.get(name, dict(lw=1)))
+    if "static full depth" not in yardsticks and records and all("static_reward" in r for r in records):
+        axes[0].plot(epochs, [r["static_reward"] for r in records], label="static full depth (priced)",
+                     **styles["static full depth"])
     if records and all("oracle_reward" in r for r in records):
-        oracle = np.array([r["oracle_reward"] for r in records])
-        axes[0].plot(epochs, oracle, lw=1, color="k", alpha=0.6, label="oracle (best arm per epoch)")
-        axes[1].plot(epochs, np.cumsum(oracle - reward), color="tab:purple")
-        axes[1].set_ylabel("cumulative regret vs oracle")
+        axes[0].plot(epochs, [r["oracle_reward"] for r in records], lw=0.8, color="tab:purple", alpha=0.35,
+                     label="per-epoch oracle (reported, not a target)")
+    comparator = yardsticks.get("phase oracle")
+    if comparator is not None and comparator.size == reward.size and reward.size:
+        axes[1].plot(epochs, np.cumsum(comparator - reward), color="tab:purple")
+        axes[1].axhline(0.0, color="0.5", lw=0.5)
+        axes[1].set_ylabel("cumulative regret\nvs phase oracle")
     else:
         axes[1].plot(epochs, np.cumsum(reward), color="tab:blue")
         axes[1].set_ylabel("cumulative SLO reward")
         # Said above the panel, not inside it, so the note never hides the curve.
-        why = why_no_regret or "the records carry no oracle reward"
-        axes[1].set_title(textwrap.fill(f"No regret vs the oracle: {why}. Shown: cumulative reward.", 110),
+        why = why_no_regret or "no played phase oracle was given for these epochs"
+        axes[1].set_title(textwrap.fill(f"No regret vs the phase oracle: {why}. Shown: cumulative reward.", 110),
                           fontsize=8, loc="left", color="0.25")
-    if records and all("static_reward" in r for r in records):
-        axes[0].plot(epochs, [r["static_reward"] for r in records], lw=1, ls=":", color="tab:gray",
-                     label="static full depth")
     axes[0].set_ylabel("SLO reward")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     axes[0].set_title(title)
+    end = float(epochs[-1] + 1) if epochs.size else None
     for ax in axes:
-        _shade_phases(ax, phases)
-    axes[1].set_xlabel("epoch (workload phases: dashed)")
+        _shade_phases(ax, phases, end)
+    axes[1].set_xlabel("epoch (workload phases shaded)")
     fig.tight_layout()
     return fig
 
 
-def plot_arms(records: list[dict], arm_labels: Sequence[str], phases: Sequence[int], path: Path, title: str) -> Path:
+def plot_arms(records: list[dict], arm_labels: Sequence[str], phases: Sequence[int], path: Path, title: str,
+              schedule: Sequence[int] | None = None) -> Path:
+    """The arm played each epoch, with the workload phases shaded; `schedule`: the phase oracle's arm per epoch."""
+    return _save(arms_figure(records, arm_labels, phases, title, schedule), path)
+
+
+def arms_figure(records: list[dict], arm_labels: Sequence[str], phases: Sequence[int], title: str,
+                schedule: Sequence[int] | None = None) -> Figure:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.8 + 0.28 * len(arm_labels)))
-    epochs = [r["epoch"] for r in records]
-    ax.scatter(epochs, [r["action"] for r in records], s=12, label="chosen arm")
-    if records and all("oracle_action" in r for r in records):
-        ax.scatter(epochs, [r["oracle_action"] for r in records], s=30, facecolors="none", edgecolors="k",
-                   lw=0.6, label="oracle arm")
+    epochs = np.array([r["epoch"] for r in records])
+    ax.scatter(epochs, [r["action"] for r in records], s=12, label="chosen arm", zorder=3)
+    if schedule is not None and len(schedule) == len(records):
+        ax.step(epochs, schedule, where="mid", color="k", lw=1, alpha=0.7, label="phase oracle's arm")
     ax.set_yticks(range(len(arm_labels)), arm_labels, fontsize=7)
-    ax.set_xlabel("epoch (workload phases: dashed)")
+    ax.set_xlabel("epoch (workload phases shaded)")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="upper right")
-    _shade_phases(ax, phases)
+    _shade_phases(ax, phases, float(epochs[-1] + 1) if epochs.size else None)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_pareto(arm_points: list[dict], path: Path, title: str) -> Path:

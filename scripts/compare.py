@@ -8,9 +8,13 @@ Every directory holding a summary.json (written by scripts/train.py when a run f
 (killed, unfinished) are listed and skipped. Runs are grouped by their Hydra overrides (.hydra/overrides.yaml) minus
 `seed=`, with the overrides shared by every run left out of the label; a run without overrides is grouped by agent and
 SLO. Per group and metric: the mean over seeds and the half-width of its 95% confidence interval from Student's t
-distribution, t(0.975, n - 1) * s / sqrt(n) (none for a single seed). `frac_oracle` is
-(R - R_static) / (R_oracle - R_static) per run (replay runs only): 0 = the static full-depth arm, 1 = the per-epoch
-oracle. Writes compare.md, compare.csv and compare.png into --out (default: the first directory given).
+distribution, t(0.975, n - 1) * s / sqrt(n) (none for a single seed; runs with a null value are left out of that
+column). Replay runs with oracle=true carry the yardstick ladder (agents/yardsticks.py): `gap_recovered` =
+(R - R_best_fixed) / (R_phase_oracle - R_best_fixed) (0 = the best fixed arm in hindsight, 1 = the played phase
+oracle; RouteLLM's APGR form, Ong et al. 2024), `dynamic_regret` against the played phase oracle, and `headroom` =
+2 ** (R_phase_oracle - R_best_fixed). `frac_oracle` = (R - R_static) / (R_oracle - R_static) and `regret` are
+against the per-epoch oracle: reported, never a target. Writes compare.md, compare.csv and compare.png into --out
+(default: the first directory given).
 """
 
 from __future__ import annotations
@@ -30,8 +34,12 @@ from scipy import stats
 # (column, summary.json key or None for derived, what it is)
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("reward", "mean_reward", "mean SLO reward per epoch"),
-    ("frac_oracle", "", "(R - R_static) / (R_oracle - R_static)"),
-    ("regret", "regret", "cumulative regret vs the per-epoch oracle"),
+    ("gap_recovered", "gap_recovered",
+     "(R - R_best_fixed) / (R_phase_oracle - R_best_fixed), RouteLLM's APGR form (replay)"),
+    ("dynamic_regret", "dynamic_regret", "sum over epochs of (played phase oracle's reward - reward) (replay)"),
+    ("headroom", "headroom", "2 ** (R_phase_oracle - R_best_fixed): the SLO objective ratio (replay)"),
+    ("frac_oracle", "", "(R - R_static) / (R_oracle - R_static), per-epoch oracle: reported, not a target"),
+    ("regret", "regret", "cumulative regret vs the per-epoch oracle: reported, not a target"),
     ("throughput_tok_s", "mean_throughput_tok_s", "tokens/s"),
     ("latency_p95_s", "mean_latency_p95_s", "p95 latency, s"),
     ("energy_j_per_tok", "mean_energy_j_per_tok", "J/token"),
@@ -99,7 +107,8 @@ def metric_values(group: Group, column: str, key: str) -> np.ndarray:
                 gap = s["oracle_mean_reward"] - s["static_mean_reward"]
                 values.append((s["mean_reward"] - s["static_mean_reward"]) / gap if abs(gap) > 1e-12 else math.nan)
         elif key in s:
-            values.append(float(s[key]))
+            # null: no gap to recover on that run (its phase oracle did not beat the best fixed arm)
+            values.append(math.nan if s[key] is None else float(s[key]))
     return np.array(values, dtype=float)
 
 

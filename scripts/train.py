@@ -6,11 +6,14 @@
     python scripts/train.py resume=outputs/train/<run dir>          # continue a killed run from its checkpoint
 
 Every agent is played by agents/rollout.py (bandits through its `play` loop, SB3 through model.learn on its
-wrapper), which records each epoch and, on replay, the yardsticks (oracle, static full depth) and regret.
+wrapper), which records each epoch and, on replay, the per-epoch oracle (reported only) and static full depth. On
+replay with oracle=true the yardstick ladder (agents/yardsticks.py) is then played over the same episodes: every
+feasible arm fixed and the phase oracle, adding best_fixed_reward, phase_oracle_reward, gap_recovered, dynamic_regret
+and headroom to summary.json (live cannot afford it: summary.json says why_no_ladder).
 Writes into the Hydra run directory: metrics.jsonl (one line per epoch), summary.json, the resolved config
 (.hydra/config.yaml), policy.json (the agent's exported state), checkpoint.json, and PNG plots (reward and regret
-against the oracle, or on live the cumulative reward with the reason there is no regret; arms over time with the
-drift phases marked; the throughput-accuracy front of the arms).
+against the phase oracle, or on live the cumulative reward with the reason there is no regret; arms over time with
+the drift phases shaded; the throughput-accuracy front of the arms).
 Logs to W&B offline by default (logger=wandb|tensorboard|none).
 """
 
@@ -30,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agents import AGENTS, make_agent
 from agents.rollout import Rollout, play, summarise
+from agents.yardsticks import Ladder, compute_ladder, ladder_unavailable, ladder_unavailable_on
 from helios.arms import Arm
 from helios.exit_config import ExitConfig
 from helios.paths import atomic_file
@@ -237,8 +241,26 @@ def train_bandit(cfg: DictConfig, backend: str, run_dir: Path, checkpoint: dict[
     return rollout
 
 
+def yardstick_ladder(cfg: DictConfig, backend: str) -> tuple[Ladder | None, str | None]:
+    """The ladder (agents/yardsticks.py) over the run's episodes and seed, on a fresh env (the agent's is closed):
+    replay with oracle=true only; otherwise None and why."""
+    if not cfg.oracle:
+        return None, "yardsticks switched off (oracle=false)"
+    if backend != "replay":  # said before building an env: a live env would load every candidate for nothing
+        return None, ladder_unavailable_on(backend)
+    env = make_env(cfg, backend)
+    try:
+        why = ladder_unavailable(env)
+        if why is not None:
+            return None, why
+        return compute_ladder(env, int(cfg.seed), int(cfg.episodes)), None
+    finally:
+        env.close()
+
+
 def write_outputs(cfg: DictConfig, backend: str, run_dir: Path, records: list[dict[str, Any]], rollout: Rollout,
-                  logger: Logger, started: float) -> None:
+                  logger: Logger, started: float, ladder: Ladder | None = None,
+                  why_no_ladder: str | None = None) -> None:
     """Plots, summary.json and the logger's run summary, from every epoch's record (those before a resume too)."""
     from helios.plots import plot_arms, plot_pareto, plot_reward_and_regret
 
@@ -246,14 +268,23 @@ def write_outputs(cfg: DictConfig, backend: str, run_dir: Path, records: list[di
                     if i == 0 or r["phase"] != records[i - 1]["phase"] or r["episode"] != records[i - 1]["episode"]]
     title = f"{cfg.agent.name} on {backend}, slo={cfg.slo.name}, seed {cfg.seed}"
     labels = rollout.labels
+    yardsticks, schedule = None, None
+    if ladder is not None and records:
+        first, last = int(records[0]["epoch"]), int(records[-1]["epoch"]) + 1  # the ladder's epochs the run played
+        yardsticks = {"phase oracle": ladder.phase_oracle.rewards[first:last],
+                      "best fixed arm": ladder.best_fixed.rewards[first:last]}
+        if ladder.static is not None:
+            yardsticks["static full depth"] = ladder.static.rewards[first:last]
+        schedule = ladder.phase_oracle.actions[first:last]
     plots = [
         plot_reward_and_regret(records, phase_starts, run_dir / "reward_regret.png", title,
-                               why_no_regret=rollout.why_no_yardsticks),
-        plot_arms(records, labels, phase_starts, run_dir / "arms.png", title),
+                               why_no_regret=why_no_ladder, yardsticks=yardsticks),
+        plot_arms(records, labels, phase_starts, run_dir / "arms.png", title, schedule=schedule),
         plot_pareto(arm_point_summary(records, labels), run_dir / "pareto.png", f"arms played ({backend})"),
     ]
     summary = {"agent": cfg.agent.name, "backend": backend, "slo": cfg.slo.name, "seed": int(cfg.seed),
-               **summarise(records, rollout.episode_epochs), "wall_s_this_session": time.perf_counter() - started}
+               **summarise(records, rollout.episode_epochs, ladder, why_no_ladder),
+               "wall_s_this_session": time.perf_counter() - started}
     with atomic_file(run_dir / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=1)
     logger.finish(plots, run_dir / "policy.json", summary)
@@ -288,7 +319,9 @@ def main(cfg: DictConfig) -> None:
         raise
     finally:
         epoch_log.close()
-    write_outputs(cfg, backend, run_dir, records + rollout.records, rollout, logger, started)
+    # The yardstick ladder is played after the agent, on its own env: (feasible arms + 1) runs of the same episodes.
+    ladder, why_no_ladder = yardstick_ladder(cfg, backend)
+    write_outputs(cfg, backend, run_dir, records + rollout.records, rollout, logger, started, ladder, why_no_ladder)
 
 
 if __name__ == "__main__":

@@ -205,23 +205,194 @@ def test_a_masked_static_arm_is_an_error() -> None:
         static_arm_index(table, "ref")
 
 
-def test_reward_panel_without_regret_draws_the_cumulative_reward_and_says_why() -> None:
-    from helios.plots import reward_and_regret_figure
+# ------------------------------------------------------------------ the yardstick ladder (agents/yardsticks.py)
+#
+# QueueToy: 4 epochs per episode in 2 phases, "calm" (epochs 0-1, 2 arrivals an epoch) and "rush" (epochs 2-3, 4
+# arrivals), 3 arms. Arm a serves up to CAPACITY[a] requests an epoch; the unserved ones wait in a queue that carries
+# over to the next epoch (reset to 0 with the episode). Reward = QUALITY[a] - queue left after the epoch - SWITCH on a
+# change of arm (loading the first arm of an episode is free). evaluate_arms() prices each arm on the current queue
+# without switch cost, so summing per-epoch values and playing a schedule differ, as they will on the real env.
+QUALITY = [4.0, 2.0, 0.0]  # arm 0 = the reference at full depth (static): accurate, slow
+CAPACITY = [1, 2, 5]
+ARRIVALS = [2, 2, 4, 4]
+PHASES = ["calm", "calm", "rush", "rush"]
+QUEUE_TABLE = [arm(0, "ref", 4, 4), arm(1, "ref", 2, 4), arm(2, "ref", 1, 4)]
 
-    rollout = Rollout(ToyEnv(backend_kind="live"), seed=0)
-    play(rollout, Scripted(PLAYED), until=6)
-    fig = reward_and_regret_figure(rollout.records, [0, 3], "toy", why_no_regret=rollout.why_no_yardsticks)
+# By hand, q' = max(0, q + arrivals - capacity), reward = quality - q' (- switch):
+#   fixed arm 0: q' 1, 2, 5, 8 -> 3, 2, -1, -4      = 0   (calm 5, rush -5)
+#   fixed arm 1: q' 0, 0, 2, 4 -> 2, 2,  0, -2      = 2   (calm 4, rush -2)
+#   fixed arm 2: q' 0, 0, 0, 0 -> 0, 0,  0,  0      = 0   (calm 0, rush  0)
+# best fixed: arm 1, 2 per episode = 0.5 per epoch. Per phase: calm -> arm 0 (5), rush -> arm 2 (0).
+# Summing those phase totals would promise 5 + 0 = 5; played, schedule [0, 0, 2, 2] inherits arm 0's queue of 2 and
+# pays the switch (1.0): q' 1, 2, 1, 0 -> 3, 2, 0 - 1 - 1 = -2, 0 = 3 per episode = 0.75 per epoch.
+FIXED_TOTALS = {0: 0.0, 1: 2.0, 2: 0.0}
+SCHEDULE_REWARDS = [3.0, 2.0, -2.0, 0.0]
+# The agent: episode 0 plays [1, 1, 1, 2]: 2, 2, 0 (q' 2), then switch to 2 with q' 1: -1 - 1 = -2 -> 2;
+#            episode 1 plays [1, 1, 2, 2]: 2, 2, switch to 2 with q' 0: -1, then 0                -> 3.
+AGENT_PLAYED = [1, 1, 1, 2, 1, 1, 2, 2]
+AGENT_REWARDS = [2.0, 2.0, 0.0, -2.0, 2.0, 2.0, -1.0, 0.0]
+# R_agent = 5 / 8 = 0.625; gap recovered = (0.625 - 0.5) / (0.75 - 0.5) = 0.5;
+# dynamic regret = sum(schedule - agent) = (3-2)+(2-2)+(-2-0)+(0+2) + (3-2)+(2-2)+(-2+1)+(0-0) = 1 = 8 x (0.75 - 0.625);
+# headroom = 2 ** (0.75 - 0.5) = 2 ** 0.25.
+
+
+class QueueToy(gymnasium.Env):
+    """The queueing toy above (deterministic; the seed only gets recorded)."""
+
+    def __init__(self, switch_cost: float = 1.0, backend_kind: str = "replay") -> None:
+        self.backend_kind = backend_kind
+        self.serving = SimpleNamespace(reference="ref")
+        self.arm_table = QUEUE_TABLE
+        self.episode_epochs = len(ARRIVALS)
+        self.switch_cost = switch_cost
+        self.action_space = spaces.Discrete(len(QUEUE_TABLE))
+        self.observation_space = spaces.Box(0.0, 100.0, (1,), np.float32)
+        self.reset_seeds: list[int | None] = []
+        self._epoch, self._queue, self._loaded = 0, 0, None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.reset_seeds.append(seed)
+        self._epoch, self._queue, self._loaded = 0, 0, None
+        return np.zeros(1, np.float32), {"phase": PHASES[0]}
+
+    def _after(self, action: int) -> int:
+        return max(0, self._queue + ARRIVALS[self._epoch] - CAPACITY[action])
+
+    def evaluate_arms(self) -> np.ndarray:
+        return np.array([QUALITY[a] - self._after(a) for a in range(len(QUEUE_TABLE))])
+
+    def action_masks(self) -> np.ndarray:
+        return np.ones(len(QUEUE_TABLE), dtype=bool)
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        action = int(action)
+        switched = self._loaded is not None and action != self._loaded
+        queue = self._after(action)
+        objective = QUALITY[action] - queue
+        reward = objective - (self.switch_cost if switched else 0.0)
+        info = {"epoch": self._epoch, "phase": PHASES[self._epoch], "arm": action, "batch_size": CAPACITY[action],
+                "masked_action": False, "switch_s": 1.0 if switched else 0.0,
+                "metrics": {"latency_p95_s": 1.0 + queue, "energy_j_per_tok": 1.0 / CAPACITY[action]},
+                "reward_terms": {"quality": QUALITY[action], "queue": -float(queue)},
+                "penalties": {"switch": self.switch_cost if switched else 0.0}}
+        self._queue, self._loaded = queue, action
+        self._epoch += 1
+        return np.full(1, queue, np.float32), reward, self._epoch == self.episode_epochs, False, info
+
+
+def test_ladder_best_fixed_phase_oracle_gap_and_dynamic_regret_match_the_hand_computed_values() -> None:
+    from agents.yardsticks import compute_ladder
+
+    env = QueueToy()
+    ladder = compute_ladder(env, seed=3, episodes=2)
+    assert {a: run.rewards.sum() / 2 for a, run in ladder.fixed.items()} == pytest.approx(FIXED_TOTALS)
+    assert ladder.best_fixed_arm == 1
+    assert ladder.best_fixed_reward == pytest.approx(0.5)
+    assert ladder.phase_fixed_rewards == {"calm": pytest.approx({0: 10.0, 1: 8.0, 2: 0.0}),  # two episodes each
+                                          "rush": pytest.approx({0: -10.0, 1: -4.0, 2: 0.0})}
+    assert ladder.phase_schedule == {"calm": 0, "rush": 2}
+    assert not ladder.phase_oracle_is_fixed
+    assert ladder.phase_oracle.actions == [0, 0, 2, 2] * 2
+    assert list(ladder.phase_oracle.rewards) == pytest.approx(SCHEDULE_REWARDS * 2)  # played, not 5 + 0 summed
+    assert ladder.phase_oracle_reward == pytest.approx(0.75)
+    assert ladder.static_arm == 0 and ladder.static.mean_reward == pytest.approx(0.0)
+    assert ladder.headroom == pytest.approx(2 ** 0.25)
+    # objective = reward + switch penalty: the schedule's one switch per episode is left out (3 + 2 - 1 + 0 = 4)
+    assert ladder.headroom_objective == pytest.approx(2 ** (4 / 4 - 0.5))
+    # every rung meets the agent's reset seeds: 3 arms + the schedule, 2 episodes each (after one reset for the mask)
+    assert env.reset_seeds == [3000] + [3000, 3001] * 4
+
+    agent_env = QueueToy()
+    rollout = Rollout(agent_env, seed=3)
+    play(rollout, Scripted(AGENT_PLAYED), until=8)
+    assert [r["reward"] for r in rollout.records] == pytest.approx(AGENT_REWARDS)
+    score = ladder.score([r["reward"] for r in rollout.records])
+    assert score["gap_recovered"] == pytest.approx(0.5)
+    assert score["dynamic_regret"] == pytest.approx(1.0)
+    assert score["best_fixed_reward"] == pytest.approx(0.5)
+    assert score["phase_oracle_reward"] == pytest.approx(0.75)
+    # a resumed run scored from its sixth epoch on: epochs 5..7, agent 2 - 1 + 0, oracle 2 - 2 + 0, fixed 2 + 0 - 2
+    tail = ladder.score(AGENT_REWARDS[5:], first_epoch=5)
+    assert tail["dynamic_regret"] == pytest.approx(-1.0)
+    assert tail["gap_recovered"] is None  # over those epochs the schedule (0) does not beat the fixed arm (0)
+    with pytest.raises(ValueError, match="ladder covers 8"):
+        ladder.score([0.0] * 9)
+    # the per-epoch oracle (evaluate_arms on the agent's own queue, no switch cost) is still recorded, for reporting
+    # only. Episode 0, queue before each epoch 0, 0, 0, 2: max(4 - 1, 2 - 0, 0) = 3 twice; max(4 - 3, 2 - 2, 0) = 1;
+    # max(4 - 5, 2 - 4, 0 - 1) = -1.
+    assert [r["oracle_reward"] for r in rollout.records[:4]] == pytest.approx([3.0, 3.0, 1.0, -1.0])
+
+
+def test_a_schedule_that_loses_to_its_switches_leaves_the_best_fixed_arm_as_phase_oracle() -> None:
+    """Switch cost 3: the schedule earns 3 + 2 - 1 - 3 + 0 = 1 per episode < 2 of fixed arm 1, so the phase oracle
+    is the constant schedule (arm 1), the headroom is 1 and there is no gap to recover."""
+    from agents.yardsticks import compute_ladder
+
+    ladder = compute_ladder(QueueToy(switch_cost=3.0), seed=0, episodes=1)
+    assert ladder.schedule_run.mean_reward == pytest.approx(1 / 4)
+    assert ladder.phase_oracle_is_fixed and ladder.phase_schedule == {"calm": 1, "rush": 1}
+    assert ladder.phase_oracle_reward == pytest.approx(0.5) and ladder.headroom == pytest.approx(1.0)
+    assert ladder.score([2.0, 2.0, 0.0, -2.0])["gap_recovered"] is None
+    summary = ladder.summary()
+    assert summary["best_fixed_arm"] == QUEUE_TABLE[1]["label"] and summary["phase_schedule_reward"] == 0.25
+
+
+def test_ladder_is_replay_only_and_says_why() -> None:
+    from agents.yardsticks import compute_ladder, ladder_unavailable
+
+    env = QueueToy(backend_kind="live")
+    assert "replay-only" in ladder_unavailable(env)
+    with pytest.raises(ValueError, match="live backend would serve every arm"):
+        compute_ladder(env, seed=0, episodes=1)
+    assert env.reset_seeds == []
+
+
+def test_gap_recovered_regret_and_ci_helpers() -> None:
+    from agents.yardsticks import dynamic_regret, gap_recovered, headroom, mean_ci95
+
+    assert gap_recovered(1.0, 0.5, 1.5) == pytest.approx(0.5)
+    assert gap_recovered(0.0, 0.5, 1.5) == pytest.approx(-0.5)  # worse than the best fixed arm: negative
+    assert gap_recovered(1.0, 0.5, 0.5) is None
+    assert gap_recovered(1.0, 0.5, 0.5 + math.log2(1.009)) is None  # a headroom under 1.01x is no gap
+    assert dynamic_regret([1.0, 2.0], [2.0, 2.5]) == pytest.approx(1.5)
+    assert headroom(-0.5, -1.0) == pytest.approx(math.sqrt(2))
+    mean, half = mean_ci95([0.1, 0.3, 0.2, None])
+    assert mean == pytest.approx(0.2) and half == pytest.approx(4.302652729911275 * 0.1 / math.sqrt(3))
+    assert mean_ci95([0.4]) == (0.4, None) and mean_ci95([]) == (None, None)
+
+
+def test_regret_panel_is_against_the_played_phase_oracle_and_never_empty() -> None:
+    from agents.yardsticks import compute_ladder, ladder_unavailable
+    from helios.plots import arms_figure, reward_and_regret_figure
+
+    ladder = compute_ladder(QueueToy(), seed=3, episodes=2)
+    rollout = Rollout(QueueToy(), seed=3)
+    play(rollout, Scripted(AGENT_PLAYED), until=8)
+    yardsticks = {"phase oracle": ladder.phase_oracle.rewards, "best fixed arm": ladder.best_fixed.rewards,
+                  "static full depth": ladder.static.rewards}
+    fig = reward_and_regret_figure(rollout.records, [0, 2, 4, 6], "toy", yardsticks=yardsticks)
     lower = fig.axes[1]
-    curves = [line for line in lower.get_lines() if len(line.get_xdata()) == 6]
-    assert len(curves) == 1 and np.allclose(curves[0].get_ydata(), np.cumsum(REWARDS))
+    curves = [line for line in lower.get_lines() if len(line.get_xdata()) == 8]
+    # cumulative (schedule - agent): 1, 0, -2, 2 | 1, 0, -1, 0 (hand-computed above), ending at the dynamic regret 1
+    assert len(curves) == 1 and np.allclose(curves[0].get_ydata(), [1, 1, -1, 1, 2, 2, 1, 1])
+    assert "phase oracle" in lower.get_ylabel() and lower.get_title(loc="left") == ""
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels[:4] == ["agent", "phase oracle", "best fixed arm", "static full depth"]
+    assert "per-epoch oracle (reported, not a target)" in labels
+    assert len(fig.axes[0].patches) == 2  # phases 2 and 4 (rush, rush) shaded: the panel shows where drift happens
+
+    arms = arms_figure(rollout.records, [a["label"] for a in QUEUE_TABLE], [0, 2, 4, 6], "toy",
+                       schedule=ladder.phase_oracle.actions)
+    step = [line for line in arms.axes[0].get_lines() if line.get_label() == "phase oracle's arm"]
+    assert len(step) == 1 and list(step[0].get_ydata()) == [0, 0, 2, 2, 0, 0, 2, 2]
+
+    live = Rollout(QueueToy(backend_kind="live"), seed=0)
+    play(live, Scripted(AGENT_PLAYED), until=4)
+    fig = reward_and_regret_figure(live.records, [0, 2], "toy", why_no_regret=ladder_unavailable(live.env))
+    lower = fig.axes[1]
+    curves = [line for line in lower.get_lines() if len(line.get_xdata()) == 4]
+    assert len(curves) == 1 and np.allclose(curves[0].get_ydata(), np.cumsum(AGENT_REWARDS[:4]))
     assert lower.get_ylabel() == "cumulative SLO reward"
     note = lower.get_title(loc="left").replace("\n", " ")
-    assert note.startswith("No regret vs the oracle") and "live backend" in note
-
-    rollout = Rollout(ToyEnv(), seed=0)
-    play(rollout, Scripted(PLAYED), until=6)
-    fig = reward_and_regret_figure(rollout.records, [0, 3], "toy")
-    lower = fig.axes[1]
-    curves = [line for line in lower.get_lines() if len(line.get_xdata()) == 6]
-    assert len(curves) == 1 and np.allclose(curves[0].get_ydata(), np.cumsum(REGRET))
-    assert lower.get_title(loc="left") == ""
+    assert note.startswith("No regret vs the phase oracle: the live backend") and "replay-only" in note
