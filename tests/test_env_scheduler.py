@@ -136,7 +136,8 @@ def test_live_switch_under_load_loses_no_request(monkeypatch) -> None:
         env = gymnasium.make("helios/ModelDepth-v0", **{**COMMON, "workload": workload, "switch_policy": policy})
         spans = collect_records(env, monkeypatch)
         infos = check_conservation(env, [0, 2, 6, 0], spans)
-        assert infos[-1]["load"]["queued"] > 0  # overloaded: a backlog at the end
+        # Overloaded: work is left in flight at some epoch's end (which one depends on measured step times).
+        assert max(info["load"]["queued"] + info["load"]["running"] for info in infos) > 0
         # Each load is measured and charged to the epoch in which it happens: under recompute at the epoch's first
         # step boundary, under drain once the old arm's sequences finish. Either may fall after the epoch's end (a
         # step is atomic: on a loaded machine one measured prefill of the backlog can outlast a 0.25 s epoch); then
