@@ -212,16 +212,30 @@ REQUEST_FIELDS: tuple[str, ...] = ("arrival_s", "ttft_s", "tpot_s", "e2e_s", "ou
 
 
 def _field(record: Any, name: str) -> Any:
-    if isinstance(record, Mapping):
+    if type(record) is dict or isinstance(record, Mapping):
         return record.get(name)
     return getattr(record, name, None)
 
 
+def p95(values: Sequence[float]) -> float:
+    """The 95th percentile with numpy's default (linear) interpolation, in plain Python: the replay env computes it
+    every step on a few dozen values, where np.percentile's overhead would dominate. 0.0 for no values."""
+    n = len(values)
+    if n == 0:
+        return 0.0
+    ordered = sorted(values)
+    position = 0.95 * (n - 1)
+    low = int(position)
+    high = min(low + 1, n - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
 def _tpot_s(record: Any, ttft_s: float, e2e_s: float) -> float | None:
-    """The record's tpot_s, or DistServe's (e2e - ttft) / (output_tokens - 1); None for a single-token output."""
+    """The record's tpot_s, or DistServe's (e2e - ttft) / (output_tokens - 1); None for a single-token output (a
+    helios.scheduler.RequestRecord writes NaN there: no TPOT either)."""
     tpot_s = _field(record, "tpot_s")
     if tpot_s is not None:
-        return float(tpot_s)
+        return float(tpot_s) if tpot_s == tpot_s else None
     tokens = _field(record, "output_tokens")
     if tokens is None:
         raise ValueError(f"a finished request record needs tpot_s or output_tokens; got {record!r}")
@@ -301,10 +315,7 @@ def request_metrics(
                 met += 1
             else:
                 missed += 1
-    latencies = {
-        "ttft_p95_s": float(np.percentile(ttfts_s, 95)) if ttfts_s else 0.0,
-        "tpot_p95_s": float(np.percentile(tpots_s, 95)) if tpots_s else 0.0,
-    }
+    latencies = {"ttft_p95_s": p95(ttfts_s), "tpot_p95_s": p95(tpots_s)}
     if not judging:
         return latencies
     judged = met + missed

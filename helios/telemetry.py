@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from helios.slo import p95, request_metrics
+
 SwitchKind = Literal["none", "exit", "depth", "candidate", "cold"]
 
 
@@ -81,19 +83,6 @@ def latency_p95_s(arrivals_s: Sequence[float], batch_size: int, batch_durations_
         free_s = end_s
         latencies += [end_s - a for a in members]
     return float(np.percentile(latencies, 95)) if latencies else 0.0
-
-
-def p95(values: Sequence[float]) -> float:
-    """The 95th percentile with numpy's default (linear) interpolation, in plain Python: the env's replay step calls
-    it every epoch on a few dozen values, where np.percentile's overhead would dominate. 0.0 for no values."""
-    n = len(values)
-    if n == 0:
-        return 0.0
-    ordered = sorted(values)
-    position = 0.95 * (n - 1)
-    low = int(position)
-    high = min(low + 1, n - 1)
-    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
 def span_metrics(
@@ -160,52 +149,7 @@ def span_metrics(
 
 def span_request_metrics(records: Sequence[Any], in_system: Sequence[Mapping[str, Any]], span_start_s: float,
                          span_end_s: float, targets: Any) -> dict[str, float]:
-    """helios.slo.request_metrics(records + in_system, span_end_s - span_start_s, targets, span_start_s=...), the
-    same definitions and numbers (tests/test_env.py checks them against it on random spans), in plain Python over
-    RequestRecords: the replay env calls it every step, where request_metrics' per-field lookups and np.percentile
-    took a third of the step. One reading is explicit here: a RequestRecord's tpot_s is NaN for a single-token
-    output, which has no TPOT and so meets the TPOT target (request_metrics' rule for tpot_s None).
+    """helios.slo.request_metrics over the span's finished `records` (RequestRecords) and the requests still
+    `in_system` at its end (mappings with arrival_s and ttft_s, None before the first token)."""
+    return request_metrics([*records, *in_system], span_end_s - span_start_s, targets, span_start_s=span_start_s)
 
-    `records` finished in the span (RequestRecords); `in_system` are unfinished at its end (mappings with arrival_s
-    and ttft_s, None before the first token)."""
-    judging = targets is not None
-    ttft_target_s, tpot_target_s = (targets.ttft_s, targets.tpot_s) if judging else (math.inf, math.inf)
-    met = missed = missed_unfinished = 0
-    ttfts_s: list[float] = []
-    tpots_s: list[float] = []
-    for record in records:  # finished
-        arrival_s, ttft_s, tpot_s = record.arrival_s, record.ttft_s, record.tpot_s
-        if arrival_s + record.e2e_s < span_start_s:
-            continue  # finished before this span: judged then
-        if arrival_s + ttft_s >= span_start_s:
-            ttfts_s.append(ttft_s)
-        has_tpot = tpot_s == tpot_s  # not NaN
-        if has_tpot:
-            tpots_s.append(tpot_s)
-        if ttft_s > ttft_target_s:
-            if span_start_s <= arrival_s + ttft_target_s < span_end_s:
-                missed += 1
-        elif not has_tpot or tpot_s <= tpot_target_s:
-            met += 1
-        else:
-            missed += 1
-    for entry in in_system:  # unfinished
-        arrival_s, ttft_s = float(entry["arrival_s"]), entry["ttft_s"]
-        if ttft_s is None:
-            waited_s = span_end_s - arrival_s
-            ttfts_s.append(waited_s)  # a lower bound of its TTFT, so that the backlog shows in the p95
-            late = waited_s > ttft_target_s
-        else:
-            if arrival_s + ttft_s >= span_start_s:
-                ttfts_s.append(float(ttft_s))
-            late = ttft_s > ttft_target_s
-        if late and span_start_s <= arrival_s + ttft_target_s < span_end_s:
-            missed += 1
-            missed_unfinished += 1
-    latencies = {"ttft_p95_s": p95(ttfts_s), "tpot_p95_s": p95(tpots_s)}
-    if not judging:
-        return latencies
-    judged = met + missed
-    return {"goodput_rps": met / (span_end_s - span_start_s), "attainment": met / judged if judged else 1.0,
-            **latencies, "met_requests": met, "missed_requests": missed,
-            "missed_unfinished_requests": missed_unfinished}

@@ -235,11 +235,13 @@ def test_goodput_and_attainment_by_hand() -> None:
     assert rejected["attainment"] == pytest.approx(2 / 6)
 
 
-def test_span_request_metrics_match_helios_slo() -> None:
-    """The plain-Python twin gives helios.slo.request_metrics' numbers on random spans (single-token outputs passed
-    to request_metrics with tpot_s None, its rule for 'no TPOT')."""
+def test_scheduler_records_read_like_plain_mappings() -> None:
+    """The env hands helios.slo.request_metrics the scheduler's RequestRecords (tpot_s NaN for a single-token
+    output); on random spans they must give the numbers of plain mappings that spell 'no TPOT' as None, the rule
+    request_metrics documents (a single-token output meets the TPOT target)."""
     rng = np.random.default_rng(0)
     targets = RequestTargets(1.0, 0.05)
+    single_token = 0
     for _ in range(50):
         start, end = 10.0, 10.0 + float(rng.uniform(1, 20))
         records, mappings, in_system = [], [], []
@@ -258,6 +260,8 @@ def test_span_request_metrics_match_helios_slo() -> None:
         ours = span_request_metrics(records, in_system, start, end, targets)
         theirs = request_metrics([*mappings, *in_system], end - start, targets, span_start_s=start)
         assert ours == pytest.approx(theirs)
+        single_token += sum(r.output_tokens == 1 for r in records)
+    assert single_token > 0  # the NaN-TPOT reading was exercised
 
 
 def test_metrics_in_info_match_the_records(trace_dir, monkeypatch) -> None:

@@ -283,3 +283,13 @@ def test_bad_request_records_are_clear_errors() -> None:
         request_metrics([], 0.0, TARGETS)
     with pytest.raises(SLOConfigError, match="tpot_s must be a finite number of seconds > 0"):
         RequestTargets(ttft_s=1.0, tpot_s=-1.0)
+
+
+def test_a_single_token_record_with_nan_tpot_meets_the_tpot_target() -> None:
+    """helios.scheduler.RequestRecord writes tpot_s = NaN for a one-token output: no TPOT, so only TTFT judges it."""
+    nan_record = {"arrival_s": 0.0, "ttft_s": 0.5, "e2e_s": 0.5, "tpot_s": float("nan"), "output_tokens": 1}
+    late_record = {"arrival_s": 0.0, "ttft_s": 0.5, "e2e_s": 2.5, "tpot_s": 0.2, "output_tokens": 11}
+    metrics = request_metrics([nan_record, late_record], 10.0, RequestTargets(1.0, 0.1))
+    assert (metrics["met_requests"], metrics["missed_requests"]) == (1, 1)
+    assert metrics["goodput_rps"] == pytest.approx(0.1) and metrics["attainment"] == pytest.approx(0.5)
+    assert metrics["tpot_p95_s"] == pytest.approx(0.2)  # the NaN is not a TPOT sample
