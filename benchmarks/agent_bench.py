@@ -172,6 +172,8 @@ def load_level(record: Mapping[str, Any], workload_cfg: Mapping[str, Any]) -> st
     """The epoch's load level: info["load"] when the env reports it, else its phase's `load` in the workload
     config, else "closed-loop" (a fixed batch each epoch: no offered load) or "all"."""
     load = record.get("load")
+    if isinstance(load, Mapping):
+        load = None  # the env's per-epoch load counters (info["load"]), not a level: read the phase's
     if load is None:
         phases = workload_cfg.get("phases") or []
         phase = record.get("phase")

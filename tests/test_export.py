@@ -61,7 +61,9 @@ def test_bandit_json_round_trip(tmp_path: Path, name: str, hyper: dict) -> None:
     document = json.loads(out.read_text())
     assert document["schema"] == SCHEMA and document["kind"] == "bandit"
     assert sum(s["plays"] for s in document["arm_stats"]) == 25
-    assert len(document["observation_names"]) == 8 + 6 + 6 + 1 + 1 + 1 + 1 + 1
+    # 8 exit-histogram buckets, 5 telemetry ratios, 4 load entries (queue, running, arrival, attainment), 6 sources,
+    # 1 candidate, depth, 1 exit setting, batch fraction, episode progress.
+    assert len(document["observation_names"]) == 8 + 5 + 4 + 6 + 1 + 1 + 1 + 1 + 1
     assert sorted(p.name for p in out.parent.iterdir()) == ["policy.json"]  # JSON only: nothing to unpickle
     policy = load_policy(out.parent, make_agent=make_agent)
     assert isinstance(policy, BanditPolicy) and not policy.learns_online
