@@ -71,12 +71,13 @@ def simulate_features(
 
     `exit_layers[b][t]` is the layer count that produced row b's token t (t = 0 comes from prefill at full loaded
     depth; decode step s feeds token s-1 and produces token s). Mirrors EarlyExitEngine.generate with compact=True
-    and no early stop. `prompt_len`: each row's prompt length (or one for all): prefill runs the batch padded to
-    the longest, and a decode step's attention reads each active row's own context.
+    and no early stop. `prompt_len`: the rows' prompt lengths (or one for all): prefill runs the batch padded to
+    the longest, and a decode step's attention reads the longest context of the batch for every active row (the
+    engine's dense K/V slots mask a shorter row's extra keys; they are not skipped).
     """
     batch = len(exit_layers)
-    lens = [prompt_len] * batch if isinstance(prompt_len, numbers.Integral) else [int(n) for n in prompt_len]
-    prompt_len = max(lens)
+    if not isinstance(prompt_len, numbers.Integral):
+        prompt_len = max(int(n) for n in prompt_len)
     steps = len(exit_layers[0])
     prefill = {
         "prefill_calls": 1.0,
@@ -87,6 +88,7 @@ def simulate_features(
     kind = decision_kind(exit_config.criterion)
     f = dict.fromkeys(DECODE_FEATURES, 0.0)
     for step in range(1, steps):
+        read_len = prompt_len + step  # positions the step's query reads: the longest context, its new token included
         exits = [row[step] for row in exit_layers]
         f["steps"] += 1
         f["step_rows"] += batch
@@ -95,7 +97,7 @@ def simulate_features(
             if active:
                 f["layer_calls"] += 1
                 f["layer_rows"] += active
-                f["attention_row_positions"] += sum(n + step for n, e in zip(lens, exits) if e >= layer)
+                f["attention_row_positions"] += active * read_len
         for point in points:
             active = sum(1 for e in exits if e >= point)
             if not active:

@@ -704,7 +704,9 @@ class DecodeBatch:
         frozen = hidden
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, hidden) of tokens that exited
         active_rows = batch
-        row_positions = float(sum(positions_host)) + batch  # attention positions read by the active rows
+        # Attention reads read_len positions per active row (dense slots: a shorter row's extra keys are masked, not
+        # skipped), so that is the work counted.
+        row_positions = float(batch * read_len)
         self.layer_evals_full += batch * depth
         for i in range(depth):
             for p_rows, p_hidden in pending:
@@ -751,7 +753,7 @@ class DecodeBatch:
                 pending.append((leaving, hidden[exits]))
                 rows, hidden = row_ids[~exits], hidden[~exits]
                 active_rows = int(rows.numel())
-                row_positions = float((positions[rows] + 1).sum()) if active_rows else 0.0
+                row_positions = float(active_rows * read_len)
             else:
                 newly = exits & ~exited
                 if exit_logits is None:

@@ -119,14 +119,14 @@ class Replayer:
 
     def batch_features(self, exit_matrix: np.ndarray, setting: Setting, prompt_lens: np.ndarray) -> tuple[dict, dict]:
         """Vectorised `simulate_features` for one batch: exit_matrix [rows, tokens] of exit layer counts,
-        prompt_lens [rows] (prefill is padded to the longest; decode attention reads each row's own context)."""
+        prompt_lens [rows] (prefill is padded to the longest; decode attention reads the longest context)."""
         depth = setting.depth
         rows, tokens = exit_matrix.shape
         e = exit_matrix[:, 1:]  # decode steps 1..tokens-1
         steps = tokens - 1
         prompt_lens = np.broadcast_to(np.asarray(prompt_lens), (rows,))
         prompt_len = int(prompt_lens.max())
-        positions = prompt_lens[:, None] + np.arange(1, tokens)[None, :]  # cache index + 1 of each fed token
+        positions = prompt_len + np.arange(1, tokens)  # positions each step's queries read (dense slots)
         prefill = {"prefill_calls": 1.0, "prefill_token_layers": float(rows * prompt_len * depth),
                    "prefill_attention": float(rows * prompt_len * prompt_len * depth)}
         f = dict.fromkeys(DECODE_FEATURES, 0.0)
@@ -134,7 +134,7 @@ class Replayer:
         f["step_rows"] = float(rows * steps)
         f["layer_calls"] = float(e.max(0).sum()) if steps else 0.0
         f["layer_rows"] = float(e.sum())
-        f["attention_row_positions"] = float((e * positions).sum())
+        f["attention_row_positions"] = float((e * positions[None, :]).sum())
         at_depth = e >= depth
         f["head_calls"] = float(at_depth.any(0).sum())
         f["head_rows"] = float(at_depth.sum())

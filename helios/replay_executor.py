@@ -12,7 +12,8 @@ cost models (helios.costmodel), so that the replay env runs the same admission a
   * decode step time = the calibrated linear cost model applied to the step's work counters, exactly the counters
     `Replayer.batch_features` / `costmodel.simulate_features` rebuild for one step of a compacted batch: steps = 1,
     step_rows = B, layer_calls = the deepest row's exit, layer_rows = sum of exits, attention_row_positions = sum of
-    exit x context length (rows now have different context lengths: each row's own prompt + position), head and
+    exit x the step's longest context (the engine's dense K/V slots mask a shorter row's extra keys, they are
+    not skipped, so every active row reads the longest context of the running set), head and
     decision calls/rows, K/V propagation calls/rows and compactions per exit point;
   * prefill time = the cost model's prefill features of the admitted prompts in one call: with `pad_prefill`
     (default, what today's engine does: a batch is padded to its longest prompt) rows x longest, else the sum of
@@ -84,6 +85,8 @@ class _Tables:
     depth: int
     row_cost: list[float]  # per reordered row: its per-row share of a decode step (seconds)
     row_exit: list[int]  # exit layer of the row's token
+    row_context: list[float]  # K/V positions the row's query reads on its own (prompt + position)
+    attention_s: float  # seconds per attention row-position
     row_bits: list[int]  # bit k set when the row leaves at the k-th exit point
     tokens: list[int]
     call_cost: list[float]  # by the step's deepest exit layer 0..depth: steps + layer/head/decision calls
@@ -170,8 +173,8 @@ class ReplayExecutor:
         points = sorted(p for p in config.exit_points if p < depth) if config.enabled else []
         kind = "cosine" if config.criterion == "cosine" else "head"  # as Replayer.batch_features
 
-        # Per-row share (every *_rows counter and the attention positions of the row's own context).
-        row = c("step_rows") + c("layer_rows") * e + c("attention_row_positions") * e * cand.context
+        # Per-row share (every *_rows counter); attention is priced per step (exits x the longest context).
+        row = c("step_rows") + c("layer_rows") * e
         row = row + c("head_rows") * (e >= depth)
         bits = np.zeros(len(e), dtype=np.int64)
         leave_point_cost = []
@@ -198,6 +201,7 @@ class ReplayExecutor:
             leave_cost = leave_cost.tolist()
         return _Tables(
             depth=depth, row_cost=np.asarray(row, dtype=np.float64).tolist(), row_exit=e.tolist(),
+            row_context=cand.context.tolist(), attention_s=c("attention_row_positions"),
             row_bits=bits.tolist(), tokens=tokens_all[cand.order].tolist(), call_cost=call.tolist(),
             leave_cost=leave_cost, leave_point_cost=leave_point_cost,
             prefill_call_s=float(pc.get("prefill_calls", 0.0)),
@@ -261,21 +265,26 @@ class ReplayExecutor:
         # The hot loop of replay: lookups only. Exit layers are copied out of the tables in one slice per sequence
         # when it retires or the arm changes (_flush), not appended per step.
         t = self._tables
-        row_cost, row_exit, row_bits = t.row_cost, t.row_exit, t.row_bits
+        row_cost, row_exit, row_bits, row_context = t.row_cost, t.row_exit, t.row_bits, t.row_context
         seconds = 0.0
-        deepest = bits = 0
+        deepest = bits = exits = 0
+        longest = 0.0
         for seq in seqs:
             state = seq.state
             n = seq.output_tokens
             r = state[0] + n
             seconds += row_cost[r]
             e = row_exit[r]
+            exits += e
+            if row_context[r] > longest:
+                longest = row_context[r]
             if e > deepest:
                 deepest = e
             bits |= row_bits[r]
             if n >= state[1]:
                 seq.finished = True
                 seq.finish_reason = state[2]
+        seconds += t.attention_s * exits * longest
         if t.leave_cost is not None:
             return seconds + t.call_cost[deepest] + t.leave_cost[bits]
         return seconds + t.call_cost[deepest] + sum(c for k, c in enumerate(t.leave_point_cost) if bits >> k & 1)

@@ -89,3 +89,53 @@ def tiny_train_env(tmp_path_factory) -> dict:
     return {"trace_dir": trace_dir, "overrides": [*TRAIN_TINY_OVERRIDES, f"env.trace_dir={trace_dir}"],
             "env_kwargs": {"candidates": "tiny", "per_source": 2, "new_tokens": 4, "build_traces": False,
                            "trace_dir": str(trace_dir), "workload": workload}}
+
+
+# ------------------------------------------------------------------ the early-exit reference
+
+
+def reference_logits_with_exits(loaded, prompt_ids: list[int], tokens: list[int],
+                                exit_layers: list[int]) -> list[torch.Tensor]:
+    """Per generated token, the logits of the layer that emitted it, from HF's forward pass with CALM's frozen states
+    imposed by hooks (CALM's state propagation seen from outside the engine): the final logits for full-depth tokens, norm + head on
+    the frozen layer-e state for tokens that exited after e layers."""
+    model, depth = loaded.model, loaded.depth
+    decoder = model.get_decoder()
+    sequence = prompt_ids + tokens[:-1]
+    exit_at = {len(prompt_ids) + t - 1: e for t, e in enumerate(exit_layers) if t > 0 and e < depth}
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def capture(layer_count: int):
+        def hook(module, args, output):
+            captured[layer_count] = (output[0] if isinstance(output, tuple) else output).clone()
+        return hook
+
+    def freeze(layer_index: int):
+        def pre_hook(module, args, kwargs):
+            hidden = args[0].clone()
+            for position, e in exit_at.items():
+                if e <= layer_index:
+                    hidden[:, position] = captured[e][:, position]
+            return (hidden, *args[1:]), kwargs
+        return pre_hook
+
+    for e in sorted(set(exit_at.values())):
+        handles.append(decoder.layers[e - 1].register_forward_hook(capture(e)))
+    for j in range(depth):
+        handles.append(decoder.layers[j].register_forward_pre_hook(freeze(j), with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            final = model(torch.tensor([sequence]), use_cache=False).logits[0]
+            head = model.get_output_embeddings()
+            out = []
+            for t in range(len(tokens)):
+                position = len(prompt_ids) + t - 1
+                if t == 0 or position not in exit_at:
+                    out.append(final[position].double())
+                else:
+                    out.append(head(decoder.norm(captured[exit_at[position]][0, position])).double())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helios.engine import EarlyExitEngine, ExitConfig
-from tests.conftest import load_cached
+from tests.conftest import load_cached, reference_logits_with_exits
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    return", "Once upon a time, in a land far away"]
 
@@ -44,50 +44,8 @@ def test_truncated_engine_matches_hf_generate_of_truncated_model(name: str, dept
 def _reference_with_exits(loaded, prompt_ids: list[int], tokens: list[int], exit_layers: list[int]) -> list[int]:
     """Greedy tokens implied by CALM state propagation, computed with the model's own forward pass: the hidden
     state of a position that exited after e layers is frozen (fed unchanged into every layer >= e), so deeper
-    layers' K/V at that position come from it. Forward hooks impose exactly that on a full teacher-forced pass."""
-    model, depth = loaded.model, loaded.depth
-    decoder = model.get_decoder()
-    sequence = prompt_ids + tokens[:-1]
-    exit_at = {len(prompt_ids) + t - 1: e for t, e in enumerate(exit_layers) if t > 0 and e < depth}
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def capture(layer_count):
-        def hook(module, args, output):
-            captured[layer_count] = (output[0] if isinstance(output, tuple) else output).clone()
-
-        return hook
-
-    def freeze(layer_index):
-        def pre_hook(module, args, kwargs):
-            hidden = args[0].clone()
-            for position, e in exit_at.items():
-                if e <= layer_index:
-                    hidden[:, position] = captured[e][:, position]
-            return (hidden, *args[1:]), kwargs
-
-        return pre_hook
-
-    for e in sorted(set(exit_at.values())):
-        handles.append(decoder.layers[e - 1].register_forward_hook(capture(e)))
-    for j in range(depth):
-        handles.append(decoder.layers[j].register_forward_pre_hook(freeze(j), with_kwargs=True))
-    try:
-        with torch.inference_mode():
-            final = model(torch.tensor([sequence]), use_cache=False, output_hidden_states=True).hidden_states[-1]
-            head = model.get_output_embeddings()
-            predicted = []
-            for t in range(len(tokens)):
-                position = len(prompt_ids) + t - 1
-                if t == 0 or position not in exit_at:
-                    predicted.append(int(head(final[0, position]).argmax()))  # hidden_states[-1] is already normed
-                else:
-                    h = captured[exit_at[position]][0, position]
-                    predicted.append(int(head(decoder.norm(h)).argmax()))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return predicted
+    layers' K/V at that position come from it (tests/conftest.py imposes exactly that with forward hooks)."""
+    return [int(logits.argmax()) for logits in reference_logits_with_exits(loaded, prompt_ids, tokens, exit_layers)]
 
 
 @pytest.mark.parametrize(

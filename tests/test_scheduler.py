@@ -479,8 +479,9 @@ def test_replay_executor_in_lockstep_equals_todays_batch_replay(lockstep_replaye
 
 
 def _step_features(exits: list[int], contexts: list[int], depth: int, config) -> dict[str, float]:
-    """One decode step's work counters, written out like costmodel.simulate_features' inner loop but with each row's
-    own context length (rows of a continuous batch are at different positions)."""
+    """One decode step's work counters, written out like costmodel.simulate_features' inner loop, for rows at
+    different positions: every active row's attention reads the step's longest context (the engine's dense K/V
+    slots mask a shorter row's extra keys; they are not skipped)."""
     from helios.costmodel import DECODE_FEATURES
 
     f = dict.fromkeys(DECODE_FEATURES, 0.0)
@@ -490,7 +491,7 @@ def _step_features(exits: list[int], contexts: list[int], depth: int, config) ->
         if active:
             f["layer_calls"] += 1
             f["layer_rows"] += len(active)
-            f["attention_row_positions"] += sum(active)
+            f["attention_row_positions"] += len(active) * max(contexts)
     kind = "cosine" if config.criterion == "cosine" else "head"
     for point in (sorted(p for p in config.exit_points if p < depth) if config.enabled else []):
         reach = sum(1 for e in exits if e >= point)
@@ -513,7 +514,7 @@ def _step_features(exits: list[int], contexts: list[int], depth: int, config) ->
 
 
 @pytest.mark.parametrize("setting", EXIT_SETTINGS[1:], ids=[s[0] for s in EXIT_SETTINGS[1:]])
-def test_replay_executor_prices_staggered_rows_by_their_own_context(lockstep_replayer, setting) -> None:
+def test_replay_executor_prices_staggered_rows_by_the_longest_context(lockstep_replayer, setting) -> None:
     """Staggered arrivals and output lengths: every decode step mixes rows at different positions. Each call's price
     must equal the cost model applied to that step's counters (written out above), and the span's busy time their
     sum."""
