@@ -1,6 +1,6 @@
 """The serving core under load: continuous vs static batching, truncation -> capacity, and replay vs live.
 
-    python benchmarks/serving_core.py --quick --json benchmarks/serving_core.json     # ~25 min on 2 CPU cores
+    python benchmarks/serving_core.py --quick --json benchmarks/serving_core.json     # ~15 min on 2 idle CPU cores
     python benchmarks/serving_core.py --json benchmarks/serving_core.json             # more requests, 3 repeats
 
 Everything runs helios.scheduler (the one admission/retirement code) on a measured virtual clock: requests arrive
@@ -15,7 +15,8 @@ continuous_vs_static  the same arrival trace through mode="continuous" and mode=
                       t=0, throughput = output tokens / makespan. Then Poisson arrivals at 50% and 80% of the
                       continuous capacity (requests/s at saturation): p95 end-to-end latency. Modes interleave per
                       repeat; medians over repeats.
-truncation_capacity   depths 10, 20, 30 at saturation (continuous): most sequences running at once, tokens/s.
+truncation_capacity   depths 10, 20, 30 at saturation (continuous; more requests at once than depth 10's budget
+                      admits): most sequences running at once, tokens/s.
 sim_to_real           replay (helios.replay_executor: the cost model's clock, tokens and EOS from the trace) against
                       live on the same arrival trace, for (arm, load) settings incl. one above capacity: relative
                       error of throughput, p95 TTFT and p95 end-to-end latency. Replay's tokens are teacher-forced; its cost model is
@@ -154,7 +155,9 @@ def main() -> None:
     repeats = args.repeats or (1 if quick else 3)
     token_range = (8, 64) if quick else (8, 128)
     n_saturation = args.requests or (64 if quick else 192)
-    n_poisson = args.requests or (32 if quick else 128)
+    n_poisson = args.requests or (64 if quick else 128)
+    # Enough requests at once that the budget, not the request count, bounds concurrency at depth 10 (~190 fit).
+    n_truncation = args.requests or (256 if quick else 384)
     per_source = 8 if quick else 16
     budget_bytes = int(args.memory_budget_mib * 2**20)
     started = time.time()
@@ -172,7 +175,7 @@ def main() -> None:
     # prices are recalibrated here, beside the live runs; the trace's exit dynamics and EOS positions are kept.
     from helios.calibration import calibrate
 
-    replay.replayer.cost, _ = calibrate([live.engine(d) for d in (30, 20, 10)], prompts)
+    replay.replayer.cost, _ = calibrate([live.engine(d) for d in (30, 20, 10)], prompts, max_batch=32)
     out: dict = {"candidate": CANDIDATE, "dtype": "float32", "device": "cpu", "threads": args.threads,
                  "memory_budget_mib": args.memory_budget_mib, "max_tokens_range": token_range, "repeats": repeats,
                  "clock": "measured virtual clock (engine compute; idle skipped)", "quick": quick,
@@ -206,8 +209,9 @@ def main() -> None:
 
     # Truncation -> capacity.
     capacity = []
+    flood = make_load(n_truncation, len(prompts), None, token_range, seed=4)
     for depth in (10, 20, 30):
-        rs = [live.run(saturation, depth, full) for _ in range(repeats)]
+        rs = [live.run(flood, depth, full) for _ in range(repeats)]
         capacity.append({"depth": depth, "max_concurrent": statistics.median(r["max_concurrent"] for r in rs),
                          "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                          "weight_bytes": live.profile.weight_bytes_by_depth[depth]})
