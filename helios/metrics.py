@@ -7,7 +7,7 @@
     compute_accuracy("perplexity", model=full_model, tokens=generated_ids, context_ids=prompt_ids)
     compute_accuracy("judge_score", model=judge_model, tokens=judge_ids_of_output, context_ids=judge_ids_of_prompt)
 
-Tests: /work/main/.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_metrics.py
+Tests: python -m pytest -q tests/test_metrics.py
 
 Metrics (all means over requests; higher is better except perplexity):
   exact_match      1 if the prediction's first non-empty line equals the reference after SQuAD normalisation

@@ -24,6 +24,18 @@ def load_cached(name: str, depth: int | None = None, **kwargs):
     return _LOADED[key]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One thread: the tiny models gain nothing from two, and on a shared, loaded machine two OpenMP threads
+    contend so badly that a 64-wide matmul takes ~10 ms instead of ~35 us."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def loaded_model():
     return load_cached

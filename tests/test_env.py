@@ -38,16 +38,7 @@ COMMON = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread: the tiny models gain nothing from two, and on a shared, loaded machine two OpenMP threads
-    contend so badly that a 64-wide matmul takes ~10 ms instead of ~35 us."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 replay and live), the queue carries over between epochs, goodput and attainment match a hand count, resume rebuilds
 the queue, and capacity-relative rates resolve through a cached capacity.
 
-    /work/main/.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_env_scheduler.py
+    python -m pytest -q tests/test_env_scheduler.py
 
 Tiny random-init candidates, traces recorded into a temporary directory (about a minute on 2 shared cores).
 """
@@ -39,14 +39,7 @@ COMMON = {"candidates": "tiny", "memory_budget_mib": 8.0, "context_tokens": 512,
 SWITCHING = [0, 2, 6, 1, 8, 4]  # llama@2, llama@4, gemma@3, llama@2 exit, gemma@6, llama@6: every kind of change
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The serving core's pieces without HTTP: Scheduler.cancel on hand-computed schedules (the toy executor of
 tests/test_scheduler.py), and the prompt-length pre-check's bound.
 
-    /work/main/.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_serving_core.py
+    python -m pytest -q tests/test_serving_core.py
 """
 
 from __future__ import annotations

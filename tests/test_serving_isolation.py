@@ -1,7 +1,7 @@
 """Issue 11 through the real HTTP path (uvicorn on loopback, the tiny model): one request's failure stays that
 request's, size limits and backpressure, cancelled streams, engine faults, switches under load, draining.
 
-    /work/main/.venv/bin/python -m pytest -q -p no:cacheprovider tests/test_serving_isolation.py
+    python -m pytest -q tests/test_serving_isolation.py
 
 Every failing request's status and OpenAI error body is asserted, and so is the success of the others. Nothing here
 asserts a duration: where fairness is the point, the test holds one request at a gate and shows that another
