@@ -795,9 +795,27 @@ class ReplayBackend(SchedulerBackend):
 
 
 def trace_workload_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The workload config a replay trace is keyed and recorded by: the config itself, except that a capacity-relative
-    rate is dropped (the trace records the request pool, which no rate changes, and the capacity is measured on the
-    traces, so they cannot depend on it)."""
+    """The workload config a replay trace is keyed and recorded by: only what its request pool depends on (the
+    workload's seed, the set of sources it draws from, their options), as a closed-loop one-phase workload that
+    draws the same pool (helios.workloads.Workload.pool: sources in canonical order, seeded by seed and index).
+    Arrivals, rates, phases and output lengths change which pool requests an epoch serves and when, never what a
+    request is, so scenarios over the same sources (drift3, gradual, bursts) share one recorded trace."""
+    from helios.workloads import workload_from_config
+
+    cfg = dict(cfg)
+    # A closed loop without loads names the same sources and needs no capacity.
+    phases = [{"epochs": p["epochs"], "mixture": p["mixture"]} for p in cfg.get("phases") or []]
+    sources = workload_from_config({**cfg, "arrival": {}, "phases": phases}).sources
+    pool: dict[str, Any] = {"seed": int(cfg.get("seed", 0)), "episode_epochs": 1,
+                            "phases": [{"epochs": 1, "mixture": {name: 1.0 / len(sources) for name in sources}}]}
+    if cfg.get("source_options"):
+        pool["source_options"] = cfg["source_options"]
+    return pool
+
+
+def rate_free_workload_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The workload config without a capacity-relative rate: what a capacity measurement depends on (the request
+    mix and output lengths, not the rate, which is what it is measured for)."""
     cfg = dict(cfg)
     arrival = dict(cfg.get("arrival") or {})
     if arrival.get("rate_x_capacity") is not None:

@@ -41,11 +41,11 @@ CAPACITY_REQUESTS = 256
 def capacity_key(backend: Any, candidate: str, depth: int, workload_cfg: Mapping[str, Any],
                  trace_paths: Mapping[str, Path] | None) -> dict[str, Any]:
     """The fields a cached capacity is keyed by (module docstring)."""
-    from envs.backends import trace_workload_cfg
+    from envs.backends import rate_free_workload_cfg
 
     spec = backend.spec
     fields: dict[str, Any] = {
-        "backend": backend.kind, "arm": f"{candidate}@{depth}", "workload": trace_workload_cfg(workload_cfg),
+        "backend": backend.kind, "arm": f"{candidate}@{depth}", "workload": rate_free_workload_cfg(workload_cfg),
         "memory_budget_bytes": spec.memory_budget_bytes, "max_batch_size": spec.max_batch_size,
         "new_tokens": spec.new_tokens, "requests": CAPACITY_REQUESTS, "method": METHOD,
     }

@@ -437,3 +437,20 @@ def test_bad_output_tokens_config_is_a_clear_error() -> None:
         output_lengths_from_config({"prose": {"mean": 3}})
     with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
         output_lengths_from_config({"prose": {"sigma": -1.0}})
+
+
+def test_trace_key_is_the_request_pool() -> None:
+    """Scenarios over the same sources share one recorded trace: the trace's key config draws exactly the pool the
+    scenario itself draws (prompt and reference, request by request), while a different source set or source option
+    gives another key."""
+    from envs.backends import trace_workload_cfg
+
+    root = Path(__file__).resolve().parents[1] / "conf" / "workload"
+    bursts, gradual, drift3 = (OmegaConf.to_container(OmegaConf.load(root / f"{n}.yaml")) for n in
+                               ("bursts", "gradual", "drift3"))
+    assert trace_workload_cfg(bursts) == trace_workload_cfg(gradual)
+    assert trace_workload_cfg(bursts) != trace_workload_cfg(drift3)  # drift3 shortens prose prompts
+    own = workload_from_config(bursts, capacity_rps=2.0).pool(3)
+    keyed = workload_from_config(trace_workload_cfg(bursts)).pool(3)
+    assert [(r.source, r.prompt, r.reference) for r in own] == [(r.source, r.prompt, r.reference) for r in keyed]
+    assert len({r.source for r in own}) == 3
