@@ -90,6 +90,7 @@ class ServingSpec:
     histogram_bins: int
     energy_cfg: dict[str, Any]
     switch_policy: str = "drain"
+    max_prefill_tokens: int | None = None  # the scheduler's cap on one prefill call's padded tokens
 
     @property
     def budget(self) -> MemoryBudget:
@@ -255,7 +256,8 @@ class SchedulerBackend(abc.ABC):
         within the env's memory budget, at most max_batch_size sequences at once."""
         info = self.memory(candidate)
         return SchedulerBudget(self.spec.memory_budget_bytes, int(info.weight_bytes_by_depth[int(depth)]),
-                               info.kv_bytes_per_token_layer * int(depth), self.spec.max_batch_size)
+                               info.kv_bytes_per_token_layer * int(depth), self.spec.max_batch_size,
+                               self.spec.max_prefill_tokens)
 
     def _budget(self, arm: Any) -> SchedulerBudget:
         return self.scheduler_budget(arm.candidate, arm.depth)
@@ -795,22 +797,10 @@ class ReplayBackend(SchedulerBackend):
 
 
 def trace_workload_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The workload config a replay trace is keyed and recorded by: only what its request pool depends on (the
-    workload's seed, the set of sources it draws from, their options), as a closed-loop one-phase workload that
-    draws the same pool (helios.workloads.Workload.pool: sources in canonical order, seeded by seed and index).
-    Arrivals, rates, phases and output lengths change which pool requests an epoch serves and when, never what a
-    request is, so scenarios over the same sources (drift3, gradual, bursts) share one recorded trace."""
-    from helios.workloads import workload_from_config
+    """The workload config a replay trace is keyed and recorded by: helios.workloads.pool_config."""
+    from helios.workloads import pool_config
 
-    cfg = dict(cfg)
-    # A closed loop without loads names the same sources and needs no capacity.
-    phases = [{"epochs": p["epochs"], "mixture": p["mixture"]} for p in cfg.get("phases") or []]
-    sources = workload_from_config({**cfg, "arrival": {}, "phases": phases}).sources
-    pool: dict[str, Any] = {"seed": int(cfg.get("seed", 0)), "episode_epochs": 1,
-                            "phases": [{"epochs": 1, "mixture": {name: 1.0 / len(sources) for name in sources}}]}
-    if cfg.get("source_options"):
-        pool["source_options"] = cfg["source_options"]
-    return pool
+    return pool_config(cfg)
 
 
 def rate_free_workload_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ BACKENDS: tuple[str, ...] = ("live", "replay")
 COMMON_KEYS: tuple[str, ...] = (
     "candidates", "reference", "exits", "workload", "slo", "energy", "memory_budget_mib", "context_tokens",
     "max_batch_size", "new_tokens", "accuracy_metric", "histogram_bins", "on_masked_action", "masked_action_penalty",
-    "switch_policy",
+    "switch_policy", "max_prefill_tokens",
 )
 REPLAY_KEYS: tuple[str, ...] = ("per_source", "variants", "trace_dir", "traces", "build_traces")
 
@@ -183,6 +183,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     | on_masked_action      | "penalty" or "raise"                                                         |
     | masked_action_penalty | reward of a refused (masked) action, negated                                 |
     | switch_policy         | "drain" or "recompute": in-flight sequences at a change of candidate/depth   |
+    | max_prefill_tokens    | cap on one prefill call's padded prompt tokens (helios.scheduler.MemoryBudget)|
     | per_source            | replay: trace requests per workload source                                   |
     | variants              | replay: request samples (one drawn per episode)                              |
     | trace_dir             | replay: where traces (and capacities) are cached (None: ~/.cache/helios)     |
@@ -222,6 +223,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         on_masked_action: Literal["penalty", "raise"] | None = None,
         masked_action_penalty: float | None = None,
         switch_policy: Literal["drain", "recompute"] | None = None,
+        max_prefill_tokens: int | None = None,
         per_source: int | None = None,
         variants: int | None = None,
         trace_dir: str | Path | None = None,
@@ -612,6 +614,7 @@ def _serving_spec(cfg: Mapping[str, Any], backend: str) -> ServingSpec:
         histogram_bins=_number("histogram_bins", cfg["histogram_bins"], minimum=1, integer=True),
         energy_cfg=dict(_group("energy", cfg["energy"])),
         switch_policy=_choice("switch_policy", cfg["switch_policy"], SWITCH_POLICIES),
+        max_prefill_tokens=_number("max_prefill_tokens", cfg["max_prefill_tokens"], minimum=1, integer=True),
     )
 
 

@@ -179,7 +179,10 @@ def trace_path(candidate: str, workload_cfg: dict, per_source: int, new_tokens: 
 
     from helios.paths import cache_dir
 
-    fields = {"workload": workload_cfg, "per_source": per_source, "new_tokens": new_tokens}
+    from helios.workloads import pool_config
+
+    # Keyed by the request pool, not the scenario: scenarios over the same sources share a recording.
+    fields = {"workload": pool_config(workload_cfg), "per_source": per_source, "new_tokens": new_tokens}
     heads = _heads_fingerprint(candidate)
     if heads is not None:
         fields["exit_heads"] = heads
@@ -207,8 +210,9 @@ def ensure_trace(
     from helios.energy import meter_from_config
     from helios.models import load_candidate
     from helios.traces import write_trace
-    from helios.workloads import encode_requests, workload_from_config
+    from helios.workloads import encode_requests, pool_config, workload_from_config
 
+    workload_cfg = pool_config(workload_cfg)  # what the trace records: the request pool (trace_path)
     path = trace_path(candidate, workload_cfg, per_source, new_tokens, out_dir)
     if path.exists() and not force:
         return path

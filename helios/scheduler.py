@@ -178,18 +178,27 @@ class MemoryBudget:
 
     `kv_bytes_per_token` is K and V of one token in every loaded layer (the trace's / memory profile's
     `kv_bytes_per_token_layer` x depth). `max_sequences` optionally caps concurrency too (an engine's batch limit).
+    `max_prefill_tokens` optionally caps one prefill call: the admitted prompts' padded tokens (count x longest
+    context; the engine prefills a dense padded batch), as vLLM's `max_num_batched_tokens` caps an iteration. The FIFO
+    head is always admitted when memory allows, whatever its length, so the cap delays but never blocks. Without it a
+    burst admits dozens of prompts into one prefill lasting seconds, during which every running sequence waits for
+    its next token (its TPOT) and no epoch boundary can be served. Static batching ignores it: its batch is whatever
+    fits, prefilled at once, as `engine.generate` does.
     """
 
     memory_budget_bytes: int
     weight_bytes: int
     kv_bytes_per_token: int
     max_sequences: int | None = None
+    max_prefill_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_bytes_per_token <= 0 or self.weight_bytes < 0 or self.memory_budget_bytes <= 0:
             raise ValueError(f"memory budget needs positive sizes; got {self}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise ValueError(f"max_sequences must be >= 1 or None; got {self.max_sequences}")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1 or None; got {self.max_prefill_tokens}")
 
     @property
     def free_kv_bytes(self) -> int:
@@ -529,14 +538,21 @@ class Scheduler:
         budget, queue, running = self.budget, self._queue, self._running
         free = budget.free_kv_bytes - self._reserved_bytes
         cap = budget.max_sequences if budget.max_sequences is not None else math.inf
+        token_cap = budget.max_prefill_tokens if budget.max_prefill_tokens is not None and self.mode == "continuous" \
+            else math.inf
         kv = budget.kv_bytes_per_token
         new: list[SequenceState] = []
+        longest = 0
         now = self.clock.now()
         while queue and len(running) + len(self._batch_done) < cap:
             seq = queue[0]
             need = (seq.prompt_tokens + seq.max_tokens) * kv
             if need > free:
                 break
+            longest_if = max(longest, seq.context_tokens)
+            if new and (len(new) + 1) * longest_if > token_cap:
+                break  # the next iteration's prefill takes it
+            longest = longest_if
             queue.popleft()
             free -= need
             seq.reserved_bytes = need

@@ -698,6 +698,23 @@ _PHASE_KEYS = tuple(f.name for f in dataclasses.fields(Phase))
 _ARRIVAL_KEYS = tuple(f.name for f in dataclasses.fields(Arrival))
 
 
+def pool_config(cfg: Any) -> dict[str, Any]:
+    """The workload config a replay trace is keyed and recorded by (helios.profiling.trace_path): only what its
+    request pool depends on (the workload's seed, the set of sources it draws from, their options), as a closed-loop
+    one-phase workload that draws the same pool (helios.workloads.Workload.pool: sources in canonical order, seeded by seed and index).
+    Arrivals, rates, phases and output lengths change which pool requests an epoch serves and when, never what a
+    request is, so scenarios over the same sources (drift3, gradual, bursts) share one recorded trace."""
+    cfg = dict(plain(cfg))
+    # A closed loop without loads names the same sources and needs no capacity.
+    phases = [{"epochs": p["epochs"], "mixture": p["mixture"]} for p in cfg.get("phases") or []]
+    sources = workload_from_config({**cfg, "arrival": {}, "phases": phases}).sources
+    pool: dict[str, Any] = {"seed": int(cfg.get("seed", 0)), "episode_epochs": 1,
+                            "phases": [{"epochs": 1, "mixture": {name: 1.0 / len(sources) for name in sources}}]}
+    if cfg.get("source_options"):
+        pool["source_options"] = cfg["source_options"]
+    return pool
+
+
 def capacity_arm(cfg: Any) -> str | None:
     """The arm ("<candidate>@<depth>") whose capacity a workload config's rate is relative to, or None when its rate
     is absolute (or closed loop): what the env measures (and caches) before calling workload_from_config."""

@@ -243,6 +243,35 @@ def test_admission_is_fifo_without_skipping_ahead() -> None:
     assert got["small"].admitted_s == pytest.approx(0.5)
 
 
+def test_prefill_token_cap_splits_a_burst_into_several_prefills() -> None:
+    """max_prefill_tokens=25 (padded: count x longest context), memory for all: a, b (10-token prompts), c (30),
+    d (10), all at t=0, each 2 tokens long.
+       t=0    admit a (1 x 10 = 10), b (2 x 10 = 20 <= 25); c would make 3 x 30 = 90 > 25: stop. prefill 20 tokens
+              0.2 -> 0.2; decode (a, b: second token, EOS) 0.1 -> 0.3.
+       t=0.3  admit c alone (30 > 25, but the head always goes in); d would make 2 x 30 = 60: stop. prefill 0.3 -> 0.6;
+              decode c -> 0.7.
+       t=0.7  admit d. prefill 0.1 -> 0.8, decode -> 0.9.
+    Static batching ignores the cap: all four in one prefill."""
+    budget = MemoryBudget(memory_budget_bytes=1000, weight_bytes=100, kv_bytes_per_token=1, max_prefill_tokens=25)
+    lengths = {"a": 2, "b": 2, "c": 2, "d": 2}
+    executor = ToyExecutor(lengths)
+    scheduler = Scheduler(executor, budget, VirtualClock())
+    for rid, prompt in (("a", 10), ("b", 10), ("c", 30), ("d", 10)):
+        scheduler.submit(SequenceRequest(rid, 0.0, prompt, 10))
+    got = by_id(scheduler.run_until(math.inf))
+    assert [ids for kind, ids in executor.calls if kind == "prefill"] == [("a", "b"), ("c",), ("d",)]
+    assert got["c"].admitted_s == pytest.approx(0.3) and got["d"].admitted_s == pytest.approx(0.7)
+    assert got["d"].finished_s == pytest.approx(0.9)
+    static = ToyExecutor(lengths)
+    scheduler = Scheduler(static, budget, VirtualClock(), mode="static")
+    for rid, prompt in (("a", 10), ("b", 10), ("c", 30), ("d", 10)):
+        scheduler.submit(SequenceRequest(rid, 0.0, prompt, 10))
+    scheduler.run_until(math.inf)
+    assert [ids for kind, ids in static.calls if kind == "prefill"] == [("a", "b", "c", "d")]
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        MemoryBudget(memory_budget_bytes=1000, weight_bytes=100, kv_bytes_per_token=1, max_prefill_tokens=0)
+
+
 def test_a_request_that_can_never_fit_is_rejected_with_a_reason() -> None:
     executor = ToyExecutor({"huge": 1, "ok": 1})
     scheduler = Scheduler(executor, BUDGET, VirtualClock())

@@ -125,8 +125,9 @@ class Engines:
     candidates' memory profiles (helios.models.memory_profile: weights at the arm's depth + K/V per token)."""
 
     def __init__(self, *, budget_bytes: int, context_tokens: int, max_sequences: int, device: str = "cpu",
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", max_prefill_tokens: int | None = None) -> None:
         self.budget_bytes, self.context_tokens, self.max_sequences = int(budget_bytes), int(context_tokens), int(max_sequences)
+        self.max_prefill_tokens = None if max_prefill_tokens is None else int(max_prefill_tokens)
         self.device, self.dtype = device, dtype
         self._profiles: dict[str, Any] = {}
         self._current: tuple[tuple[str, int], EarlyExitEngine] | None = None
@@ -143,7 +144,8 @@ class Engines:
         """The scheduler's budget of `arm`: the serve config's bytes, the arm's weights and K/V bytes per token."""
         profile = self.profile(arm.candidate)
         return MemoryBudget(self.budget_bytes, int(profile.weight_bytes_by_depth[arm.depth]),
-                            int(profile.kv_bytes_per_token_layer) * arm.depth, max_sequences=self.max_sequences)
+                            int(profile.kv_bytes_per_token_layer) * arm.depth, max_sequences=self.max_sequences,
+                            max_prefill_tokens=self.max_prefill_tokens)
 
     def fits(self, arm: Arm) -> bool:
         """The arm's weights leave room for K/V in the budget."""

@@ -81,7 +81,7 @@ def build_server(cfg: dict[str, Any], make_agent: AgentFactory | None = None) ->
     metrics = ServerMetrics(max(arm.num_layers for arm in policy.arms))
     engines = Engines(budget_bytes=budget.budget_bytes, context_tokens=budget.context_tokens,
                       max_sequences=budget.max_batch_size, device=cfg.get("device", "cpu"),
-                      dtype=cfg.get("dtype", "float32"))
+                      dtype=cfg.get("dtype", "float32"), max_prefill_tokens=cfg.get("max_prefill_tokens"))
     # Feasible: the exported arm fitted its training budget, and its weights leave K/V room in this server's.
     mask = np.array([arm.feasible and engines.fits(arm) for arm in policy.arms])
     if not mask.any():
