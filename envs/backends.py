@@ -178,17 +178,23 @@ class EpochResult:
     switch_policy: str  # how it was applied ("none" when no switch was requested)
     switch_pending: bool  # the requested arm is not in effect at the end (a drain still running)
     decode_steps: int = 0
+    decode_rows: int = 0  # sequences summed over the span's decode steps
     recomputed: int = 0  # re-admissions after a recompute switch in this span
     max_running: int = 0  # most sequences running at once in the span
 
     def values(self, targets: Any = None, accuracy_default: float = 0.0) -> dict[str, float] | None:
-        """helios.telemetry.span_metrics of the epoch; None when nothing happened in it (scores neutral)."""
-        return span_metrics(
+        """helios.telemetry.span_metrics of the epoch, plus `concurrency` (the mean number of sequences per decode
+        step: the batch the arm's memory let it run, HELIOS's "larger batches"); None when nothing happened in it
+        (scores neutral)."""
+        values = span_metrics(
             records=self.records, in_system=self.in_system, span_start_s=self.start_s, span_end_s=self.end_s,
             busy_s=self.busy_s, output_tokens=self.output_tokens, energy_j=self.energy_j,
             accuracy=accuracy_default if self.accuracy is None else self.accuracy, targets=targets,
             rejected=self.rejected,
         )
+        if values is not None:
+            values["concurrency"] = self.decode_rows / self.decode_steps if self.decode_steps else float(self.running)
+        return values
 
 
 @dataclasses.dataclass
@@ -383,7 +389,7 @@ class SchedulerBackend(abc.ABC):
             accuracy=sum(scores) / len(scores) if scores else None, histogram=histogram, submitted=len(requests),
             rejected=len(sched.rejected) - rejected_before, queued=sched.queue_len, running=sched.running,
             switch="none", switch_policy="none", switch_pending=False, decode_steps=span.decode_steps,
-            recomputed=span.recomputed, max_running=span.max_running,
+            recomputed=span.recomputed, max_running=span.max_running, decode_rows=span.decode_rows,
         )
 
     # -- reference and capacity: the same scheduler path, on a scheduler of their own

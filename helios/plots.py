@@ -111,22 +111,36 @@ def reward_and_regret_figure(records: list[dict], phases: Sequence[int], title: 
 
 
 def plot_arms(records: list[dict], arm_labels: Sequence[str], phases: Sequence[int], path: Path, title: str,
-              schedule: Sequence[int] | None = None) -> Path:
-    """The arm played each epoch, with the workload phases shaded; `schedule`: the phase oracle's arm per epoch."""
-    return _save(arms_figure(records, arm_labels, phases, title, schedule), path)
+              schedule: Sequence[int] | None = None, other: tuple[str, list[dict]] | None = None) -> Path:
+    """The arm played each epoch, with the workload phases shaded and the offered load (arrivals per second, right
+    axis) where the records carry it; `schedule`: the phase oracle's arm per epoch; `other`: (name, records) of a
+    second run of the same epochs to overlay (the live evaluation beside replay)."""
+    return _save(arms_figure(records, arm_labels, phases, title, schedule, other), path)
 
 
 def arms_figure(records: list[dict], arm_labels: Sequence[str], phases: Sequence[int], title: str,
-                schedule: Sequence[int] | None = None) -> Figure:
+                schedule: Sequence[int] | None = None, other: tuple[str, list[dict]] | None = None) -> Figure:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 0.8 + 0.28 * len(arm_labels)))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(arm_labels)))
     epochs = np.array([r["epoch"] for r in records])
-    ax.scatter(epochs, [r["action"] for r in records], s=12, label="chosen arm", zorder=3)
+    ax.scatter(epochs, [r["action"] for r in records], s=14, label="chosen arm", zorder=3)
+    if other is not None:
+        name, second = other
+        ax.scatter([r["epoch"] for r in second], [r["action"] for r in second], s=40, marker="o", facecolors="none",
+                   edgecolors="tab:red", label=f"chosen arm ({name})", zorder=4)
     if schedule is not None and len(schedule) == len(records):
         ax.step(epochs, schedule, where="mid", color="k", lw=1, alpha=0.7, label="phase oracle's arm")
     ax.set_yticks(range(len(arm_labels)), arm_labels, fontsize=7)
     ax.set_xlabel("epoch (workload phases shaded)")
     ax.set_title(title)
+    rates = [r.get("load", {}).get("arrival_rps") if isinstance(r.get("load"), dict) else None for r in records]
+    if epochs.size and all(rate is not None for rate in rates):
+        right = ax.twinx()
+        right.plot(epochs, rates, color="tab:orange", lw=1.2, alpha=0.8, label="arrivals/s")
+        right.set_ylabel("arrivals per second", color="tab:orange", fontsize=8)
+        right.tick_params(axis="y", labelcolor="tab:orange", labelsize=7)
+        right.set_ylim(bottom=0)
+        right.legend(fontsize=7, loc="upper left")
     ax.legend(fontsize=7, loc="upper right")
     _shade_phases(ax, phases, float(epochs[-1] + 1) if epochs.size else None)
     fig.tight_layout()

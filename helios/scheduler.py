@@ -334,6 +334,7 @@ class SpanStats:
     switch_s: float = 0.0
     prefill_calls: int = 0
     decode_steps: int = 0
+    decode_rows: int = 0  # sequences summed over decode steps: decode_rows / decode_steps is the mean batch
     prefill_tokens: int = 0  # context tokens prefilled (recomputes included)
     output_tokens: int = 0  # tokens produced in the span (by prefill and decode)
     admitted: int = 0
@@ -623,6 +624,7 @@ class Scheduler:
         finally:
             span.decode_s += decode_s
             span.decode_steps += steps
+            span.decode_rows += tokens
             span.output_tokens += tokens
 
     def _retire(self, span: SpanStats, records: list[RequestRecord]) -> None:

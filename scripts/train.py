@@ -202,7 +202,7 @@ def load_resume(resume: str) -> tuple[Path, DictConfig, dict[str, Any], list[dic
 
 
 def train_bandit(cfg: DictConfig, backend: str, run_dir: Path, checkpoint: dict[str, Any] | None,
-                 on_record: EpochLog) -> Rollout:
+                 on_record: EpochLog) -> tuple[Rollout, Any]:
     """The bandit/HELIOS agents: agents.rollout.play, checkpointed after every epoch; writes policy.json."""
     from tqdm.auto import tqdm
 
@@ -238,7 +238,7 @@ def train_bandit(cfg: DictConfig, backend: str, run_dir: Path, checkpoint: dict[
     with atomic_file(run_dir / "policy.json", "w") as handle:
         json.dump(policy, handle, indent=1)
     env.close()
-    return rollout
+    return rollout, agent
 
 
 def yardstick_ladder(cfg: DictConfig, backend: str) -> tuple[Ladder | None, str | None]:
@@ -258,9 +258,64 @@ def yardstick_ladder(cfg: DictConfig, backend: str) -> tuple[Ladder | None, str 
         env.close()
 
 
+def live_env_kwargs(cfg: DictConfig, workload_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The live env of the replay run's world: its env config without the replay-only keys, on `workload_cfg`."""
+    from envs.model_depth import REPLAY_KEYS
+
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items()
+              if k not in REPLAY_KEYS and k != "backend"}
+    kwargs.update(slo=OmegaConf.to_container(cfg.slo, resolve=True), workload=workload_cfg)
+    kwargs.update({k: v for k, v in OmegaConf.to_container(cfg.env_overrides, resolve=True).items()
+                   if k not in REPLAY_KEYS})
+    return kwargs
+
+
+def live_evaluation(cfg: DictConfig, run_dir: Path, agent: Any) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                                         list[dict[str, Any]]]:
+    """After replay training: one episode of the learned policy on replay and on live (agents/live_eval.py), the
+    episode after the training ones. Writes live_eval.jsonl (both runs' records, tagged by backend)."""
+    import copy
+
+    import gymnasium
+
+    from agents.live_eval import SB3Policy, evaluate_transfer
+
+    if cfg.agent.name in SB3_AGENTS:
+        from agents.sb3 import algorithm_class
+
+        model = algorithm_class(cfg.agent.name).load(str(run_dir / f"{cfg.agent.name}_model.zip"))
+
+        def make_policy() -> Any:
+            return SB3Policy(model)
+    else:
+        state = copy.deepcopy(agent.state_dict())
+        hyper = agent_hyperparameters(cfg)
+
+        def make_policy() -> Any:
+            replay_env = holder["env"]
+            fresh = make_agent(cfg.agent.name, int(replay_env.action_space.n), seed=int(cfg.seed),
+                               **{**hyper, "arm_table": replay_env.unwrapped.arm_table})
+            fresh.load_state_dict(copy.deepcopy(state))
+            return fresh
+
+    holder: dict[str, Any] = {"env": make_env(cfg, "replay")}
+    try:
+        result, live, replay = evaluate_transfer(
+            make_policy, holder["env"], lambda workload: gymnasium.make(ENV_IDS["live"],
+                                                                       **live_env_kwargs(cfg, workload)),
+            int(cfg.seed), int(cfg.episodes))
+    finally:
+        holder["env"].close()
+    with atomic_file(run_dir / "live_eval.jsonl", "w") as handle:
+        handle.write("".join(json.dumps({"backend": b, **r}) + "\n" for b, rs in (("live", live), ("replay", replay))
+                             for r in rs))
+    return result, live, replay
+
+
 def write_outputs(cfg: DictConfig, backend: str, run_dir: Path, records: list[dict[str, Any]], rollout: Rollout,
                   logger: Logger, started: float, ladder: Ladder | None = None,
-                  why_no_ladder: str | None = None) -> None:
+                  why_no_ladder: str | None = None, live_eval: tuple[dict[str, Any], list, list] | None = None,
+                  why_no_live_eval: str | None = None) -> None:
     """Plots, summary.json and the logger's run summary, from every epoch's record (those before a resume too)."""
     from helios.plots import plot_arms, plot_pareto, plot_reward_and_regret
 
@@ -282,9 +337,19 @@ def write_outputs(cfg: DictConfig, backend: str, run_dir: Path, records: list[di
         plot_arms(records, labels, phase_starts, run_dir / "arms.png", title, schedule=schedule),
         plot_pareto(arm_point_summary(records, labels), run_dir / "pareto.png", f"arms played ({backend})"),
     ]
+    if live_eval is not None:
+        result, live, replay = live_eval
+        starts = [r["epoch"] for i, r in enumerate(replay) if i == 0 or r["phase"] != replay[i - 1]["phase"]]
+        plots.append(plot_arms(replay, labels, starts, run_dir / "live_eval_arms.png",
+                               f"learned {cfg.agent.name} policy, evaluation episode: replay (dots) vs live (circles); "
+                               f"arm agreement {result['arm_agreement']:.2f}", other=("live", live)))
     summary = {"agent": cfg.agent.name, "backend": backend, "slo": cfg.slo.name, "seed": int(cfg.seed),
                **summarise(records, rollout.episode_epochs, ladder, why_no_ladder),
                "wall_s_this_session": time.perf_counter() - started}
+    if live_eval is not None:
+        summary["live_eval"] = live_eval[0]
+    elif why_no_live_eval is not None:
+        summary["why_no_live_eval"] = why_no_live_eval
     with atomic_file(run_dir / "summary.json", "w") as handle:
         json.dump(summary, handle, indent=1)
     logger.finish(plots, run_dir / "policy.json", summary)
@@ -307,13 +372,14 @@ def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     logger = Logger(cfg, run_dir)
     epoch_log = EpochLog(run_dir, logger)
+    agent = None  # SB3 agents live in their saved model (live_evaluation loads it)
     try:
         if cfg.agent.name in SB3_AGENTS:
             from agents.sb3 import train_sb3
 
             rollout = train_sb3(cfg, backend, run_dir, make_env, checkpoint, on_record=epoch_log)
         else:
-            rollout = train_bandit(cfg, backend, run_dir, checkpoint, epoch_log)
+            rollout, agent = train_bandit(cfg, backend, run_dir, checkpoint, epoch_log)
     except BaseException:
         logger.abort()
         raise
@@ -321,7 +387,15 @@ def main(cfg: DictConfig) -> None:
         epoch_log.close()
     # The yardstick ladder is played after the agent, on its own env: (feasible arms + 1) runs of the same episodes.
     ladder, why_no_ladder = yardstick_ladder(cfg, backend)
-    write_outputs(cfg, backend, run_dir, records + rollout.records, rollout, logger, started, ladder, why_no_ladder)
+    live_eval, why_no_live_eval = None, None
+    if not cfg.get("live_eval", False):
+        why_no_live_eval = "live_eval=false"
+    elif backend != "replay":
+        why_no_live_eval = f"trained on {backend}: the live evaluation follows replay training"
+    else:
+        live_eval = live_evaluation(cfg, run_dir, agent)
+    write_outputs(cfg, backend, run_dir, records + rollout.records, rollout, logger, started, ladder, why_no_ladder,
+                  live_eval, why_no_live_eval)
 
 
 if __name__ == "__main__":

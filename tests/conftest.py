@@ -65,7 +65,7 @@ def tiny(tiny_cache):
 # ------------------------------------------------------------------ scripts/train.py on the tiny replay env
 
 TRAIN_TINY_OVERRIDES: tuple[str, ...] = (
-    "env=replay", "env.candidates=tiny", "env.per_source=2", "env.new_tokens=4", "env.build_traces=false",
+    "env=replay", "workload=drift3", "slo=balanced", "episodes=1", "live_eval=false", "env.candidates=tiny", "env.per_source=2", "env.new_tokens=4", "env.build_traces=false",
     "logger=none", "workload.episode_epochs=40", "workload.arrival.batch_size=4",
     "workload.phases=[{epochs:20,mixture:{qa:1.0}},{epochs:20,mixture:{code:1.0}}]",
 )

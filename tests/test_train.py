@@ -303,3 +303,39 @@ def test_launcher_config_is_valid_for_its_plugin(name, schema, changed):
     launcher = instantiate(OmegaConf.merge(cfg.hydra.launcher, {"submitit_folder": "/tmp/x", "name": "x"})
                            if name.startswith("submitit") else cfg.hydra.launcher)
     assert type(launcher).__name__ == dataclass_._target_.rsplit(".", 1)[1]
+
+
+# ------------------------------------------------------------------------------------------ the main job's live step
+
+
+def test_replay_training_then_a_live_evaluation_episode_on_the_same_arrivals(tiny_train_env, tmp_path):
+    """The main job's shape on tiny models: train on replay for 2 episodes of an open-loop workload whose rate is
+    relative to a measured capacity, then one episode of the learned policy live and on replay. Live must offer the
+    same arrivals as replay (its rate is replay's capacity made absolute): the epochs' submitted counts and phases
+    are equal run for run, and the agreement figures are computed from the two runs' own records."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(train_cmd(
+        tiny_train_env, run_dir, "agent=ucb", "episodes=2", "live_eval=true", "oracle=false", "slo=goodput",
+        "workload.episode_epochs=4",
+        "~workload.arrival", "+workload.arrival={kind:gamma,cv:1.0,epoch_s:0.5,rate_x_capacity:1.0,"
+                             "capacity_of:'tiny-llama@6'}",
+        "workload.phases=[{epochs:2,load:0.5,mixture:{qa:1.0}},{epochs:2,load:2.0,mixture:{code:1.0}}]"),
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lines = [json.loads(line) for line in (run_dir / "live_eval.jsonl").read_text().splitlines()]
+    live = [r for r in lines if r["backend"] == "live"]
+    replay = [r for r in lines if r["backend"] == "replay"]
+    assert len(live) == len(replay) == 4
+    assert [r["epoch"] for r in live] == [r["epoch"] for r in replay] == [8, 9, 10, 11]  # the episode after training
+    assert [r["phase"] for r in live] == [r["phase"] for r in replay] == [0, 0, 1, 1]
+    assert [r["load"]["submitted"] for r in live] == [r["load"]["submitted"] for r in replay]
+    assert sum(r["load"]["submitted"] for r in live) > 0
+    agreement = summary["live_eval"]
+    same = sum(a["action"] == b["action"] for a, b in zip(live, replay)) / 4
+    assert agreement["arm_agreement"] == pytest.approx(same)
+    assert agreement["reward_live"] == pytest.approx(sum(r["reward"] for r in live) / 4)
+    assert agreement["metrics"]["goodput_rps"]["live"] == pytest.approx(
+        sum(r["metrics"]["goodput_rps"] for r in live) / 4)
+    assert agreement["capacity_rps"] > 0
+    assert (run_dir / "live_eval_arms.png").stat().st_size > 0
