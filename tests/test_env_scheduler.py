@@ -64,8 +64,8 @@ def collect_records(env, monkeypatch) -> list[list[RequestRecord]]:
     spans: list[list[RequestRecord]] = []
     run_span = backend._run_span
 
-    def recording(sched, requests, t_end):
-        result = run_span(sched, requests, t_end)
+    def recording(sched, requests, t_end, **kwargs):
+        result = run_span(sched, requests, t_end, **kwargs)
         spans.append(list(result.records))
         return result
 
