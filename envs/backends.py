@@ -40,7 +40,8 @@ A drain that outlasts its epoch completes, and is charged, in a later one. The f
 load of its arm.
 
 What an epoch reports (`EpochResult`): the records of the requests that finished in the span, the requests still in
-the system at its end, and the span's seconds, tokens, energy, accuracy and exit-layer histogram (over the finished requests' tokens).
+the system at its end, and the span's seconds, tokens, energy, accuracy and exit-layer histogram (over the finished
+requests' tokens).
 
 Accuracy: each finished request gets a score (`_accuracy`; None: not scored, left out of the mean) and the epoch's
 accuracy is the mean of its requests' scores (a per-request mean, not pooled over tokens; None when no request was
@@ -69,6 +70,7 @@ from typing import Any
 
 import numpy as np
 
+from envs.judge import Judge  # torch-free: the judge's model loads on its first score
 from helios.arms import Arm, CandidateSpec, ExitSpec, MemoryBudget, MemoryInfo, build_arms, exit_buckets
 from helios.exit_config import ExitConfig
 from helios.replay_executor import ReplayExecutor
@@ -588,7 +590,7 @@ class ReplayBackend(SchedulerBackend):
             raise ValueError(f"the traces hold no request of source(s) {missing}; re-record them for this workload")
         self.references: list[str | None] = list(any_trace.meta["references"])
         self._pool_requests: list[Request] | None = None  # the trace pool's requests (prompt text), for the judge
-        self._judge: Any = None  # envs.judge.Judge, built when first needed
+        self._judge: Judge | None = None  # built when first needed
         self._judge_contexts: dict[int, list[int]] = {}  # trace request -> its prompt's judge ids
         self.tokenizers = {c.name: load_tokenizer(c.name, progress=False) for c in spec.candidates}
         # Per candidate and trace request: its tokens until the trace's first full-depth EOS (inclusive), which is
@@ -741,12 +743,10 @@ class ReplayBackend(SchedulerBackend):
         return score
 
     @property
-    def judge(self) -> Any:
+    def judge(self) -> Judge:
         """The env's judge (envs/judge.py), scores cached on disk: replay meets the same (request, tokens) in every
         env built on these traces."""
         if self._judge is None:
-            from envs.judge import Judge
-
             self._judge = Judge(self.spec.judge, prompt_margin=self.spec.trace_tokens, disk_cache=True)
         return self._judge
 
@@ -914,7 +914,7 @@ class LiveBackend(SchedulerBackend):
         self._prompt_ids: dict[tuple[Hashable, str], list[int]] = {}
         self._pool: dict[str, list[Request]] | None = None
         self._requests_by_id: dict[Hashable, Request] = {}
-        self._judge: Any = None  # envs.judge.Judge, built when first needed
+        self._judge: Judge | None = None  # built when first needed
         self.engine_s_total = 0.0  # measured compute seconds since construction
         self.load_s_total = 0.0
 
@@ -1024,11 +1024,9 @@ class LiveBackend(SchedulerBackend):
         return float(self.meter.stop().energy_j)
 
     @property
-    def judge(self) -> Any:
+    def judge(self) -> Judge:
         """The env's judge (envs/judge.py). No disk cache: free-running outputs rarely repeat."""
         if self._judge is None:
-            from envs.judge import Judge
-
             self._judge = Judge(self.spec.judge, prompt_margin=self.spec.trace_tokens)
         return self._judge
 

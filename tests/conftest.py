@@ -100,8 +100,8 @@ def tiny_train_env(tmp_path_factory) -> dict:
     finally:
         torch.set_num_threads(before)
     return {"trace_dir": trace_dir, "overrides": [*TRAIN_TINY_OVERRIDES, f"env.trace_dir={trace_dir}"],
-            "env_kwargs": {"candidates": "tiny", "per_source": 2, "new_tokens": 4, "build_traces": False, "judge": "tiny-llama",
-                           "trace_dir": str(trace_dir), "workload": workload}}
+            "env_kwargs": {"candidates": "tiny", "per_source": 2, "new_tokens": 4, "build_traces": False,
+                           "judge": "tiny-llama", "trace_dir": str(trace_dir), "workload": workload}}
 
 
 # ------------------------------------------------------------------ the early-exit reference

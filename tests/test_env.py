@@ -33,7 +33,8 @@ MIB = 2**20
 # sequence) does not fit, so two of the ten arms are masked.
 COMMON = {
     "candidates": "tiny", "workload": WORKLOAD, "memory_budget_mib": 1.5, "context_tokens": 512,
-    "new_tokens": NEW_TOKENS, "judge": "tiny-llama",  # the default judge_score metric, with a judge as fast as the candidates
+    "new_tokens": NEW_TOKENS,
+    "judge": "tiny-llama",  # the default metric, judge_score, under a judge as fast as the candidates
     "exits": [{"criterion": "none"}, {"criterion": "cosine", "threshold": 0.5, "exit_fractions": [0.5]}],
 }
 
@@ -329,8 +330,9 @@ def no_model_loads(monkeypatch):
         ({"memory_budget_mib": 0.01}, ValueError, "fits no arm"),
         ({"accuracy_metric": "bleu"}, ValueError,
          r"accuracy_metric must be one of \['exact_match', 'contains_answer', 'rouge_l', 'judge_score'\]; got 'bleu'"),
-        ({"accuracy_metric": "perplexity"}, ValueError, "accuracy_metric must be one of"),  # needs a model: not for the env
-        ({"judge": "smollm-135m"}, ValueError, r"judge must be a candidate name, one of \[.*'smollm2-135m'.*got 'smollm-135m'"),
+        ({"accuracy_metric": "perplexity"}, ValueError, "accuracy_metric must be one of"),  # needs inputs the env lacks
+        ({"judge": "smollm-135m"}, ValueError,
+         r"judge must be a candidate name, one of \[.*'smollm2-135m'.*got 'smollm-135m'"),
         ({"on_masked_action": "ignore"}, ValueError, "on_masked_action"),
         ({"traces": {"tiny-llama": "/nonexistent/a.parquet", "tiny-gemma3": "/nonexistent/b.parquet"}},
          FileNotFoundError, "not found"),
