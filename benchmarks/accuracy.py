@@ -6,6 +6,8 @@
     python benchmarks/accuracy.py --quick --candidates smollm2-135m:10,20,30 --judges smollm2-135m --json /tmp/a.json
     python benchmarks/accuracy.py --per-source 8 --new-tokens 8 --candidates tiny-llama:2,6 --judges tiny-llama \\
         --reference tiny-llama --json /tmp/tiny.json                                        # smoke test, seconds
+    python benchmarks/accuracy.py --forced-error --per-source 8 --new-tokens 16 --candidates smollm2-135m:10,20,30 \\
+        --judges smollm2-135m --exit max_prob:0.9:0.5,0.75 --json /tmp/forced.json   # replay's judge error (5.)
 
 1. A pool of requests per source (code, prose, qa: `helios.workloads.Workload.pool`, the pool a replay trace records),
    served by every (candidate, depth) free-running (what live serves and a user sees: greedy, exits off, no stop at
@@ -35,6 +37,12 @@
    the same requests (what replay's common-random-number floor sees).
 4. Teacher-forced error: each metric on the teacher-forced outputs (replay) minus on the free-running ones (live),
    per depth.
+5. `--forced-error`: only the teacher-forced error of the env's accuracy, judge_score, as the env computes it
+   (envs.judge.Judge of the first --judges: per-request scores, their mean over the pool), for every depth with
+   exits off and, with --exit, for exit settings at full depth. Free-running: `engine.generate` with the exit
+   setting. Teacher-forced as replay computes it (helios.replay.Replayer.exits on a trace): one full-depth forward over
+   the full-depth output (helios.profiling.layer_signals, what a trace records), each position's token taken at the
+   first exit point whose signal passes the threshold (else at full depth; the first token always at full depth).
 """
 
 from __future__ import annotations
@@ -116,10 +124,11 @@ def batches_by_length(prompts: Sequence[Sequence[int]], sources: Sequence[str], 
 
 
 def generate_arm(engine: EarlyExitEngine, prompts: Sequence[Sequence[int]], batches: Sequence[Sequence[int]],
-                 new_tokens: int, forced: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+                 new_tokens: int, forced: Sequence[Sequence[int]] | None = None,
+                 exit_config: ExitConfig = ExitConfig()) -> list[list[int]]:
     out: list[list[int]] = [[] for _ in prompts]
     for batch in batches:
-        result = engine.generate([list(prompts[i]) for i in batch], new_tokens, ExitConfig(), stop_at_eos=False,
+        result = engine.generate([list(prompts[i]) for i in batch], new_tokens, exit_config, stop_at_eos=False,
                                  forced_tokens=None if forced is None else [list(forced[i]) for i in batch])
         for i, tokens in zip(batch, result.tokens):
             out[i] = [int(t) for t in tokens]
@@ -442,6 +451,101 @@ def markdown(result: dict[str, Any], sources: Sequence[str] = ("mix",)) -> str:
     return "\n".join(lines)
 
 
+def parse_exit(text: str, depth: int) -> ExitConfig:
+    """`criterion:threshold:fraction,fraction` -> the ExitConfig the env builds at `depth` (helios.arms.ExitSpec)."""
+    from helios.arms import ExitSpec
+
+    criterion, threshold, fractions = text.split(":")
+    config = ExitSpec(criterion, float(threshold), tuple(float(f) for f in fractions.split(","))).exit_config(depth)
+    if config is None or not config.enabled:
+        raise SystemExit(f"--exit {text}: no exit point inside 1..{depth - 1}")
+    return config
+
+
+@torch.inference_mode()
+def replay_exit_tokens(engine: EarlyExitEngine, prompts: Sequence[Sequence[int]], full_tokens: Sequence[Sequence[int]],
+                       config: ExitConfig) -> list[list[int]]:
+    """Per request, the tokens replay gives the full-depth model under exit setting `config`: per position, the
+    prediction at the first exit point whose signal passes the threshold after the full-depth prefix (the rule of
+    helios.replay.Replayer.exits, on the signals a trace records: helios.profiling.layer_signals)."""
+    from helios.profiling import layer_signals
+
+    depth = engine.depth
+    points = np.array(sorted(p for p in config.exit_points if p < depth), dtype=np.int64)
+    out = []
+    for prompt, generated in zip(prompts, full_tokens):
+        signals = layer_signals(engine, list(prompt), list(generated))
+        signal = signals[config.criterion]
+        passes = signal[:, points - 1] >= np.float32(config.threshold)
+        exit_layer = np.where(passes.any(1), points[passes.argmax(1)], depth)
+        exit_layer[0] = depth  # token 0 comes from prefill
+        out.append([int(t) for t in signals["pred"][np.arange(len(generated)), exit_layer - 1]])
+    return out
+
+
+def forced_error(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """Section 5 of the module docstring: judge_score free-running vs teacher-forced, per arm."""
+    from envs.judge import Judge
+
+    requests = request_pool(args.per_source, args.seed)
+    digest = pool_digest(requests)
+    judge = Judge(args.judges[0], prompt_margin=args.new_tokens, disk_cache=True)
+    rows = []
+    for spec in args.candidates:
+        name, _, depth_list = spec.partition(":")
+        depths = [int(d) for d in depth_list.split(",")]
+        arms = generations(name, depths, requests, args.new_tokens, args.batch_size, args.cache, digest, log)
+        full = max(k.depth for k in arms)
+        tokenizer = load_tokenizer(name, progress=False)
+        pairs: list[tuple[str, list[list[int]], list[list[int]]]] = []
+        for depth in sorted(depths):
+            free = arms[ArmKey(name, depth, "free")]
+            forced = free if depth == full else arms[ArmKey(name, depth, "forced")]  # full depth: forced is free
+            pairs.append((f"{name}@{depth} exits off", free, forced))
+        if args.exit:
+            checkpoint = resolve_checkpoint(name, progress=False)
+            prompts = encode_requests(list(requests), tokenizer, max_context(checkpoint) - args.new_tokens)
+            batches = batches_by_length(prompts, [r.source for r in requests], args.batch_size)
+            engine = EarlyExitEngine(load_candidate(name, progress=False))
+            for text in args.exit:
+                config = parse_exit(text, full)
+                path = args.cache / f"gen_{name}_{full}_exit-{text.replace(':', '_')}_{digest}_{args.new_tokens}.json"
+                if path.exists() and json.loads(path.read_text())["checkpoint"] == checkpoint:
+                    stored = json.loads(path.read_text())
+                    free, forced = stored["free"], stored["forced"]
+                else:
+                    start = time.perf_counter()
+                    free = generate_arm(engine, prompts, batches, args.new_tokens, exit_config=config)
+                    forced = replay_exit_tokens(engine, prompts, arms[ArmKey(name, full, "free")], config)
+                    with atomic_file(path, "w") as handle:
+                        json.dump({"checkpoint": checkpoint, "free": free, "forced": forced}, handle)
+                    log(f"{name}@{full} {text}: generated and replayed in {time.perf_counter() - start:.0f} s")
+                pairs.append((f"{name}@{full} {text} (exit points {list(config.exit_points)})", free, forced))
+        for label, free, forced in pairs:
+            values = {}
+            for mode, tokens in (("free", free), ("forced", forced)):
+                texts = [tokenizer.decode(t[: args.new_tokens], skip_special_tokens=True) for t in tokens]
+                values[mode] = [judge.score(r, x) for r, x in zip(requests, texts)]
+            agree = [sum(a == b for a, b in zip(f, g)) / max(len(f), 1) for f, g in zip(free, forced)]
+            rows.append({"arm": label, "requests": len(requests), "judge_free": float(np.mean(values["free"])),
+                         "judge_forced": float(np.mean(values["forced"])),
+                         "difference": float(np.mean(values["forced"]) - np.mean(values["free"])),
+                         "token_agreement_forced_free": float(np.mean(agree)),
+                         "per_request_free": values["free"], "per_request_forced": values["forced"]})
+            log(f"{label}: free {rows[-1]['judge_free']:.4f} forced {rows[-1]['judge_forced']:.4f}")
+    return {"rows": rows, "judge": judge.name, "judge_forwards": judge.forwards, "pool_digest": digest}
+
+
+def forced_markdown(result: dict[str, Any]) -> str:
+    lines = [f"judge_score under {result['judge']} (env's per-request mean), teacher-forced (replay) vs free-running "
+             "(live):\n", "| arm | requests | free-running | teacher-forced | difference | token agreement |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['arm']} | {row['requests']} | {row['judge_free']:.4f} | {row['judge_forced']:.4f} | "
+                     f"{row['difference']:+.4f} | {row['token_agreement_forced_free']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", nargs="+", default=["smollm2-135m:10,20,30", "gemma3-270m:6,12,18"],
@@ -461,6 +565,10 @@ def main() -> None:
     parser.add_argument("--md", type=Path, default=None)
     parser.add_argument("--md-sources", nargs="+", default=["mix"], help="sources of the per-arm tables")
     parser.add_argument("--report", type=Path, default=None, help="print the tables of a --json result and exit")
+    parser.add_argument("--forced-error", action="store_true",
+                        help="only section 5: judge_score (first --judges) teacher-forced vs free-running per arm")
+    parser.add_argument("--exit", nargs="*", default=[], metavar="CRITERION:THRESHOLD:FRACTIONS",
+                        help="with --forced-error: exit settings at full depth, e.g. max_prob:0.9:0.5,0.75")
     args = parser.parse_args()
     if args.report:
         print(markdown(json.loads(args.report.read_text()), args.md_sources))
@@ -473,6 +581,18 @@ def main() -> None:
 
     def log(message: str) -> None:
         print(f"[{time.time() - started:6.0f} s] {message}", flush=True)
+
+    if args.forced_error:
+        result = forced_error(args, log)
+        result["machine"] = {"threads": args.threads, "load_average_start": load_start,
+                             "load_average_end": os.getloadavg(), "wall_s": time.time() - started,
+                             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        print(forced_markdown(result))
+        if args.json:
+            with atomic_file(args.json, "w") as handle:
+                json.dump(result, handle, indent=1)
+        return
 
     candidates = {}
     for spec in args.candidates:

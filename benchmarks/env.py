@@ -49,6 +49,7 @@ from helios.paths import atomic_file
 # which a smaller budget would refuse (the scheduler reserves prompt + max_tokens of K/V per sequence).
 TINY = {
     "candidates": "tiny", "workload": "drift3", "memory_budget_mib": 8.0, "context_tokens": 2048, "new_tokens": 8,
+    "judge": "tiny-llama",  # judge_score (the default) under a judge as fast as the tiny candidates
     "exits": [{"criterion": "none"}, {"criterion": "cosine", "threshold": 0.5, "exit_fractions": [0.5]}],
 }
 OPEN_LOOP_REQUESTS = 24  # a load-1 epoch's requests (epoch_s = this / capacity)

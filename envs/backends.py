@@ -40,8 +40,18 @@ A drain that outlasts its epoch completes, and is charged, in a later one. The f
 load of its arm.
 
 What an epoch reports (`EpochResult`): the records of the requests that finished in the span, the requests still in
-the system at its end, and the span's seconds, tokens, energy, accuracy (mean per finished request with a
-reference; replay scores the teacher-forced tokens) and exit-layer histogram (over the finished requests' tokens).
+the system at its end, and the span's seconds, tokens, energy, accuracy and exit-layer histogram (over the finished
+requests' tokens).
+
+Accuracy: each finished request gets a score (`_accuracy`; None: not scored, left out of the mean) and the epoch's
+accuracy is the mean of its requests' scores (a per-request mean, not pooled over tokens; None when no request was
+scored). `judge_score` (the default) scores every request, reference or not, under the env's judge (envs/judge.py:
+the output's text re-tokenised by a fixed model at full depth, given the prompt); the text metrics (rouge_l,
+exact_match, contains_answer) score only requests with a reference text. Live scores the served, free-running output
+after the span has run: the judge is evaluation, so its time is outside the span's measured seconds (the virtual
+clock only moves by the executor's measured steps inside `run_until`) and outside the energy meter's window. Replay
+scores the teacher-forced tokens it produces (its documented approximation), cached in memory per (candidate, request,
+tokens) and, for the judge, on disk. Capacity runs are not scored (only their clock matters).
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ from typing import Any
 
 import numpy as np
 
+from envs.judge import Judge  # torch-free: the judge's model loads on its first score
 from helios.arms import Arm, CandidateSpec, ExitSpec, MemoryBudget, MemoryInfo, build_arms, exit_buckets
 from helios.exit_config import ExitConfig
 from helios.replay_executor import ReplayExecutor
@@ -91,6 +102,7 @@ class ServingSpec:
     energy_cfg: dict[str, Any]
     switch_policy: str = "drain"
     max_prefill_tokens: int | None = None  # the scheduler's cap on one prefill call's padded tokens
+    judge: str = "smollm2-135m"  # the judge_score model (a candidate name), loaded at full depth when first needed
 
     @property
     def budget(self) -> MemoryBudget:
@@ -168,7 +180,7 @@ class EpochResult:
     output_tokens: int
     energy_j: float
     energy_source: str
-    accuracy: float | None  # mean over finished requests with a reference; None when none
+    accuracy: float | None  # mean of the finished requests' scores (module docstring); None when none was scored
     histogram: np.ndarray  # float32 [bins]: shares of the finished requests' tokens by exit layer / layers
     submitted: int  # this epoch's requests
     rejected: int  # refused by the scheduler in this span (never fit beside the weights)
@@ -247,7 +259,11 @@ class SchedulerBackend(abc.ABC):
 
     @abc.abstractmethod
     def _accuracy(self, request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:
-        """The task score of one finished request (None: it has no reference)."""
+        """The score of one finished request under the env's accuracy_metric (None: not scored, i.e. a text metric
+        and a request without reference text; judge_score scores every request)."""
+
+    def _forget(self, request_id: Hashable) -> None:  # noqa: B027 (optional hook)
+        """Drop what the backend kept to score a request that is not scored (capacity runs)."""
 
     @abc.abstractmethod
     def _tokenizer_vocab(self, candidate: str) -> Mapping[str, int]: ...
@@ -351,8 +367,12 @@ class SchedulerBackend(abc.ABC):
         ep.rejected += result.rejected
         return result
 
-    def _run_span(self, sched: Scheduler, requests: Sequence[SequenceRequest], t_end: float) -> EpochResult:
-        """Submit `requests`, run the scheduler to `t_end`, and summarise the span."""
+    def _run_span(self, sched: Scheduler, requests: Sequence[SequenceRequest], t_end: float, *,
+                  score: bool = True) -> EpochResult:
+        """Submit `requests`, run the scheduler to `t_end`, and summarise the span (`score`: compute accuracy).
+
+        Scoring comes after `run_until` and after the energy meter stops: the span's seconds and energy are the
+        serving's alone, however long the judge takes (module docstring, Accuracy)."""
         executor = sched.executor
         rejected_before = len(sched.rejected)
         for request in requests:
@@ -368,9 +388,12 @@ class SchedulerBackend(abc.ABC):
         scores: list[float] = []
         for record in records:
             arm, token_ids = released.pop(record.request_id)
-            score = self._accuracy(record.request_id, arm, token_ids)
-            if score is not None:
-                scores.append(score)
+            if score:
+                value = self._accuracy(record.request_id, arm, token_ids)
+                if value is not None:
+                    scores.append(value)
+            else:
+                self._forget(record.request_id)
             table = self._bucket_table(arm.num_layers if hasattr(arm, "num_layers") else arm.depth)
             for layer in record.exit_layers:
                 counts[table[layer]] += 1
@@ -395,7 +418,7 @@ class SchedulerBackend(abc.ABC):
     # -- reference and capacity: the same scheduler path, on a scheduler of their own
 
     def _standalone(self, arm: Any, requests: Sequence[SequenceRequest], t_end: float, *,
-                    fit_all: bool = False) -> EpochResult:
+                    fit_all: bool = False, score: bool = True) -> EpochResult:
         """`requests` served by `arm`, already loaded (warm: no switch), from an empty queue at clock 0. `fit_all`:
         enlarge the memory budget, if needed, so that the largest request fits beside the weights (the reference
         run is measured even where the budget would mask its arm, as its batch is at least 1)."""
@@ -406,7 +429,7 @@ class SchedulerBackend(abc.ABC):
                                                                          for r in requests)
             budget = dataclasses.replace(budget, memory_budget_bytes=max(budget.memory_budget_bytes, need))
         sched = Scheduler(executor, budget, VirtualClock(0.0), arm=arm)
-        return self._run_span(sched, requests, t_end)
+        return self._run_span(sched, requests, t_end, score=score)
 
     def reference_profile(self, targets: Any = None) -> dict[str, dict[str, float]]:
         """Per workload source: the metrics of the reference candidate at full depth, no exits, already loaded,
@@ -461,7 +484,7 @@ class SchedulerBackend(abc.ABC):
             batch += self._source_requests(source, [0.0], [length], tag=f"capacity-{k}")
         arm = _CapacityArm(candidate, int(depth), ExitConfig(), info.num_layers)
         start = time.perf_counter()
-        result = self._standalone(arm, batch, math.inf)
+        result = self._standalone(arm, batch, math.inf, score=False)  # a rate: accuracy is not needed
         finishes = sorted(r.finished_s for r in result.records)
         lo, hi = len(finishes) // 4, (3 * len(finishes)) // 4
         if len(finishes) < 8 or finishes[hi] <= finishes[lo]:
@@ -574,6 +597,9 @@ class ReplayBackend(SchedulerBackend):
         if missing:
             raise ValueError(f"the traces hold no request of source(s) {missing}; re-record them for this workload")
         self.references: list[str | None] = list(any_trace.meta["references"])
+        self._pool_requests: list[Request] | None = None  # the trace pool's requests (prompt text), for the judge
+        self._judge: Judge | None = None  # built when first needed
+        self._judge_contexts: dict[int, list[int]] = {}  # trace request -> its prompt's judge ids
         self.tokenizers = {c.name: load_tokenizer(c.name, progress=False) for c in spec.candidates}
         # Per candidate and trace request: its tokens until the trace's first full-depth EOS (inclusive), which is
         # where the replay executor ends it (helios.replay_executor), for the paired reference accuracy.
@@ -711,16 +737,45 @@ class ReplayBackend(SchedulerBackend):
         key = (candidate, rid, tuple(token_ids))
         score = self._accuracy_cache.get(key, -1.0)
         if score == -1.0:
-            reference = self.references[rid]
-            if reference is None:
+            text = self.tokenizers[candidate].decode(list(token_ids), skip_special_tokens=True)
+            if self.spec.accuracy_metric == "judge_score":
+                score = self.judge.score(self.pool_request(rid), text, context=self._judge_context(rid))
+            elif self.references[rid] is None:
                 score = None
             else:
                 from helios.metrics import compute_accuracy
 
-                text = self.tokenizers[candidate].decode(list(token_ids), skip_special_tokens=True)
-                score = compute_accuracy(self.spec.accuracy_metric, predictions=[text], references=[reference])
+                score = compute_accuracy(self.spec.accuracy_metric, predictions=[text],
+                                         references=[self.references[rid]])
             self._accuracy_cache[key] = score
         return score
+
+    @property
+    def judge(self) -> Judge:
+        """The env's judge (envs/judge.py), scores cached on disk: replay meets the same (request, tokens) in every
+        env built on these traces."""
+        if self._judge is None:
+            self._judge = Judge(self.spec.judge, prompt_margin=self.spec.trace_tokens, disk_cache=True)
+        return self._judge
+
+    def _judge_context(self, rid: int) -> list[int]:
+        if rid not in self._judge_contexts:
+            self._judge_contexts[rid] = self.judge.context_ids(self.pool_request(rid))
+        return self._judge_contexts[rid]
+
+    def pool_request(self, rid: int) -> Request:
+        """Trace request `rid` (its prompt text): the workload's pool, rebuilt as the trace recorded it
+        (helios.profiling.ensure_trace: `Workload.pool(per_source)`), checked against the trace's request names."""
+        if self._pool_requests is None:
+            meta = self.replayers[self.spec.reference].trace.meta
+            names = list(meta.get("request_names") or [])
+            per_source = meta.get("per_source")
+            pool = self.spec.workload.pool(int(per_source)) if per_source else []
+            if not names or [r.request_id for r in pool] != names:
+                raise ValueError("the traces do not record their request pool (request_names, per_source) as this "
+                                 "workload rebuilds it, so judge_score cannot find their prompts; re-record them")
+            self._pool_requests = pool
+        return self._pool_requests[rid]
 
     # -- replay only: what an arm would do, without serving
 
@@ -873,6 +928,7 @@ class LiveBackend(SchedulerBackend):
         self._prompt_ids: dict[tuple[Hashable, str], list[int]] = {}
         self._pool: dict[str, list[Request]] | None = None
         self._requests_by_id: dict[Hashable, Request] = {}
+        self._judge: Judge | None = None  # built when first needed
         self.engine_s_total = 0.0  # measured compute seconds since construction
         self.load_s_total = 0.0
 
@@ -981,17 +1037,31 @@ class LiveBackend(SchedulerBackend):
     def _energy_end(self, executor: Any) -> float:
         return float(self.meter.stop().energy_j)
 
+    @property
+    def judge(self) -> Judge:
+        """The env's judge (envs/judge.py). No disk cache: free-running outputs rarely repeat."""
+        if self._judge is None:
+            self._judge = Judge(self.spec.judge, prompt_margin=self.spec.trace_tokens)
+        return self._judge
+
     def _accuracy(self, request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:
+        # Called by _run_span after the span has run: the judge's time is not on the serving clock.
         request = self._requests_by_id.pop(request_id)
+        text = self.tokenizer(arm.candidate).decode(list(token_ids), skip_special_tokens=True)
+        if self.spec.accuracy_metric == "judge_score":
+            return self.judge.score(request, text)
         if request.reference is None:
             return None
         from helios.metrics import compute_accuracy
 
-        text = self.tokenizer(arm.candidate).decode(list(token_ids), skip_special_tokens=True)
         return compute_accuracy(self.spec.accuracy_metric, predictions=[text], references=[request.reference])
 
-    def _run_span(self, sched: Scheduler, requests: Sequence[SequenceRequest], t_end: float) -> EpochResult:
-        result = super()._run_span(sched, requests, t_end)
+    def _forget(self, request_id: Hashable) -> None:
+        self._requests_by_id.pop(request_id, None)
+
+    def _run_span(self, sched: Scheduler, requests: Sequence[SequenceRequest], t_end: float, *,
+                  score: bool = True) -> EpochResult:
+        result = super()._run_span(sched, requests, t_end, score=score)
         self.engine_s_total += result.compute_s
         return result
 

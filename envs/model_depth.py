@@ -42,7 +42,7 @@ BACKENDS: tuple[str, ...] = ("live", "replay")
 COMMON_KEYS: tuple[str, ...] = (
     "candidates", "reference", "exits", "workload", "slo", "energy", "memory_budget_mib", "context_tokens",
     "max_batch_size", "new_tokens", "accuracy_metric", "histogram_bins", "on_masked_action", "masked_action_penalty",
-    "switch_policy", "max_prefill_tokens",
+    "switch_policy", "max_prefill_tokens", "judge",
 )
 REPLAY_KEYS: tuple[str, ...] = ("per_source", "variants", "trace_dir", "traces", "build_traces")
 
@@ -131,7 +131,8 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     | latency_p95_s    | p95 end-to-end of requests finished in it, with the age of those still waiting   |
     | energy_j_per_tok | live: the meter around the span's compute; replay: busy s x the trace's power    |
     |                  | figure (an estimate; `info["energy_source"]` says which)                         |
-    | accuracy         | mean score of the finished requests (replay: teacher-forced trace tokens)        |
+    | accuracy         | mean of the finished requests' scores (per request, not pooled over tokens; see  |
+    |                  | accuracy_metric; replay scores the teacher-forced trace tokens)                  |
     | goodput_rps      | requests/s that met both TTFT and TPOT targets (SLOs with targets)               |
     | attainment       | met / judged; a request is judged once (helios.slo.request_metrics), a rejected  |
     |                  | one counts as missed                                                             |
@@ -178,7 +179,13 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     | context_tokens        | K/V per sequence that sizes an arm's guaranteed batch (and its feasibility)  |
     | max_batch_size        | cap on sequences running at once                                             |
     | new_tokens            | max_tokens of a request whose workload draws none                            |
-    | accuracy_metric       | rouge_l, exact_match or contains_answer (helios.metrics) vs the references   |
+    | accuracy_metric       | judge_score (default): exp(-mean NLL per token) of each output's text under  |
+    |                       | `judge`, given the prompt (envs/judge.py; every request scored, an empty     |
+    |                       | output 0; live: outside the measured clock). Or rouge_l, exact_match,        |
+    |                       | contains_answer (helios.metrics) vs reference texts (requests without one    |
+    |                       | are not scored). Epoch accuracy: mean over its scored requests               |
+    | judge                 | candidate name of the judge_score model, loaded at full depth on first use   |
+    |                       | (default smollm2-135m; tests use tiny-llama)                                 |
     | histogram_bins        | exit-layer histogram buckets                                                 |
     | on_masked_action      | "penalty" or "raise"                                                         |
     | masked_action_penalty | reward of a refused (masked) action, negated                                 |
@@ -224,6 +231,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         masked_action_penalty: float | None = None,
         switch_policy: Literal["drain", "recompute"] | None = None,
         max_prefill_tokens: int | None = None,
+        judge: str | None = None,
         per_source: int | None = None,
         variants: int | None = None,
         trace_dir: str | Path | None = None,
@@ -595,7 +603,14 @@ def _serving_spec(cfg: Mapping[str, Any], backend: str) -> ServingSpec:
         fractions = tuple(float(f) for f in fractions) if criterion != "none" else ()
         exits.append(ExitSpec(criterion, float(threshold), fractions))
 
-    text_metrics = [m for m, metric in ACCURACY_METRICS.items() if metric.inputs == ("predictions", "references")]
+    # The env scores text against references, or (judge_score) under its judge; fidelity and perplexity need inputs
+    # (full-depth tokens, a model) that the env does not give them.
+    accuracy_metrics = [m for m, metric in ACCURACY_METRICS.items() if metric.inputs == ("predictions", "references")]
+    accuracy_metrics.append("judge_score")
+    judge = cfg.get("judge")
+    if not isinstance(judge, str) or not (judge in candidate_names() or "/" in judge or Path(judge).is_dir()):
+        raise ValueError(f"judge must be a candidate name, one of {candidate_names()} (or a Hugging Face id "
+                         f"'owner/name', or a local checkpoint directory); got {judge!r}")
     workload_cfg = _group("workload", cfg["workload"])
     # A capacity-relative rate is resolved once the backend exists (it measures the capacity); until then a
     # placeholder capacity builds the workload, whose pool, mixtures and output lengths do not depend on it.
@@ -610,11 +625,12 @@ def _serving_spec(cfg: Mapping[str, Any], backend: str) -> ServingSpec:
         context_tokens=_number("context_tokens", cfg["context_tokens"], minimum=1, integer=True),
         max_batch_size=_number("max_batch_size", cfg["max_batch_size"], minimum=1, integer=True),
         new_tokens=_number("new_tokens", cfg["new_tokens"], minimum=1, integer=True),
-        accuracy_metric=_choice("accuracy_metric", cfg["accuracy_metric"], text_metrics),
+        accuracy_metric=_choice("accuracy_metric", cfg["accuracy_metric"], accuracy_metrics),
         histogram_bins=_number("histogram_bins", cfg["histogram_bins"], minimum=1, integer=True),
         energy_cfg=dict(_group("energy", cfg["energy"])),
         switch_policy=_choice("switch_policy", cfg["switch_policy"], SWITCH_POLICIES),
         max_prefill_tokens=_number("max_prefill_tokens", cfg["max_prefill_tokens"], minimum=1, integer=True),
+        judge=judge,
     )
 
 

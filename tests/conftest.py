@@ -65,7 +65,9 @@ def tiny(tiny_cache):
 # ------------------------------------------------------------------ scripts/train.py on the tiny replay env
 
 TRAIN_TINY_OVERRIDES: tuple[str, ...] = (
-    "env=replay", "workload=drift3", "slo=balanced", "episodes=1", "live_eval=false", "env.candidates=tiny", "env.per_source=2", "env.new_tokens=4", "env.build_traces=false",
+    "env=replay", "workload=drift3", "slo=balanced", "episodes=1", "live_eval=false", "env.candidates=tiny",
+    "env.per_source=2", "env.new_tokens=4", "env.build_traces=false",
+    "env.judge=tiny-llama",  # judge_score (the default metric) under a judge as fast as the tiny candidates
     "logger=none", "workload.episode_epochs=40", "workload.arrival.batch_size=4",
     "workload.phases=[{epochs:20,mixture:{qa:1.0}},{epochs:20,mixture:{code:1.0}}]",
 )
@@ -100,7 +102,7 @@ def tiny_train_env(tmp_path_factory) -> dict:
         torch.set_num_threads(before)
     return {"trace_dir": trace_dir, "overrides": [*TRAIN_TINY_OVERRIDES, f"env.trace_dir={trace_dir}"],
             "env_kwargs": {"candidates": "tiny", "per_source": 2, "new_tokens": 4, "build_traces": False,
-                           "trace_dir": str(trace_dir), "workload": workload}}
+                           "judge": "tiny-llama", "trace_dir": str(trace_dir), "workload": workload}}
 
 
 # ------------------------------------------------------------------ the early-exit reference

@@ -35,7 +35,7 @@ def test_quick_benchmark_writes_the_contract(tmp_path: Path) -> None:
     for name, workload in SCENARIOS.items():
         paths.append(tmp_path / f"{name}.yaml")
         paths[-1].write_text(yaml.safe_dump(workload))
-    env = json.dumps({"candidates": "tiny", "per_source": 2, "new_tokens": 4, "build_traces": True,
+    env = json.dumps({"candidates": "tiny", "judge": "tiny-llama", "per_source": 2, "new_tokens": 4, "build_traces": True,
                       "trace_dir": str(tmp_path / "traces")})
     out = tmp_path / "agents.json"
     run = subprocess.run([sys.executable, str(BENCH), "--quick", "--scenarios", ",".join(map(str, paths)),

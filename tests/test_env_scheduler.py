@@ -35,7 +35,7 @@ OVERLOAD = {
 }
 # 8 MiB: every arm fits and several sequences run at once, so a switch finds sequences in flight.
 COMMON = {"candidates": "tiny", "memory_budget_mib": 8.0, "context_tokens": 512, "new_tokens": 4, "exits": EXITS,
-          "slo": "goodput"}
+          "slo": "goodput", "judge": "tiny-llama"}  # judge_score (the default) under a judge as fast as the candidates
 SWITCHING = [0, 2, 6, 1, 8, 4]  # llama@2, llama@4, gemma@3, llama@2 exit, gemma@6, llama@6: every kind of change
 
 
@@ -64,8 +64,8 @@ def collect_records(env, monkeypatch) -> list[list[RequestRecord]]:
     spans: list[list[RequestRecord]] = []
     run_span = backend._run_span
 
-    def recording(sched, requests, t_end):
-        result = run_span(sched, requests, t_end)
+    def recording(sched, requests, t_end, **kwargs):
+        result = run_span(sched, requests, t_end, **kwargs)
         spans.append(list(result.records))
         return result
 

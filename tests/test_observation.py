@@ -47,7 +47,7 @@ def env(tmp_path_factory):
     made = gymnasium.make("helios/ModelDepthReplay-v0", candidates=[{"name": "tiny-llama", "depths": [2, 6]},
                           {"name": "tiny-gemma3", "depths": [3, 6]}], workload=WORKLOAD, exits=EXITS,
                           new_tokens=4, per_source=2, variants=1, trace_dir=str(out), build_traces=False,
-                          memory_budget_mib=64, max_batch_size=16)
+                          memory_budget_mib=64, max_batch_size=16, judge="tiny-llama")
     yield made
     made.close()
 

@@ -1,0 +1,154 @@
+"""The environment's judge: `helios.metrics.judge_score` of one served output under a fixed model at full depth.
+
+    judge = Judge("smollm2-135m", prompt_margin=16)
+    judge.score(request, output_text)          # exp(-mean NLL per judge token of the text), given the prompt
+
+Why a judge and how it was chosen: benchmarks/RESULTS.md, "An accuracy that separates arms". What it scores:
+  output   the text the serving candidate produced (decoded with its own tokenizer, special tokens skipped), re-encoded
+           with the judge's tokenizer without special tokens, so that every candidate is scored on the judge's one
+           scale (comparable across candidates whatever their vocabulary).
+  context  the request's prompt as the judge would be served it: `helios.workloads.encode_requests` with the judge's
+           tokenizer (a chat request through the judge's chat template), cut to the judge's context minus
+           `prompt_margin` tokens, exactly as the env cuts prompts for serving (envs.backends.LiveBackend.prompt_ids).
+  empty    an output with no text (EOS first, or only special tokens) has nothing to judge; it scores 0.0, as ROUGE-L
+           scores an empty prediction, so that an arm cannot raise its accuracy by answering nothing.
+No reference text is needed: every finished request is scored.
+
+The model loads on the first score that misses the caches (once per env), in eval mode, under inference_mode. Scores
+may be cached on disk (`disk_cache=True`, replay): one small JSON file per score under
+`helios.paths.cache_dir()/judge`, named by a hash of what determines the score: the judge's name, its checkpoint's
+identity (config and weight file sizes, plus helios' provenance record), the judge's context ids and output ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from helios.workloads import Request
+
+
+class Judge:
+    """judge_score under candidate `name` at full depth (module docstring)."""
+
+    def __init__(self, name: str, *, prompt_margin: int, disk_cache: bool = False) -> None:
+        self.name = name
+        self.prompt_margin = int(prompt_margin)
+        self.disk_cache = disk_cache
+        self._tokenizer: Any = None
+        self._model: Any = None
+        self._max_context: int | None = None
+        self._identity: str | None = None
+        self.forwards = 0  # scores computed by the model (cache misses): what the judge cost
+
+    # -- lazy parts: the tokenizer and config are cheap, the model is loaded only when a score is not cached
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from helios.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.name, progress=False)
+        return self._tokenizer
+
+    @property
+    def checkpoint(self) -> str:
+        from helios.models import resolve_checkpoint
+
+        return resolve_checkpoint(self.name, progress=False)
+
+    @property
+    def max_context(self) -> int:
+        if self._max_context is None:
+            from transformers import AutoConfig
+
+            from helios.models import text_config
+
+            config = text_config(AutoConfig.from_pretrained(self.checkpoint))
+            self._max_context = int(getattr(config, "max_position_embeddings", 1 << 30))
+        return self._max_context
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from helios.models import load_candidate
+
+            loaded = load_candidate(self.name, progress=False)  # full depth; load_candidate sets eval, no grad
+            loaded.model.eval()
+            self._model = loaded.model
+        return self._model
+
+    def identity(self) -> str:
+        """The judge checkpoint's identity for the disk cache: its config, helios' provenance record (GGUF package and
+        version) and the names and sizes of its weight files. Sizes, not contents: hashing ~0.5 GB per env is not
+        worth it, and a re-conversion of the same package writes the same sizes and the same weights."""
+        if self._identity is None:
+            root = Path(self.checkpoint)
+            parts: list[str] = [self.name]
+            if root.is_dir():
+                for file in ("config.json", "helios_source.json"):
+                    if (root / file).exists():
+                        parts.append((root / file).read_text())
+                parts += [f"{p.name}:{p.stat().st_size}" for p in sorted(root.glob("*.safetensors"))]
+            else:
+                parts.append(str(root))  # a hub id: its name is all that is known without loading it
+            self._identity = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+        return self._identity
+
+    # -- scoring
+
+    def context_ids(self, request: Request) -> list[int]:
+        """The prompt of `request` as the judge is served it (module docstring: context)."""
+        from helios.workloads import encode_requests
+
+        return encode_requests([request], self.tokenizer, max(1, self.max_context - self.prompt_margin))[0]
+
+    def output_ids(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def score(self, request: Request, text: str, *, context: list[int] | None = None) -> float:
+        """judge_score of output `text` of `request` (module docstring); `context`: its context ids, if known."""
+        output = self.output_ids(text)
+        if not output:
+            return 0.0
+        context = self.context_ids(request) if context is None else context
+        # A re-tokenised output may be longer than the serving margin (e.g. a byte-level judge): keep the most recent
+        # context that fits the judge's window, as encode_requests does.
+        room = self.max_context - len(output)
+        if room < len(context):
+            context = context[-room:] if room > 0 else []
+        path = self._cache_path(context, output) if self.disk_cache else None
+        if path is not None and path.exists():
+            try:
+                return float(json.loads(path.read_text())["score"])
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable (e.g. a foreign file): recompute and overwrite
+        value = self._judge_score(context, output)
+        if path is not None:
+            from helios.paths import atomic_file
+
+            with atomic_file(path, "w") as handle:
+                json.dump({"judge": self.name, "score": value}, handle)
+        return value
+
+    def _judge_score(self, context: list[int], output: list[int]) -> float:
+        import torch
+
+        from helios.metrics import judge_score
+
+        self.forwards += 1
+        with torch.inference_mode():
+            value = judge_score(self.model, [output], [context] if context else None)
+        if not math.isfinite(value):
+            raise RuntimeError(f"judge {self.name} gave a non-finite score {value}")
+        return value
+
+    def _cache_path(self, context: list[int], output: list[int]) -> Path:
+        from helios.paths import cache_dir
+
+        key = json.dumps([self.name, self.identity(), context, output], separators=(",", ":"))
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return cache_dir() / "judge" / digest[:2] / f"{digest}.json"
