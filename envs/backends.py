@@ -731,15 +731,31 @@ class ReplayBackend(SchedulerBackend):
         return int(request_id[-1])  # type: ignore[index]  (every replay request id ends with its trace request)
 
     def _accuracy(self, request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:
-        return self._score(arm.candidate, self._rid(request_id), token_ids)
+        rid = self._rid(request_id)
+        return self._score(arm.candidate, rid, token_ids, self._full_output(arm, rid))
 
-    def _score(self, candidate: str, rid: int, token_ids: Sequence[int]) -> float | None:
+    def _full_output(self, arm: Any, rid: int) -> list[int] | None:
+        """For the judge: `arm`'s whole teacher-forced output of trace request `rid` (up to the trace's EOS), of which
+        every served output of the request is a prefix: judged once, its prefixes priced from it (envs/judge.py)."""
+        if self.spec.accuracy_metric != "judge_score":
+            return None
+        from helios.replay import Setting
+
+        replayer = self.replayers[arm.candidate]
+        _, tokens = replayer.exits(Setting(arm.depth, arm.exit_config, 1))
+        return tokens[replayer.request_rows[rid][: self._eos_len[arm.candidate][rid]]].tolist()
+
+    def _score(self, candidate: str, rid: int, token_ids: Sequence[int],
+               full: Sequence[int] | None = None) -> float | None:
         key = (candidate, rid, tuple(token_ids))
         score = self._accuracy_cache.get(key, -1.0)
         if score == -1.0:
-            text = self.tokenizers[candidate].decode(list(token_ids), skip_special_tokens=True)
+            decode = self.tokenizers[candidate].decode
+            text = decode(list(token_ids), skip_special_tokens=True)
             if self.spec.accuracy_metric == "judge_score":
-                score = self.judge.score(self.pool_request(rid), text, context=self._judge_context(rid))
+                full_text = None if full is None else decode(list(full), skip_special_tokens=True)
+                score = self.judge.score(self.pool_request(rid), text, context=self._judge_context(rid),
+                                         full_text=full_text)
             elif self.references[rid] is None:
                 score = None
             else:
@@ -793,7 +809,8 @@ class ReplayBackend(SchedulerBackend):
             scores = []
             for (_, _, max_tokens), rid in zip(self._lengths[epoch], self._ids[self._variant][epoch]):
                 n = min(max_tokens, self._eos_len[arm.candidate][rid])
-                score = self._score(arm.candidate, rid, tokens[replayer.request_rows[rid][:n]].tolist())
+                score = self._score(arm.candidate, rid, tokens[replayer.request_rows[rid][:n]].tolist(),
+                                    self._full_output(arm, rid))
                 if score is not None:
                     scores.append(score)
             self._paired[key] = sum(scores) / len(scores) if scores else None

@@ -14,9 +14,13 @@ Why a judge and how it was chosen: benchmarks/RESULTS.md, "An accuracy that sepa
            scores an empty prediction, so that an arm cannot raise its accuracy by answering nothing.
 No reference text is needed: every finished request is scored.
 
-The model loads on the first score that misses the caches (once per env), in eval mode, under inference_mode. Scores
-may be cached on disk (`disk_cache=True`, replay): one small JSON file per score under
-`helios.paths.cache_dir()/judge`, named by a hash of what determines the score: the judge's name, its checkpoint's
+The model loads on the first score that misses the caches (once per env), in eval mode, under inference_mode. One
+forward prices every prefix of an output: the judge is causal, so a prefix's tokens have the same NLLs
+(`helios.metrics.token_nlls`). `score(..., full_text=...)` (replay: the arm's whole teacher-forced output of the
+request) judges the full text once and scores each shorter output the scheduler cut from it (max_tokens, EOS) from
+those NLLs, when its judge tokens are a prefix of the full text's (else it runs its own forward). Per-token NLLs may be
+cached on disk (`disk_cache=True`, replay): one small JSON file per judged output under
+`helios.paths.cache_dir()/judge`, named by a hash of what determines them: the judge's name, its checkpoint's
 identity (config and weight file sizes, plus helios' provenance record), the judge's context ids and output ids.
 """
 
@@ -42,7 +46,9 @@ class Judge:
         self._model: Any = None
         self._max_context: int | None = None
         self._identity: str | None = None
-        self.forwards = 0  # scores computed by the model (cache misses): what the judge cost
+        self.forwards = 0  # outputs judged by the model (cache misses): what the judge cost
+        # context -> [(output ids, per-token NLLs)] judged so far: shorter outputs are priced from their prefixes
+        self._judged: dict[tuple[int, ...], list[tuple[list[int], list[float]]]] = {}
 
     # -- lazy parts: the tokenizer and config are cheap, the model is loaded only when a score is not cached
 
@@ -109,42 +115,70 @@ class Judge:
     def output_ids(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
 
-    def score(self, request: Request, text: str, *, context: list[int] | None = None) -> float:
-        """judge_score of output `text` of `request` (module docstring); `context`: its context ids, if known."""
+    def score(self, request: Request, text: str, *, context: list[int] | None = None,
+              full_text: str | None = None) -> float:
+        """judge_score of output `text` of `request` (module docstring); `context`: its context ids, if known;
+        `full_text`: a longer output that `text` begins (judged once, its prefixes priced from it)."""
         output = self.output_ids(text)
         if not output:
             return 0.0
-        context = self.context_ids(request) if context is None else context
-        # A re-tokenised output may be longer than the serving margin (e.g. a byte-level judge): keep the most recent
-        # context that fits the judge's window, as encode_requests does.
-        room = self.max_context - len(output)
-        if room < len(context):
-            context = context[-room:] if room > 0 else []
-        path = self._cache_path(context, output) if self.disk_cache else None
-        if path is not None and path.exists():
-            try:
-                return float(json.loads(path.read_text())["score"])
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable (e.g. a foreign file): recompute and overwrite
-        value = self._judge_score(context, output)
-        if path is not None:
-            from helios.paths import atomic_file
-
-            with atomic_file(path, "w") as handle:
-                json.dump({"judge": self.name, "score": value}, handle)
-        return value
-
-    def _judge_score(self, context: list[int], output: list[int]) -> float:
-        import torch
-
-        from helios.metrics import judge_score
-
-        self.forwards += 1
-        with torch.inference_mode():
-            value = judge_score(self.model, [output], [context] if context else None)
+        context = self._fit(self.context_ids(request) if context is None else context, len(output))
+        nlls = self._prefix_nlls(context, output)
+        if nlls is None and full_text is not None and context:
+            full = self.output_ids(full_text)
+            if full[:len(output)] == output and self._fit(context, len(full)) == context:
+                self._judge(context, full)
+                nlls = self._prefix_nlls(context, output)
+        if nlls is None:
+            nlls = self._judge(context, output)
+        if not nlls:  # nothing scored (no context and a one-token output): judge_score has no value either
+            raise ValueError(f"judge {self.name}: nothing to score in a {len(output)}-token output without context")
+        value = math.exp(-sum(nlls) / len(nlls))
         if not math.isfinite(value):
             raise RuntimeError(f"judge {self.name} gave a non-finite score {value}")
         return value
+
+    def _fit(self, context: list[int], output_len: int) -> list[int]:
+        """A re-tokenised output may be longer than the serving margin (e.g. a byte-level judge): keep the most recent
+        context that fits the judge's window beside it, as encode_requests does."""
+        room = self.max_context - output_len
+        if room < len(context):
+            return context[-room:] if room > 0 else []
+        return context
+
+    def _prefix_nlls(self, context: list[int], output: list[int]) -> list[float] | None:
+        """The NLLs of `output` from an output judged before that it begins (same context); None if there is none.
+        With context, token i of the output is scored whatever its length, so a prefix's NLLs are the first ones."""
+        n = len(output)
+        for judged, nlls in self._judged.get(tuple(context), ()):
+            if len(judged) >= n and judged[:n] == output and context:
+                return nlls[:n]
+        return None
+
+    def _judge(self, context: list[int], output: list[int]) -> list[float]:
+        """Per-token NLLs of `output` given `context` (disk cache, else one forward), remembered for its prefixes."""
+        path = self._cache_path(context, output) if self.disk_cache else None
+        nlls: list[float] | None = None
+        if path is not None and path.exists():
+            try:
+                nlls = [float(x) for x in json.loads(path.read_text())["nll"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                nlls = None  # unreadable (e.g. a foreign or older file): recompute and overwrite
+        if nlls is None:
+            import torch
+
+            from helios.metrics import token_nlls
+
+            self.forwards += 1
+            with torch.inference_mode():
+                nlls = token_nlls(self.model, [output], [context] if context else None)[0]
+            if path is not None:
+                from helios.paths import atomic_file
+
+                with atomic_file(path, "w") as handle:
+                    json.dump({"judge": self.name, "nll": nlls}, handle)
+        self._judged.setdefault(tuple(context), []).append((list(output), nlls))
+        return nlls
 
     def _cache_path(self, context: list[int], output: list[int]) -> Path:
         from helios.paths import cache_dir

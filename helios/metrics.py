@@ -121,35 +121,43 @@ def token_agreement(tokens: Sequence[Sequence[int]], full_depth_tokens: Sequence
 
 
 @torch.inference_mode()
-def token_nll(
+def token_nlls(
     model: torch.nn.Module, tokens: Sequence[Sequence[int]], context_ids: Sequence[Sequence[int]] | None = None
-) -> list[tuple[float, int]]:
-    """Per request: (summed NLL in nats, number of scored tokens) of `tokens[i]` under `model`, given `context_ids[i]`.
+) -> list[list[float]]:
+    """Per request: the NLL in nats of each scored token of `tokens[i]` under `model`, given `context_ids[i]`.
 
     One forward per request (no padding, so no attention-mask subtleties). Only the positions that predict a generated
     token are projected onto the vocabulary (`logits_to_keep`): a judge with a 262k-token head (Gemma-3) would
     otherwise build a [prompt length x 262k] logit matrix per request. Without context the first token is never
-    predicted (as in HF's shifted loss), so it is not scored; a request with nothing to score gives (0.0, 0).
+    predicted (as in HF's shifted loss), so it is not scored; a request with nothing to score gives []. A causal model
+    gives a prefix of the tokens the same per-token NLLs, so one forward prices every prefix of an output.
     """
     contexts = context_ids if context_ids is not None else [[] for _ in tokens]
     if len(contexts) != len(tokens):
         raise ValueError(f"got {len(tokens)} generations but {len(contexts)} contexts; they must pair up")
     device = next(model.parameters()).device
-    out: list[tuple[float, int]] = []
+    out: list[list[float]] = []
     for context, generated in zip(contexts, tokens):
         ids = [*map(int, context), *map(int, generated)]
         start = max(len(context), 1)  # first scored position; position p is predicted by the logits at p - 1
         scored = len(ids) - start
         if scored < 1:
-            out.append((0.0, 0))
+            out.append([])
             continue
         input_ids = torch.tensor([ids], device=device)
         logits = _last_logits(model, input_ids, scored + 1)[0, :-1]  # predictions for positions start..len-1
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = input_ids[0, start:]
-        nll = -float(logprobs.gather(-1, targets[:, None]).double().sum())
-        out.append((nll, scored))
+        out.append((-logprobs.gather(-1, targets[:, None])[:, 0].double()).tolist())
     return out
+
+
+def token_nll(
+    model: torch.nn.Module, tokens: Sequence[Sequence[int]], context_ids: Sequence[Sequence[int]] | None = None
+) -> list[tuple[float, int]]:
+    """Per request: (summed NLL in nats, number of scored tokens) of `tokens[i]` under `model`, given `context_ids[i]`
+    (`token_nlls` summed; a request with nothing to score gives (0.0, 0))."""
+    return [(float(sum(nlls)), len(nlls)) for nlls in token_nlls(model, tokens, context_ids)]
 
 
 def _last_logits(model: torch.nn.Module, input_ids: torch.Tensor, keep: int) -> torch.Tensor:

@@ -181,15 +181,15 @@ def test_live_judge_time_is_not_on_the_serving_clock(monkeypatch) -> None:
     env = gymnasium.make(envs.ENV_IDS["live"], **COMMON, judge="tiny-llama")
     backend = env.unwrapped.backend
     clocks: list[float | None] = []
-    inner = envs.judge.Judge._judge_score
+    inner = envs.judge.Judge._judge
 
-    def slow(self: Judge, context: list[int], output: list[int]) -> float:
+    def slow(self: Judge, context: list[int], output: list[int]) -> list[float]:
         sched = backend.episode.scheduler
         clocks.append(None if sched is None else sched.clock.now())
         time.sleep(delay_s)
         return inner(self, context, output)
 
-    monkeypatch.setattr(envs.judge.Judge, "_judge_score", slow)
+    monkeypatch.setattr(envs.judge.Judge, "_judge", slow)
     env.reset(seed=0)
     for arm in (0, 3):
         clocks.clear()
@@ -228,6 +228,25 @@ def test_empty_output_scores_zero_and_needs_no_reference() -> None:
     assert judge.score(request, "") == 0.0 and judge.forwards == 0
     value = judge.score(request, " there was a cat")
     assert 0.0 < value <= 1.0 and judge.forwards == 1
+
+
+def test_prefixes_of_a_judged_output_are_priced_from_its_forward() -> None:
+    """One forward on the full output prices its prefixes (the judge is causal): each prefix's score equals a fresh
+    judge's own forward on that prefix alone; an output that is not a prefix gets its own forward."""
+    request = Request("r", "prose", "Once upon a time", None, 0.0, 0)
+    full = " there was a cat who lived in a small house by the sea"
+    shared = Judge("tiny-llama", prompt_margin=NEW_TOKENS)
+    ids = shared.output_ids(full)
+    prefixes = [shared.tokenizer.decode(ids[:n]) for n in (1, 3, 6, len(ids))]
+    prefixes = [p for p in prefixes if shared.output_ids(p) == ids[:len(shared.output_ids(p))]]
+    assert len(prefixes) >= 3
+    priced = [shared.score(request, p, full_text=full) for p in prefixes]
+    assert shared.forwards == 1
+    for prefix, value in zip(prefixes, priced):
+        alone = Judge("tiny-llama", prompt_margin=NEW_TOKENS)
+        assert value == pytest.approx(alone.score(request, prefix), rel=1e-5) and alone.forwards == 1
+    shared.score(request, " a dog", full_text=full)  # not a prefix of `full`
+    assert shared.forwards == 2
 
 
 def test_rouge_l_still_skips_requests_without_a_reference(trace_dir) -> None:
