@@ -752,7 +752,12 @@ class ReplayBackend(SchedulerBackend):
         if score == -1.0:
             decode = self.tokenizers[candidate].decode
             text = decode(list(token_ids), skip_special_tokens=True)
-            if self.spec.accuracy_metric == "judge_score":
+            if self.spec.accuracy_metric == "judge_score" and candidate == self.spec.judge:
+                # The judge's own vocabulary: its tokens as generated, and every served output is exactly a prefix
+                # of the arm's whole output, so one forward prices them all.
+                score = self.judge.score(self.pool_request(rid), ids=list(token_ids),
+                                         context=self._judge_context(rid), full_ids=None if full is None else list(full))
+            elif self.spec.accuracy_metric == "judge_score":
                 full_text = None if full is None else decode(list(full), skip_special_tokens=True)
                 score = self.judge.score(self.pool_request(rid), text, context=self._judge_context(rid),
                                          full_text=full_text)
@@ -1066,6 +1071,8 @@ class LiveBackend(SchedulerBackend):
         request = self._requests_by_id.pop(request_id)
         text = self.tokenizer(arm.candidate).decode(list(token_ids), skip_special_tokens=True)
         if self.spec.accuracy_metric == "judge_score":
+            if arm.candidate == self.spec.judge:  # the judge's own vocabulary: its tokens as generated
+                return self.judge.score(request, ids=list(token_ids))
             return self.judge.score(request, text)
         if request.reference is None:
             return None

@@ -6,7 +6,9 @@
 Why a judge and how it was chosen: benchmarks/RESULTS.md, "An accuracy that separates arms". What it scores:
   output   the text the serving candidate produced (decoded with its own tokenizer, special tokens skipped), re-encoded
            with the judge's tokenizer without special tokens, so that every candidate is scored on the judge's one
-           scale (comparable across candidates whatever their vocabulary).
+           scale (comparable across candidates whatever their vocabulary). A candidate that is the judge's own model
+           passes its token ids (`ids=`, special tokens dropped): the tokens as generated, not a re-encoding of their
+           text, which can merge differently (a truncated model emits non-canonical token sequences).
   context  the request's prompt as the judge would be served it: `helios.workloads.encode_requests` with the judge's
            tokenizer (a chat request through the judge's chat template), cut to the judge's context minus
            `prompt_margin` tokens, exactly as the env cuts prompts for serving (envs.backends.LiveBackend.prompt_ids).
@@ -115,17 +117,19 @@ class Judge:
     def output_ids(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
 
-    def score(self, request: Request, text: str, *, context: list[int] | None = None,
-              full_text: str | None = None) -> float:
-        """judge_score of output `text` of `request` (module docstring); `context`: its context ids, if known;
-        `full_text`: a longer output that `text` begins (judged once, its prefixes priced from it)."""
-        output = self.output_ids(text)
+    def score(self, request: Request, text: str | None = None, *, ids: list[int] | None = None,
+              context: list[int] | None = None, full_text: str | None = None,
+              full_ids: list[int] | None = None) -> float:
+        """judge_score of output `text` of `request` (module docstring), or of `ids` already in the judge's vocabulary;
+        `context`: its context ids, if known; `full_text` / `full_ids`: a longer output that it begins (judged once,
+        its prefixes priced from it)."""
+        output = self.output_ids(text or "") if ids is None else self._plain(ids)
         if not output:
             return 0.0
         context = self._fit(self.context_ids(request) if context is None else context, len(output))
         nlls = self._prefix_nlls(context, output)
-        if nlls is None and full_text is not None and context:
-            full = self.output_ids(full_text)
+        if nlls is None and (full_text is not None or full_ids is not None) and context:
+            full = self._plain(full_ids) if full_ids is not None else self.output_ids(full_text or "")
             if full[:len(output)] == output and self._fit(context, len(full)) == context:
                 self._judge(context, full)
                 nlls = self._prefix_nlls(context, output)
@@ -137,6 +141,11 @@ class Judge:
         if not math.isfinite(value):
             raise RuntimeError(f"judge {self.name} gave a non-finite score {value}")
         return value
+
+    def _plain(self, ids: list[int]) -> list[int]:
+        """Token ids without the judge's special tokens (EOS, BOS, ...), as decoding with skip_special_tokens drops."""
+        special = set(self.tokenizer.all_special_ids)
+        return [int(t) for t in ids if int(t) not in special]
 
     def _fit(self, context: list[int], output_len: int) -> list[int]:
         """A re-tokenised output may be longer than the serving margin (e.g. a byte-level judge): keep the most recent

@@ -96,6 +96,7 @@ class ReferenceJudge:
         from helios.models import resolve_checkpoint
 
         checkpoint = resolve_checkpoint(name, progress=False)
+        self.name = name
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
 
@@ -107,7 +108,10 @@ class ReferenceJudge:
         text = AutoTokenizer.from_pretrained(resolve_checkpoint(candidate, progress=False)).decode(
             list(output_ids), skip_special_tokens=True)
         prompt_ids = self.tokenizer(prompt)["input_ids"]  # plain-text requests: the tokenizer's own special tokens
-        out = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if candidate == self.name:  # the judge's own vocabulary: the generated ids, special tokens dropped
+            out = [t for t in output_ids if t not in set(self.tokenizer.all_special_ids)]
+        else:
+            out = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not out:
             return 0.0
         with torch.no_grad():
