@@ -732,7 +732,13 @@ class ReplayBackend(SchedulerBackend):
 
     def _accuracy(self, request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:
         rid = self._rid(request_id)
-        return self._score(arm.candidate, rid, token_ids, self._full_output(arm, rid))
+        full = self._full_output(arm, rid)
+        if full is not None and list(token_ids) != full[: len(token_ids)]:
+            # Its tokens came from two arms (an exit-only switch kept it running, helios.scheduler "keep"): scored as
+            # the arm that finished it, the same number of tokens. Replay's accuracy is teacher-forced anyway, and
+            # mixed outputs are unique, so judging each would cost a forward per request.
+            token_ids = full[: len(token_ids)]
+        return self._score(arm.candidate, rid, token_ids, full)
 
     def _full_output(self, arm: Any, rid: int) -> list[int] | None:
         """For the judge: `arm`'s whole teacher-forced output of trace request `rid` (up to the trace's EOS), of which
