@@ -25,13 +25,16 @@ AGENTS: dict[str, type[Agent]] = {
 
 
 def make_agent(name: str, n_arms: int, seed: int = 0, arm_table: Sequence[Any] | None = None,
-               **hyperparameters: Any) -> Agent:
-    """Build agent `name`; `arm_table` (the env's, dicts or helios.arms.Arm) reaches only agents that read it."""
+               observation_names: Sequence[str] | None = None, **hyperparameters: Any) -> Agent:
+    """Build agent `name`; `arm_table` (the env's, dicts or helios.arms.Arm) and `observation_names` (the env's
+    observation layout) reach only agents that read them."""
     if name not in AGENTS:
         raise ValueError(f"unknown agent {name!r}; valid: {sorted(AGENTS)}")
     cls = AGENTS[name]
     if cls.needs_arm_table:
         hyperparameters["arm_table"] = arm_table
+    if getattr(cls, "needs_observation_names", False) and observation_names is not None:
+        hyperparameters["observation_names"] = list(observation_names)
     return cls(n_arms=n_arms, seed=seed, **hyperparameters)
 
 

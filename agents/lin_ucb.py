@@ -19,15 +19,29 @@ from agents.base import Agent, argmax_allowed, check_range, feasible
 
 class LinUCB(Agent):
     name = "lin_ucb"
+    needs_observation_names = True
 
     def __init__(self, n_arms: int, seed: int = 0, alpha: float = 0.5, ridge: float = 1.0,
-                 features: int | None = None) -> None:
+                 features: int | None = None, context: list[str] | None = None,
+                 observation_names: list[str] | None = None, feature_indices: list[int] | None = None) -> None:
+        """`context`: the observation entries (by name) the regression reads, e.g. the load features
+        [queue_ratio, arrival_ratio, attainment]; None reads the whole vector. Names are resolved against the env's
+        `observation_names` into `feature_indices` (what an export keeps)."""
         super().__init__(n_arms, seed)
         self.alpha = check_range("alpha", alpha, 0.0, float("inf"))
         self.ridge = check_range("ridge", ridge, 0.0, float("inf"), low_open=True)
+        if context is not None:
+            if observation_names is None:
+                raise ValueError("lin_ucb: `context` names observation entries; pass the env's observation_names")
+            unknown = [c for c in context if c not in observation_names]
+            if unknown:
+                raise ValueError(f"lin_ucb: unknown context feature(s) {unknown}; valid: {list(observation_names)}")
+            feature_indices = [list(observation_names).index(c) for c in context]
+        self.feature_indices = None if feature_indices is None else [int(i) for i in feature_indices]
         self.features = features
         self.A_inv: np.ndarray | None = None
         self.b: np.ndarray | None = None
+        self._selected: tuple[int, np.ndarray] | None = None  # (arm, context) of the last select, for its update
         if features is not None:
             self._allocate(features)
 
@@ -37,12 +51,16 @@ class LinUCB(Agent):
         self.b = np.zeros((self.n_arms, dim + 1))
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "ridge": self.ridge, "features": self.features}
+        return {"alpha": self.alpha, "ridge": self.ridge, "features": self.features,
+                "feature_indices": self.feature_indices}
 
     def _context(self, obs: np.ndarray | None) -> np.ndarray:
         if obs is None:
             raise ValueError("LinUCB needs the observation vector as context")
-        x = np.append(np.asarray(obs, dtype=float).ravel(), 1.0)
+        x = np.asarray(obs, dtype=float).ravel()
+        if self.feature_indices is not None:
+            x = x[self.feature_indices]
+        x = np.append(x, 1.0)
         if self.A_inv is None:
             self._allocate(x.size - 1)
         if x.size != self.features + 1:
@@ -54,10 +72,18 @@ class LinUCB(Agent):
         x = self._context(obs)
         theta = np.einsum("aij,aj->ai", self.A_inv, self.b)
         width = np.sqrt(np.einsum("i,aij,j->a", x, self.A_inv, x))
-        return argmax_allowed(theta @ x + self.alpha * width, allowed, self.rng)
+        action = argmax_allowed(theta @ x + self.alpha * width, allowed, self.rng)
+        self._selected = (int(action), x)
+        return action
 
     def update(self, action, reward, obs=None, info=None) -> None:
-        x = self._context(obs)
+        # The reward answers the context the arm was chosen in, not `obs` (what the epoch left behind): regress on
+        # the context of the matching select. Without one (an update fed from a log), `obs` is that context.
+        if self._selected is not None and self._selected[0] == int(action):
+            x = self._selected[1]
+        else:
+            x = self._context(obs)
+        self._selected = None
         # Sherman-Morrison: (A + x xᵀ)⁻¹ without a solve per step.
         A_inv = self.A_inv[action]
         Ax = A_inv @ x

@@ -144,7 +144,8 @@ def run_agent(env: gymnasium.Env, name: str, seed: int, episodes: int) -> list[d
         model = build_model(name, Monitor(rollout), hyper, seed)
         model.learn(total_timesteps=total, callback=Stop())
     else:
-        agent = make_agent(name, int(env.action_space.n), seed=seed, arm_table=env.unwrapped.arm_table, **hyper)
+        agent = make_agent(name, int(env.action_space.n), seed=seed, arm_table=env.unwrapped.arm_table,
+                           observation_names=env.unwrapped.observation_names, **hyper)
         play(rollout, agent, total)
     return rollout.records
 

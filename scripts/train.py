@@ -70,7 +70,12 @@ def validate_agent(cfg: DictConfig) -> None:
         stand_in = Arm(0, "stand-in", 0, 1, 1, 0, "none", ExitConfig(), 0, 0, 1)
         make_agent(name, 1, seed=0, arm_table=[stand_in], **hyper)
         return
-    make_agent(name, 1_000_000, seed=0, **hyper)
+    # An agent that reads observation entries by name (lin_ucb's `context`) checks them against the layout's names
+    # (those that do not depend on the candidates: the arm one-hots are left out here).
+    from helios.observation import ObservationLayout
+
+    names = ObservationLayout((), 8, int(cfg.env.get("histogram_bins", 8)), 1).names
+    make_agent(name, 1_000_000, seed=0, observation_names=names, **hyper)
 
 
 def make_env(cfg: DictConfig, backend: str) -> gymnasium.Env:
@@ -210,7 +215,8 @@ def train_bandit(cfg: DictConfig, backend: str, run_dir: Path, checkpoint: dict[
     base_env = env.unwrapped
     hyper = agent_hyperparameters(cfg)
     hyper["arm_table"] = base_env.arm_table  # make_agent hands it to the agents that read it (helios, static)
-    agent = make_agent(cfg.agent.name, int(env.action_space.n), seed=int(cfg.seed), **hyper)
+    agent = make_agent(cfg.agent.name, int(env.action_space.n), seed=int(cfg.seed),
+                       observation_names=base_env.observation_names, **hyper)
     start = int(checkpoint["epochs_done"]) if checkpoint is not None else 0
     rollout = Rollout(env, int(cfg.seed), yardsticks=bool(cfg.oracle), first_epoch=start, on_record=on_record)
     obs = None
@@ -294,6 +300,7 @@ def live_evaluation(cfg: DictConfig, run_dir: Path, agent: Any) -> tuple[dict[st
         def make_policy() -> Any:
             replay_env = holder["env"]
             fresh = make_agent(cfg.agent.name, int(replay_env.action_space.n), seed=int(cfg.seed),
+                               observation_names=replay_env.unwrapped.observation_names,
                                **{**hyper, "arm_table": replay_env.unwrapped.arm_table})
             fresh.load_state_dict(copy.deepcopy(state))
             return fresh

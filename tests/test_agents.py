@@ -224,3 +224,35 @@ def test_static_default_is_the_reference_arm_looked_up_in_the_table() -> None:
         make_agent("static", 6, arm="full", arm_table=table)
     with pytest.raises(ValueError, match="looked up in the env's arm table"):
         make_agent("static", 6).select()  # no table: nothing to look the reference up in
+
+
+def test_lin_ucb_regresses_the_reward_on_the_context_it_chose_in() -> None:
+    """Contexts alternate A, B, A, ...; arm 0 pays 1 in A, arm 1 pays 1 in B, else 0. The loop hands update() the
+    NEXT observation (what the epoch left behind), which is always the other context: regressing on it would learn
+    the swapped rule. After training, LinUCB must pick arm 0 in A and arm 1 in B (hand-made oracle)."""
+    from agents import make_agent
+
+    a, b = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    agent = make_agent("lin_ucb", 2, seed=0, alpha=0.1)
+    obs = a
+    for t in range(200):
+        action = agent.select(obs, np.ones(2, dtype=bool))
+        reward = 1.0 if (action == 0) == (obs is a) else 0.0
+        obs = b if obs is a else a
+        agent.update(action, reward, obs)
+    agent.alpha = 0.0
+    assert agent.select(a, np.ones(2, dtype=bool)) == 0 and agent.select(b, np.ones(2, dtype=bool)) == 1
+
+
+def test_lin_ucb_reads_the_named_context_entries_and_rejects_unknown_names() -> None:
+    from agents import make_agent
+
+    names = ["queue_ratio", "arrival_ratio", "noise"]
+    agent = make_agent("lin_ucb", 2, seed=0, context=["arrival_ratio"], observation_names=names)
+    assert agent.feature_indices == [1] and agent.hyperparameters()["feature_indices"] == [1]
+    agent.select(np.array([5.0, 0.3, 9.0]), np.ones(2, dtype=bool))
+    assert agent.features == 1  # one named entry (+ bias)
+    rebuilt = make_agent("lin_ucb", 2, seed=0, feature_indices=[1])  # what an export rebuilds from
+    assert rebuilt.feature_indices == [1]
+    with pytest.raises(ValueError, match="unknown context feature.*'nope'.*valid"):
+        make_agent("lin_ucb", 2, context=["nope"], observation_names=names)
