@@ -197,16 +197,19 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     | traces                | replay: {candidate: trace path}, used as given (a missing file is an error)  |
     | build_traces          | replay: record missing traces on first use (False: a missing trace errors)   |
 
-    Replay defaults (conf/env/replay.yaml): SmolLM2-135M and Gemma-3-270M, both shipped in PyPI packages (no
-    training on first use). The first construction records their traces once, cached under trace_dir: about 6
-    CPU-minutes (10 minutes of wall clock on a shared 2-core machine; peak memory 4.4 GB); later constructions
-    take about 4 s. Tests use the tiny candidates.
+    Replay defaults (conf/env/replay.yaml): the live default's arm table, SmolLM2-135M (shipped in a PyPI package, no
+    training on first use) at depths 10/20/30 x 2 exit settings; `candidates="shipped"` adds Gemma-3-270M. The first
+    construction records each candidate's trace once per request pool (traces are keyed by the pool: seed, sources,
+    source options; helios.workloads.pool_config), cached under trace_dir: a few CPU-minutes for SmolLM2; later
+    constructions take seconds (the judge's scores are cached on disk too). Tests use the tiny candidates.
 
     ## Version History
 
     * v0: epochs are spans of one continuous-batching scheduler per episode (queue carried over, switches between
       decode steps, goodput/attainment metrics, load features); before, an epoch was a fixed batch served
-      statically with a batch latency model.
+      statically with a batch latency model. Later in v0: a prefill-token cap per call (`max_prefill_tokens`), the
+      judge's score as the default accuracy (`accuracy_metric=judge_score`, `judge`), a `concurrency` metric, and
+      replay defaults equal to the live arm table (SmolLM2 alone).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
@@ -342,7 +345,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         """The epoch's metrics (helios.telemetry.span_metrics); the reference's where nothing happened (neutral),
         and the reference's accuracy where no scored request finished."""
         values = result.values(self.slo.targets, accuracy_default=reference["accuracy"])
-        return dict(reference) if values is None else values
+        return {**reference, "concurrency": 0.0} if values is None else values  # an idle epoch ran no batch
 
     def state_dict(self) -> dict[str, Any]:
         """Where the episode stands: epoch, loaded arm, RNG and the backend's position, which includes the arm played
