@@ -348,7 +348,7 @@ def write_outputs(cfg: DictConfig, backend: str, run_dir: Path, records: list[di
         result, live, replay = live_eval
         starts = [r["epoch"] for i, r in enumerate(replay) if i == 0 or r["phase"] != replay[i - 1]["phase"]]
         plots.append(plot_arms(replay, labels, starts, run_dir / "live_eval_arms.png",
-                               f"learned {cfg.agent.name} policy, evaluation episode: replay (dots) vs live (circles); "
+                               f"{cfg.agent.name}, evaluation episode: replay vs live (circles), "
                                f"arm agreement {result['arm_agreement']:.2f}", other=("live", live)))
     summary = {"agent": cfg.agent.name, "backend": backend, "slo": cfg.slo.name, "seed": int(cfg.seed),
                **summarise(records, rollout.episode_epochs, ladder, why_no_ladder),

@@ -38,8 +38,8 @@ def test_quick_benchmark_writes_the_contract(tmp_path: Path) -> None:
     env = json.dumps({"candidates": "tiny", "judge": "tiny-llama", "per_source": 2, "new_tokens": 4, "build_traces": True,
                       "trace_dir": str(tmp_path / "traces")})
     out = tmp_path / "agents.json"
-    run = subprocess.run([sys.executable, str(BENCH), "--quick", "--scenarios", ",".join(map(str, paths)),
-                          "--agents", ",".join(AGENTS), "--env", env, "--json", str(out), "--md",
+    run = subprocess.run([sys.executable, str(BENCH), "--quick", "--slo", "balanced", "--scenarios",
+                          ",".join(map(str, paths)), "--agents", ",".join(AGENTS), "--env", env, "--json", str(out), "--md",
                           str(tmp_path / "agents.md")], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     saved = json.loads(out.read_text())
