@@ -12,6 +12,7 @@ from agents.epsilon_greedy import EpsilonGreedy
 from agents.exp3 import EXP3
 from agents.helios import HeliosController
 from agents.lin_ucb import LinUCB
+from agents.q_load import LoadQLearning
 from agents.static import Static
 from agents.sw_ucb import SlidingWindowUCB
 from agents.thompson import GaussianThompson
@@ -20,7 +21,7 @@ from agents.ucb import UCB1
 AGENTS: dict[str, type[Agent]] = {
     cls.name: cls
     for cls in (UCB1, GaussianThompson, EpsilonGreedy, EXP3, SlidingWindowUCB, DiscountedUCB, CusumUCB, LinUCB, Static,
-                HeliosController)
+                HeliosController, LoadQLearning)
 }
 
 

@@ -69,7 +69,7 @@ ENV_ID = "helios/ModelDepthReplay-v0"
 
 SCENARIOS: tuple[str, ...] = ("bursts", "diurnal")
 BANDITS: tuple[str, ...] = ("ucb", "thompson", "epsilon_greedy", "exp3", "sw_ucb", "d_ucb", "cusum_ucb", "lin_ucb",
-                            "helios")
+                            "helios", "q_load")
 SB3: tuple[str, ...] = ("ppo", "a2c", "dqn", "maskable_ppo")
 BASELINES: tuple[str, ...] = ("static", "best_fixed", "phase_oracle", "per_epoch_oracle")
 # vs_static: contract name -> the info["metrics"] keys that may carry it (first present wins; the continuous-batching

@@ -26,7 +26,9 @@ def toy_arm_table(n_arms: int) -> list[dict]:
 
 
 def build(name: str, n_arms: int, seed: int = 0, **hyper):
-    return make_agent(name, n_arms, seed=seed, arm_table=toy_arm_table(n_arms), **hyper)
+    # The toy observations are 2-vectors; an agent that reads entries by name (q_load) reads them as these two.
+    return make_agent(name, n_arms, seed=seed, arm_table=toy_arm_table(n_arms),
+                      observation_names=["arrival_ratio", "queue_ratio"], **hyper)
 
 
 def run(agent, means_at, steps: int, noise: float = 0.2, seed: int = 0, context=None):
@@ -256,3 +258,22 @@ def test_lin_ucb_reads_the_named_context_entries_and_rejects_unknown_names() -> 
     assert rebuilt.feature_indices == [1]
     with pytest.raises(ValueError, match="unknown context feature.*'nope'.*valid"):
         make_agent("lin_ucb", 2, context=["nope"], observation_names=names)
+
+
+def test_q_load_update_by_hand() -> None:
+    """States from bins of (arrival_ratio, queue_ratio); one Q-learning step computed by hand."""
+    from agents import make_agent
+
+    names = ["queue_ratio", "arrival_ratio"]
+    agent = make_agent("q_load", 2, seed=0, observation_names=names, features=["arrival_ratio", "queue_ratio"],
+                       edges=[[1.0], [0.5]], alpha=0.5, gamma=0.5, epsilon=0.0)
+    busy, quiet = np.array([0.9, 2.0]), np.array([0.0, 0.2])  # states (1, 1) and (0, 0)
+    assert agent.state(busy) == (1, 1) and agent.state(quiet) == (0, 0)
+    agent.q[0, 0, 1] = 2.0  # the best next value from `quiet`
+    action = agent.select(busy, np.ones(2, dtype=bool))  # all zeros in (1, 1): a tie, either arm
+    agent.update(action, -4.0, quiet)
+    # Q((1,1), a) = 0 + 0.5 * (-4 + 0.5 * max(0, 2) - 0) = -1.5
+    assert agent.q[1, 1, action] == pytest.approx(-1.5)
+    assert agent.select(busy, np.ones(2, dtype=bool)) == 1 - action  # the untried arm (0 > -1.5)
+    with pytest.raises(ValueError, match="unknown feature.*valid"):
+        make_agent("q_load", 2, observation_names=names, features=["nope"], edges=[[1.0]])
