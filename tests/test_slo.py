@@ -127,7 +127,7 @@ def test_bad_config_is_a_clear_error(cfg: dict, match: str) -> None:
 
 def test_goodput_slo_by_hand() -> None:
     slo = slo_from_config(OmegaConf.load(CONF / "goodput.yaml"))
-    assert slo.targets == RequestTargets(ttft_s=1.0, tpot_s=0.1)
+    assert slo.targets == RequestTargets(ttft_s=2.5, tpot_s=0.3)  # the CPU targets (conf/slo/goodput.yaml)
     assert slo.metrics_used == ("accuracy", "goodput_rps")
     # goodput 4 vs 2 requests/s -> log2(2) = 1; accuracy 0.4 = 1 x ref, floor 0.9 x ref holds.
     reward = slo.evaluate({**REFERENCE, "goodput_rps": 4.0}, REFERENCE)

@@ -169,10 +169,11 @@ def test_shipped_configs_build(name: str) -> None:
 def test_bursts_and_diurnal_scenarios() -> None:
     bursts = workload_from_config(OmegaConf.load(CONF / "bursts.yaml"), capacity_rps=2.0)
     assert capacity_arm(OmegaConf.load(CONF / "bursts.yaml")) == "smollm2-135m@30"
-    # 1.0 x 2 requests/s of capacity x load, alternating 0.6 and 2.0 every 5 epochs; the mix moves at epoch 20.
-    assert [bursts.rate_at(i) for i in (0, 4, 5, 9, 10, 35)] == pytest.approx([1.2, 1.2, 4.0, 4.0, 1.2, 4.0])
-    assert bursts.mixture_at(19)["code"] == 0.7 and bursts.mixture_at(20)["prose"] == 0.7
-    assert all(r.max_tokens is not None for i in range(40) for r in bursts.epoch(i))
+    # 1.0 x 2 requests/s of capacity x load: 0.4, 2, 0.8 (code-heavy), 1.2, 0.4, 2 (prose-heavy), 4 epochs each.
+    assert [bursts.rate_at(i) for i in (0, 3, 4, 8, 12, 16, 23)] == pytest.approx([0.8, 0.8, 4.0, 1.6, 2.4, 0.8, 4.0])
+    assert bursts.mixture_at(11)["code"] == 0.7 and bursts.mixture_at(12)["prose"] == 0.7
+    lengths = [r.max_tokens for i in range(24) for r in bursts.epoch(i)]
+    assert all(length is not None and 2 <= length <= 64 for length in lengths)  # short chat-style answers
     diurnal = workload_from_config(OmegaConf.load(CONF / "diurnal.yaml"), capacity_rps=2.0)
     # Morning ramp (epochs 6-17): epoch 6 + j has load 0.3 + (j + 1) / 12 x (1.3 - 0.3).
     assert diurnal.load_at(6) == pytest.approx(0.3 + 1 / 12) and diurnal.load_at(17) == pytest.approx(1.3)
@@ -181,7 +182,8 @@ def test_bursts_and_diurnal_scenarios() -> None:
     assert diurnal.load_at(29) == pytest.approx(1.3) and diurnal.load_at(35) == pytest.approx(0.8)
     assert diurnal.load_at(41) == pytest.approx(0.3)
     assert diurnal.output_tokens["chat:qa"] == OutputLength("uniform", min_tokens=4, max_tokens=24)
-    assert diurnal.output_tokens["chat:code"] == DEFAULT_OUTPUT_LENGTHS["code"]
+    assert diurnal.output_tokens["chat:code"] == OutputLength("lognormal", median_tokens=32, sigma=0.5, min_tokens=8,
+                                                              max_tokens=96)
 
 
 def test_drift3_config_through_hydra_compose() -> None:
