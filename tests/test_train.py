@@ -310,14 +310,15 @@ def test_launcher_config_is_valid_for_its_plugin(name, schema, changed):
 # ------------------------------------------------------------------------------------------ the main job's live step
 
 
-def test_replay_training_then_a_live_evaluation_episode_on_the_same_arrivals(tiny_train_env, tmp_path):
+@pytest.mark.parametrize("agent", ["ucb", "ppo"])
+def test_replay_training_then_a_live_evaluation_episode_on_the_same_arrivals(tiny_train_env, tmp_path, agent):
     """The main job's shape on tiny models: train on replay for 2 episodes of an open-loop workload whose rate is
     relative to a measured capacity, then one episode of the learned policy live and on replay. Live must offer the
     same arrivals as replay (its rate is replay's capacity made absolute): the epochs' submitted counts and phases
     are equal run for run, and the agreement figures are computed from the two runs' own records."""
     run_dir = tmp_path / "run"
     result = subprocess.run(train_cmd(
-        tiny_train_env, run_dir, "agent=ucb", "episodes=2", "live_eval=true", "oracle=false", "slo=goodput",
+        tiny_train_env, run_dir, f"agent={agent}", "episodes=2", "live_eval=true", "oracle=false", "slo=goodput",
         "workload.episode_epochs=4",
         "~workload.arrival", "+workload.arrival={kind:gamma,cv:1.0,epoch_s:0.5,rate_x_capacity:1.0,"
                              "capacity_of:'tiny-llama@6'}",
