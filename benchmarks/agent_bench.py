@@ -20,6 +20,10 @@ yardstick ladder (agents/yardsticks.py, replay-only: it plays every feasible arm
   best_fixed        the best arm played fixed for the whole run, in hindsight
   phase_oracle      the best fixed arm per workload phase, in hindsight, PLAYED (switch costs, queue carry-over)
   per_epoch_oracle  each epoch the arm env.evaluate_arms() prices best, played; reported, never a target
+  lagged_phase_oracle  the phase oracle's schedule one epoch late (each epoch plays the arm of the phase the previous
+                    epoch was in; an episode opens with phase 0's arm): what a causal policy that recognises a phase
+                    after one epoch of it, and then knows its best arm, could reach; reported, never a target. The
+                    phase oracle switches at boundaries no causal agent sees coming.
 Bandits and the HELIOS controller learn online across the episodes, as scripts/train.py; PPO/A2C/DQN/MaskablePPO
 train with model.learn for the same episodes and are scored on the epochs they trained on (hyper-parameters:
 conf/agent/<name>.yaml).
@@ -71,7 +75,7 @@ SCENARIOS: tuple[str, ...] = ("bursts", "diurnal")
 BANDITS: tuple[str, ...] = ("ucb", "thompson", "epsilon_greedy", "exp3", "sw_ucb", "d_ucb", "cusum_ucb", "lin_ucb",
                             "helios", "q_load")
 SB3: tuple[str, ...] = ("ppo", "a2c", "dqn", "maskable_ppo")
-BASELINES: tuple[str, ...] = ("static", "best_fixed", "phase_oracle", "per_epoch_oracle")
+BASELINES: tuple[str, ...] = ("static", "best_fixed", "phase_oracle", "per_epoch_oracle", "lagged_phase_oracle")
 # vs_static: contract name -> the info["metrics"] keys that may carry it (first present wins; the continuous-batching
 # env may name them differently, so each entry lists the names it is known or expected under).
 VS_STATIC_METRICS: dict[str, tuple[str, ...]] = {
@@ -147,6 +151,19 @@ def run_agent(env: gymnasium.Env, name: str, seed: int, episodes: int) -> list[d
         agent = make_agent(name, int(env.action_space.n), seed=seed, arm_table=env.unwrapped.arm_table,
                            observation_names=env.unwrapped.observation_names, **hyper)
         play(rollout, agent, total)
+    return rollout.records
+
+
+def run_lagged_phase_oracle(env: gymnasium.Env, seed: int, episodes: int, ladder: Ladder) -> list[dict[str, Any]]:
+    """The ladder's phase schedule, one epoch late (module docstring)."""
+    rollout = Rollout(env, seed, yardsticks=False)
+    phases = [r["phase"] for r in ladder.best_fixed.records[: rollout.episode_epochs]]
+
+    def choose(r: Rollout) -> int:
+        epoch = r.next_epoch % r.episode_epochs
+        return ladder.phase_schedule[phases[max(epoch - 1, 0)]]
+
+    play(rollout, Clairvoyant(rollout, choose), episodes * rollout.episode_epochs)
     return rollout.records
 
 
@@ -305,6 +322,7 @@ def bench_scenario(scenario: str, slo: str, agents: list[str], seeds: list[int],
             runs.setdefault("best_fixed", []).append(ladder.best_fixed.records)
             runs.setdefault("phase_oracle", []).append(ladder.phase_oracle.records)
             timed("per_epoch_oracle", lambda: run_per_epoch_oracle(env, seed, episodes))
+            timed("lagged_phase_oracle", lambda: run_lagged_phase_oracle(env, seed, episodes, ladder))
             for agent in agents:
                 timed(agent, lambda: run_agent(env, agent, seed, episodes))
             log(f"  {name}: seed {seed} done (headroom {ladder.headroom:.3f}, best fixed "

@@ -19,7 +19,7 @@ import yaml
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "agent_bench.py"
 AGENTS = ("ucb", "sw_ucb", "maskable_ppo")  # a bandit, a drift-aware bandit, an SB3 agent: every code path, quickly
-YARDSTICKS = {"static", "best_fixed", "phase_oracle", "per_epoch_oracle"}
+YARDSTICKS = {"static", "best_fixed", "phase_oracle", "per_epoch_oracle", "lagged_phase_oracle"}
 # Two 8-epoch scenarios (an abrupt and a gradual drift), closed loop like drift3 and gradual.
 SCENARIOS = {
     "abrupt": {"seed": 0, "episode_epochs": 8, "arrival": {"kind": "closed", "batch_size": 4},
