@@ -1,7 +1,8 @@
 """Train an agent that picks (candidate, depth, exit setting) each epoch of a drifting workload: the main job.
 
-    python scripts/train.py agent=ucb                               # live backend, default candidates, offline
-    python scripts/train.py agent=sw_ucb env=replay slo=latency episodes=5
+    python scripts/train.py agent=ucb                               # replay training, then one live episode
+    python scripts/train.py agent=sw_ucb slo=latency episodes=5 live_eval=false       # replay only: seconds
+    python scripts/train.py agent=ucb env=live workload=drift3 slo=balanced episodes=1   # train on live inference
     python scripts/train.py -m agent=ucb,sw_ucb,thompson,helios,ppo seed=0,1,2   # Hydra multirun
     python scripts/train.py resume=outputs/train/<run dir>          # continue a killed run from its checkpoint
 
@@ -13,7 +14,10 @@ and headroom to summary.json (live cannot afford it: summary.json says why_no_la
 Writes into the Hydra run directory: metrics.jsonl (one line per epoch), summary.json, the resolved config
 (.hydra/config.yaml), policy.json (the agent's exported state), checkpoint.json, and PNG plots (reward and regret
 against the phase oracle, or on live the cumulative reward with the reason there is no regret; arms over time with
-the drift phases shaded; the throughput-accuracy front of the arms).
+the drift phases shaded and the arrival rate; the throughput-accuracy front of the arms). After replay training with
+live_eval=true (the default), one more episode of the learned policy is played live and on replay on the same
+arrivals (agents/live_eval.py): summary.json live_eval (arm agreement, rewards, each metric's replay error),
+live_eval.jsonl, live_eval_arms.png.
 Logs to W&B offline by default (logger=wandb|tensorboard|none).
 """
 
