@@ -147,6 +147,31 @@ def arms_figure(records: list[dict], arm_labels: Sequence[str], phases: Sequence
     return fig
 
 
+def plot_learning_curve(records: list[dict], rungs: dict[str, Sequence[float]], path: Path, title: str) -> Path:
+    """Mean reward per episode of the run, beside the same of each yardstick rung (rewards per epoch, the run's
+    epochs in order): whether the agent learns, and towards which rung."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    episodes = np.array([r["episode"] for r in records])
+    order = sorted(set(episodes.tolist()))
+
+    def per_episode(values: Sequence[float]) -> list[float]:
+        values = np.asarray(values, dtype=float)
+        return [float(values[episodes == e].mean()) for e in order]
+
+    ax.plot(order, per_episode([r["reward"] for r in records]), "o-", label="agent", zorder=3)
+    styles = {"phase oracle": ("k", "-"), "best fixed arm": ("tab:green", "--"), "static full depth": ("grey", ":")}
+    for name, values in rungs.items():
+        color, line = styles.get(name, (None, "-"))
+        ax.plot(order, per_episode(values), color=color, ls=line, label=name)
+    ax.set_xlabel("episode")
+    ax.set_ylabel("mean SLO reward per epoch")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_pareto(arm_points: list[dict], path: Path, title: str) -> Path:
     """Mean throughput vs accuracy of each arm the run observed; the non-dominated ones joined."""
     plt = _pyplot()

@@ -14,7 +14,8 @@ and headroom to summary.json (live cannot afford it: summary.json says why_no_la
 Writes into the Hydra run directory: metrics.jsonl (one line per epoch), summary.json, the resolved config
 (.hydra/config.yaml), policy.json (the agent's exported state), checkpoint.json, and PNG plots (reward and regret
 against the phase oracle, or on live the cumulative reward with the reason there is no regret; arms over time with
-the drift phases shaded and the arrival rate; the throughput-accuracy front of the arms). After replay training with
+the drift phases shaded and the arrival rate; both for the last two episodes of a longer run, whose every episode is
+in learning_curve.png; the throughput-accuracy front of the arms). After replay training with
 live_eval=true (the default), one more episode of the learned policy is played live and on replay on the same
 arrivals (agents/live_eval.py): summary.json live_eval (arm agreement, rewards, each metric's replay error),
 live_eval.jsonl, live_eval_arms.png.
@@ -328,7 +329,7 @@ def write_outputs(cfg: DictConfig, backend: str, run_dir: Path, records: list[di
                   why_no_ladder: str | None = None, live_eval: tuple[dict[str, Any], list, list] | None = None,
                   why_no_live_eval: str | None = None) -> None:
     """Plots, summary.json and the logger's run summary, from every epoch's record (those before a resume too)."""
-    from helios.plots import plot_arms, plot_pareto, plot_reward_and_regret
+    from helios.plots import plot_arms, plot_learning_curve, plot_pareto, plot_reward_and_regret
 
     phase_starts = [r["epoch"] for i, r in enumerate(records)
                     if i == 0 or r["phase"] != records[i - 1]["phase"] or r["episode"] != records[i - 1]["episode"]]
@@ -342,12 +343,34 @@ def write_outputs(cfg: DictConfig, backend: str, run_dir: Path, records: list[di
         if ladder.static is not None:
             yardsticks["static full depth"] = ladder.static.rewards[first:last]
         schedule = ladder.phase_oracle.actions[first:last]
+    # A long run's epochs crowd one axis: the reward and arm plots show its last two episodes (phases readable), and
+    # learning_curve.png shows every episode's mean reward beside the rungs'.
+    shown = records
+    episodes = sorted({r["episode"] for r in records})
+    if len(episodes) > 2:
+        keep = len([r for r in records if r["episode"] in episodes[-2:]])
+        shown = records[-keep:]
+        title += f", episodes {episodes[-2]}-{episodes[-1]} of {episodes[0]}-{episodes[-1]}"
+        if yardsticks is not None:
+            yardsticks = {name: values[-keep:] for name, values in yardsticks.items()}
+            schedule = schedule[-keep:]
+    starts_shown = [e for e in phase_starts if e >= shown[0]["epoch"]] if shown else phase_starts
     plots = [
-        plot_reward_and_regret(records, phase_starts, run_dir / "reward_regret.png", title,
+        plot_reward_and_regret(shown, starts_shown, run_dir / "reward_regret.png", title,
                                why_no_regret=why_no_ladder, yardsticks=yardsticks),
-        plot_arms(records, labels, phase_starts, run_dir / "arms.png", title, schedule=schedule),
+        plot_arms(shown, labels, starts_shown, run_dir / "arms.png", title, schedule=schedule),
         plot_pareto(arm_point_summary(records, labels), run_dir / "pareto.png", f"arms played ({backend})"),
     ]
+    if len(episodes) > 2:
+        rungs = {}
+        if ladder is not None:
+            first, last = int(records[0]["epoch"]), int(records[-1]["epoch"]) + 1
+            rungs = {"phase oracle": ladder.phase_oracle.rewards[first:last],
+                     "best fixed arm": ladder.best_fixed.rewards[first:last]}
+            if ladder.static is not None:
+                rungs["static full depth"] = ladder.static.rewards[first:last]
+        plots.append(plot_learning_curve(records, rungs, run_dir / "learning_curve.png",
+                                         f"{cfg.agent.name} on {backend}, slo={cfg.slo.name}, seed {cfg.seed}"))
     if live_eval is not None:
         result, live, replay = live_eval
         starts = [r["epoch"] for i, r in enumerate(replay) if i == 0 or r["phase"] != replay[i - 1]["phase"]]
