@@ -77,7 +77,7 @@ from helios.replay_executor import ReplayExecutor
 from helios.scheduler import MemoryBudget as SchedulerBudget
 from helios.scheduler import RequestRecord, Scheduler, SequenceRequest, SequenceState, VirtualClock
 from helios.telemetry import SwitchKind, span_metrics
-from helios.workloads import Request, Workload
+from helios.workloads import Request, Workload, pool_config
 
 SWITCH_POLICIES: tuple[str, ...] = ("drain", "recompute")  # `keep` is chosen automatically for an exit-only change
 
@@ -621,7 +621,7 @@ class ReplayBackend(SchedulerBackend):
 
     def _check_traces(self, traces: Mapping[str, Any], paths: Mapping[str, Path]) -> None:
         spec = self.spec
-        expected = _json_roundtrip(trace_workload_cfg(spec.workload_cfg))
+        expected = _json_roundtrip(pool_config(spec.workload_cfg))
         names = None
         for name, trace in traces.items():
             meta = trace.meta
@@ -756,23 +756,23 @@ class ReplayBackend(SchedulerBackend):
         key = (candidate, rid, tuple(token_ids))
         score = self._accuracy_cache.get(key, -1.0)
         if score == -1.0:
-            decode = self.tokenizers[candidate].decode
-            text = decode(list(token_ids), skip_special_tokens=True)
+            def decode(ids: Sequence[int]) -> str:
+                return self.tokenizers[candidate].decode(list(ids), skip_special_tokens=True)
+
             if self.spec.accuracy_metric == "judge_score" and candidate == self.spec.judge:
                 # The judge's own vocabulary: its tokens as generated, and every served output is exactly a prefix
                 # of the arm's whole output, so one forward prices them all.
                 score = self.judge.score(self.pool_request(rid), ids=list(token_ids),
                                          context=self._judge_context(rid), full_ids=None if full is None else list(full))
             elif self.spec.accuracy_metric == "judge_score":
-                full_text = None if full is None else decode(list(full), skip_special_tokens=True)
-                score = self.judge.score(self.pool_request(rid), text, context=self._judge_context(rid),
-                                         full_text=full_text)
+                score = self.judge.score(self.pool_request(rid), decode(token_ids), context=self._judge_context(rid),
+                                         full_text=None if full is None else decode(full))
             elif self.references[rid] is None:
                 score = None
             else:
                 from helios.metrics import compute_accuracy
 
-                score = compute_accuracy(self.spec.accuracy_metric, predictions=[text],
+                score = compute_accuracy(self.spec.accuracy_metric, predictions=[decode(token_ids)],
                                          references=[self.references[rid]])
             self._accuracy_cache[key] = score
         return score
@@ -883,13 +883,6 @@ class ReplayBackend(SchedulerBackend):
     def close(self) -> None:
         self._episode = _Episode()
         self._stepper = None
-
-
-def trace_workload_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The workload config a replay trace is keyed and recorded by: helios.workloads.pool_config."""
-    from helios.workloads import pool_config
-
-    return pool_config(cfg)
 
 
 def rate_free_workload_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -1075,10 +1068,10 @@ class LiveBackend(SchedulerBackend):
     def _accuracy(self, request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:
         # Called by _run_span after the span has run: the judge's time is not on the serving clock.
         request = self._requests_by_id.pop(request_id)
+        if self.spec.accuracy_metric == "judge_score" and arm.candidate == self.spec.judge:
+            return self.judge.score(request, ids=list(token_ids))  # the judge's own vocabulary: its tokens as generated
         text = self.tokenizer(arm.candidate).decode(list(token_ids), skip_special_tokens=True)
         if self.spec.accuracy_metric == "judge_score":
-            if arm.candidate == self.spec.judge:  # the judge's own vocabulary: its tokens as generated
-                return self.judge.score(request, ids=list(token_ids))
             return self.judge.score(request, text)
         if request.reference is None:
             return None

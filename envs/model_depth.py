@@ -29,7 +29,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs import ENV_IDS
-from envs.backends import SWITCH_POLICIES, Backend, EpochResult, ServingSpec, mix_reference, trace_workload_cfg
+from envs.backends import SWITCH_POLICIES, Backend, EpochResult, ServingSpec, mix_reference
 from helios.arms import Arm, CandidateSpec, ExitSpec, reference_arm_index
 from helios.config import check_keys
 from helios.observation import ObservationLayout, build_observation
@@ -655,8 +655,8 @@ def _trace_paths(spec: ServingSpec, cfg: Mapping[str, Any]) -> dict[str, Path]:
 
     names = [c.name for c in spec.candidates]
     # Traces record the request pool, up to the longest output a request may ask for; a capacity-relative rate is
-    # not part of their key (envs.backends.trace_workload_cfg).
-    workload_cfg, tokens = trace_workload_cfg(spec.workload_cfg), spec.trace_tokens
+    # not part of their key: trace_path and ensure_trace key a trace by its request pool (helios.workloads.pool_config).
+    workload_cfg, tokens = spec.workload_cfg, spec.trace_tokens
     if cfg.get("traces") is not None:
         given = {name: Path(path).expanduser() for name, path in dict(cfg["traces"]).items()}
         missing = [name for name in names if name not in given]

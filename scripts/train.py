@@ -83,16 +83,21 @@ def validate_agent(cfg: DictConfig) -> None:
     make_agent(name, 1_000_000, seed=0, observation_names=names, **hyper)
 
 
+def env_kwargs(cfg: DictConfig, *, workload: dict[str, Any] | None = None, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """gymnasium.make's keyword arguments: the run's env config, SLO, workload (or `workload`) and env_overrides,
+    without the keys in `drop`."""
+    kwargs = {**OmegaConf.to_container(cfg.env, resolve=True), "slo": OmegaConf.to_container(cfg.slo, resolve=True),
+              "workload": OmegaConf.to_container(cfg.workload, resolve=True) if workload is None else workload,
+              **OmegaConf.to_container(cfg.env_overrides, resolve=True)}
+    return {k: v for k, v in kwargs.items() if k not in drop}
+
+
 def make_env(cfg: DictConfig, backend: str) -> gymnasium.Env:
     import gymnasium
 
     import envs  # noqa: F401  (registers the helios ids)
 
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items()}
-    kwargs.update(slo=OmegaConf.to_container(cfg.slo, resolve=True),
-                  workload=OmegaConf.to_container(cfg.workload, resolve=True))
-    kwargs.update(OmegaConf.to_container(cfg.env_overrides, resolve=True))
-    return gymnasium.make(ENV_IDS[backend], **kwargs)
+    return gymnasium.make(ENV_IDS[backend], **env_kwargs(cfg))
 
 
 def arm_point_summary(records: list[dict[str, Any]], arm_labels: list[str]) -> list[dict[str, Any]]:
@@ -269,18 +274,6 @@ def yardstick_ladder(cfg: DictConfig, backend: str) -> tuple[Ladder | None, str 
         env.close()
 
 
-def live_env_kwargs(cfg: DictConfig, workload_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The live env of the replay run's world: its env config without the replay-only keys, on `workload_cfg`."""
-    from envs.model_depth import REPLAY_KEYS
-
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.env, resolve=True).items()
-              if k not in REPLAY_KEYS and k != "backend"}
-    kwargs.update(slo=OmegaConf.to_container(cfg.slo, resolve=True), workload=workload_cfg)
-    kwargs.update({k: v for k, v in OmegaConf.to_container(cfg.env_overrides, resolve=True).items()
-                   if k not in REPLAY_KEYS})
-    return kwargs
-
-
 def live_evaluation(cfg: DictConfig, run_dir: Path, agent: Any) -> tuple[dict[str, Any], list[dict[str, Any]],
                                                                          list[dict[str, Any]]]:
     """After replay training: one episode of the learned policy on replay and on live (agents/live_eval.py), the
@@ -290,7 +283,9 @@ def live_evaluation(cfg: DictConfig, run_dir: Path, agent: Any) -> tuple[dict[st
     import gymnasium
 
     from agents.live_eval import SB3Policy, evaluate_transfer
+    from envs.model_depth import REPLAY_KEYS
 
+    replay_env = make_env(cfg, "replay")
     if cfg.agent.name in SB3_AGENTS:
         from agents.sb3 import algorithm_class
 
@@ -300,24 +295,23 @@ def live_evaluation(cfg: DictConfig, run_dir: Path, agent: Any) -> tuple[dict[st
             return SB3Policy(model)
     else:
         state = copy.deepcopy(agent.state_dict())
-        hyper = agent_hyperparameters(cfg)
+        hyper = {**agent_hyperparameters(cfg), "arm_table": replay_env.unwrapped.arm_table}
 
         def make_policy() -> Any:
-            replay_env = holder["env"]
             fresh = make_agent(cfg.agent.name, int(replay_env.action_space.n), seed=int(cfg.seed),
-                               observation_names=replay_env.unwrapped.observation_names,
-                               **{**hyper, "arm_table": replay_env.unwrapped.arm_table})
+                               observation_names=replay_env.unwrapped.observation_names, **hyper)
             fresh.load_state_dict(copy.deepcopy(state))
             return fresh
 
-    holder: dict[str, Any] = {"env": make_env(cfg, "replay")}
+    def make_live_env(workload: dict[str, Any]) -> gymnasium.Env:
+        # The replay run's world on live: its env config without the replay-only keys, on the absolute-rate workload.
+        return gymnasium.make(ENV_IDS["live"], **env_kwargs(cfg, workload=workload, drop=(*REPLAY_KEYS, "backend")))
+
     try:
-        result, live, replay = evaluate_transfer(
-            make_policy, holder["env"], lambda workload: gymnasium.make(ENV_IDS["live"],
-                                                                       **live_env_kwargs(cfg, workload)),
-            int(cfg.seed), int(cfg.episodes))
+        result, live, replay = evaluate_transfer(make_policy, replay_env, make_live_env, int(cfg.seed),
+                                                 int(cfg.episodes))
     finally:
-        holder["env"].close()
+        replay_env.close()
     with atomic_file(run_dir / "live_eval.jsonl", "w") as handle:
         handle.write("".join(json.dumps({"backend": b, **r}) + "\n" for b, rs in (("live", live), ("replay", replay))
                              for r in rs))

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import envs  # noqa: F401  (registers the ids)
-from envs.backends import trace_workload_cfg
 from gymnasium.utils.env_checker import data_equivalence
 
 from helios.scheduler import RequestRecord
@@ -48,7 +47,7 @@ def trace_dir(tmp_path_factory, one_torch_thread):
 
     out = tmp_path_factory.mktemp("sched_traces")
     for name, depths in (("tiny-llama", [2, 4, 6]), ("tiny-gemma3", [3, 6])):
-        ensure_trace(name, trace_workload_cfg(OVERLOAD), depths=depths, per_source=2, new_tokens=8, out_dir=out,
+        ensure_trace(name, OVERLOAD, depths=depths, per_source=2, new_tokens=8, out_dir=out,
                      progress=False, calibration_runs=4)
     return out
 

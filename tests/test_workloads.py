@@ -445,14 +445,14 @@ def test_trace_key_is_the_request_pool() -> None:
     """Scenarios over the same sources share one recorded trace: the trace's key config draws exactly the pool the
     scenario itself draws (prompt and reference, request by request), while a different source set or source option
     gives another key."""
-    from envs.backends import trace_workload_cfg
+    from helios.workloads import pool_config
 
     root = Path(__file__).resolve().parents[1] / "conf" / "workload"
     bursts, gradual, drift3 = (OmegaConf.to_container(OmegaConf.load(root / f"{n}.yaml")) for n in
                                ("bursts", "gradual", "drift3"))
-    assert trace_workload_cfg(bursts) == trace_workload_cfg(gradual)
-    assert trace_workload_cfg(bursts) != trace_workload_cfg(drift3)  # drift3 shortens prose prompts
+    assert pool_config(bursts) == pool_config(gradual)
+    assert pool_config(bursts) != pool_config(drift3)  # drift3 shortens prose prompts
     own = workload_from_config(bursts, capacity_rps=2.0).pool(3)
-    keyed = workload_from_config(trace_workload_cfg(bursts)).pool(3)
+    keyed = workload_from_config(pool_config(bursts)).pool(3)
     assert [(r.source, r.prompt, r.reference) for r in own] == [(r.source, r.prompt, r.reference) for r in keyed]
     assert len({r.source for r in own}) == 3

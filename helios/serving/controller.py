@@ -109,12 +109,7 @@ class Controller:
         tally = self.core.take_tally()
         carry = self._carry
         if carry is not None:
-            carry.end_s = tally.end_s
-            carry.records += tally.records
-            for name in ("prefill_s", "decode_s", "switch_s", "switches", "prefill_calls", "decode_steps",
-                         "output_tokens", "cancelled", "rejected"):
-                setattr(carry, name, getattr(carry, name) + getattr(tally, name))
-            carry.switch_windows += tally.switch_windows
+            carry.merge(tally)
             tally = carry
         if tally.output_tokens == 0:
             self._carry = tally

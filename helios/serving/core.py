@@ -310,15 +310,22 @@ class EpochTally:
     def add(self, span: SpanStats, records: list[RequestRecord]) -> None:
         self.end_s = span.end_s
         self.records += records
-        self.prefill_s += span.prefill_s
-        self.decode_s += span.decode_s
-        self.switch_s += span.switch_s
-        self.switches += span.switches
-        self.prefill_calls += span.prefill_calls
-        self.decode_steps += span.decode_steps
-        self.output_tokens += span.output_tokens
-        self.cancelled += span.cancelled
+        for name in _SPAN_COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(span, name))
         self.rejected += len(span.rejections)
+
+    def merge(self, later: EpochTally) -> None:
+        """Fold the tally taken after this one into it (the controller carries a tokenless epoch on)."""
+        self.end_s = later.end_s
+        self.records += later.records
+        for name in (*_SPAN_COUNTERS, "rejected"):
+            setattr(self, name, getattr(self, name) + getattr(later, name))
+        self.switch_windows += later.switch_windows
+
+
+# The SpanStats counters a tally sums (helios.scheduler.SpanStats names them alike).
+_SPAN_COUNTERS: tuple[str, ...] = ("prefill_s", "decode_s", "switch_s", "switches", "prefill_calls", "decode_steps",
+                                   "output_tokens", "cancelled")
 
 
 # ----------------------------------------------------------------------------------------------- the core
