@@ -136,8 +136,8 @@ def bench_replay(which: str, kwargs: dict[str, Any], steps: int, rounds: int, pr
     return result
 
 
-def bench_live(steps: int) -> dict[str, Any]:
-    env = gymnasium.make(envs.ENV_IDS["live"], **TINY)
+def bench_live(steps: int, accuracy_metric: str = "judge_score") -> dict[str, Any]:
+    env = gymnasium.make(envs.ENV_IDS["live"], **{**TINY, "accuracy_metric": accuracy_metric})
     unwrapped: ModelDepthEnv = env.unwrapped  # type: ignore[assignment]
     feasible = np.flatnonzero(unwrapped.action_masks())
     env.reset(seed=0)  # measures the reference run (not a step)
@@ -197,6 +197,9 @@ def main() -> None:
     parser.add_argument("--live-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (live inference, trace recording)")
     parser.add_argument("--trace-dir", default=None, help="tiny traces (default: a folder under the system temp dir)")
+    parser.add_argument("--live-accuracy-metric", default="judge_score",
+                        help="the live env's accuracy_metric: judge_score (the default: a judge forward per request, "
+                             "inside the step) or rouge_l (the framework's own overhead without the judge)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -218,7 +221,8 @@ def main() -> None:
           f"{results['open_loop_steps_per_s']:,.0f} steps/s through gymnasium.make "
           f"({results['open_loop_steps_per_cpu_s']:,.0f} per CPU-second), "
           f"{results['open_loop_steps_per_s_unwrapped']:,.0f} raw; per step {results['open_loop_requests_per_step']}")
-    results.update(bench_live(args.live_steps))
+    results.update(bench_live(args.live_steps, args.live_accuracy_metric))
+    results["live_accuracy_metric"] = args.live_accuracy_metric
     print(f"live (tiny): {results['live_engine_fraction']:.1%} of step time in the engine keeping one arm "
           f"({results['live_step_s'] * 1e3:.0f} ms/step); random arms {results['live_engine_fraction_random_arms']:.1%} "
           f"engine + {results['live_load_fraction_random_arms']:.1%} loads")
