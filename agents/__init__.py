@@ -13,6 +13,7 @@ from agents.exp3 import EXP3
 from agents.helios import HeliosController
 from agents.lin_ucb import LinUCB
 from agents.q_load import LoadQLearning
+from agents.seasonal_q import SeasonalLoadQ
 from agents.static import Static
 from agents.sw_ucb import SlidingWindowUCB
 from agents.thompson import GaussianThompson
@@ -21,7 +22,7 @@ from agents.ucb import UCB1
 AGENTS: dict[str, type[Agent]] = {
     cls.name: cls
     for cls in (UCB1, GaussianThompson, EpsilonGreedy, EXP3, SlidingWindowUCB, DiscountedUCB, CusumUCB, LinUCB, Static,
-                HeliosController, LoadQLearning)
+                HeliosController, LoadQLearning, SeasonalLoadQ)
 }
 
 

@@ -42,6 +42,11 @@ class Agent(abc.ABC):
     @abc.abstractmethod
     def update(self, action: int, reward: float, obs: np.ndarray | None = None, info: dict | None = None) -> None: ...
 
+    def greedy(self, obs: np.ndarray | None = None, mask: np.ndarray | None = None) -> int:
+        """The learned policy without exploration: what a frozen evaluation episode plays (agent_bench's eval
+        episodes). Default: `select`, for agents whose choice is already their policy (the HELIOS controller)."""
+        return self.select(obs, mask)
+
     def hyperparameters(self) -> dict[str, Any]:
         return {}
 
@@ -66,6 +71,14 @@ class ArmStatistics(Agent):
         super().__init__(n_arms, seed)
         self.counts = np.zeros(n_arms)
         self.sums = np.zeros(n_arms)
+
+    def greedy(self, obs: np.ndarray | None = None, mask: np.ndarray | None = None) -> int:
+        """The best mean reward among tried feasible arms (untried ones only when none was tried)."""
+        allowed = feasible(mask, self.n_arms)
+        tried = allowed[self.counts[allowed] > 0]
+        if tried.size == 0:
+            return self.select(obs, mask)
+        return argmax_allowed(self.sums / np.maximum(self.counts, 1), tried, self.rng)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "counts": self.counts.tolist(), "sums": self.sums.tolist()}

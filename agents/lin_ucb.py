@@ -76,6 +76,12 @@ class LinUCB(Agent):
         self._selected = (int(action), x)
         return action
 
+    def greedy(self, obs=None, mask=None) -> int:
+        """The arm with the highest predicted reward in this context (no confidence width)."""
+        x = self._context(obs)
+        theta = np.einsum("aij,aj->ai", self.A_inv, self.b)
+        return argmax_allowed(theta @ x, feasible(mask, self.n_arms), self.rng)
+
     def update(self, action, reward, obs=None, info=None) -> None:
         # The reward answers the context the arm was chosen in, not `obs` (what the epoch left behind): regress on
         # the context of the matching select. Without one (an update fed from a log), `obs` is that context.

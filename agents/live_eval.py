@@ -4,8 +4,9 @@ job's last step (scripts/train.py, `live_eval=true` after training on replay).
     python scripts/train.py agent=ucb                      # replay training, then this: summary.json["live_eval"]
     python scripts/train.py agent=lin_ucb episodes=50 live_eval=false
 
-Both envs serve the same episode (reset seed seed * 1000 + episode, the rollout's schedule): the same requests at
-the same arrival times. The live env's workload is the replay env's with its capacity-relative rate made absolute
+Both envs serve the same episode (reset seed seed * 1000 + episode, the rollout's schedule) on the same draw of the
+workload: live serves the workload's own draw, so replay plays its variant 0 (that draw): the same arrival times,
+sources and output lengths. The live env's workload is the replay env's with its capacity-relative rate made absolute
 (`absolute_rate_workload`: rate_per_s = rate_x_capacity x the replay-measured capacity), so both offer the same
 load; measuring capacity live would take minutes and give a slightly different rate. The policy starts from the
 same state on both (a bandit's `state_dict`, or an SB3 model's deterministic `predict`) and keeps learning online on
@@ -66,9 +67,11 @@ class SB3Policy:
 
 
 def play_episode(env: gymnasium.Env, policy: Policy, seed: int, episode: int) -> list[dict[str, Any]]:
-    """Play episode `episode` of the rollout schedule (reset seed seed * 1000 + episode); its records."""
+    """Play episode `episode` of the rollout schedule (reset seed seed * 1000 + episode) on the workload's own draw
+    (replay: variant 0, the draw live serves); its records."""
     rollout = Rollout(env, seed, yardsticks=False, first_epoch=episode * int(env.unwrapped.episode_epochs))
-    play(rollout, policy, rollout.next_epoch + rollout.episode_epochs)
+    options = {"variant": 0} if getattr(env.unwrapped, "backend_kind", None) == "replay" else None
+    play(rollout, policy, rollout.next_epoch + rollout.episode_epochs, reset_options=options)
     return rollout.records
 
 

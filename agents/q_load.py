@@ -76,14 +76,16 @@ class LoadQLearning(Agent):
     def select(self, obs: np.ndarray | None = None, mask: np.ndarray | None = None) -> int:
         allowed = feasible(mask, self.n_arms)
         s = self.state(obs)
-        if self.rng.random() < self.epsilon:
-            action = int(self.rng.choice(allowed))
-        else:
-            values = self.q[s][allowed]
-            best = allowed[np.flatnonzero(values == values.max())]
-            action = int(self.rng.choice(best))
+        action = int(self.rng.choice(allowed)) if self.rng.random() < self.epsilon else self._best(s, allowed)
         self._selected = (s, action)
         return action
+
+    def greedy(self, obs: np.ndarray | None = None, mask: np.ndarray | None = None) -> int:
+        return self._best(self.state(obs), feasible(mask, self.n_arms))
+
+    def _best(self, s: tuple[int, ...], allowed: np.ndarray) -> int:
+        values = self.q[s][allowed]
+        return int(self.rng.choice(allowed[np.flatnonzero(values == values.max())]))
 
     def update(self, action: int, reward: float, obs: np.ndarray | None = None, info: dict | None = None) -> None:
         if self._selected is None or self._selected[1] != int(action):

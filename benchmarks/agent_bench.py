@@ -25,19 +25,25 @@ yardstick ladder (agents/yardsticks.py, replay-only: it plays every feasible arm
                     after one epoch of it, and then knows its best arm, could reach; reported, never a target. The
                     phase oracle switches at boundaries no causal agent sees coming.
 Bandits and the HELIOS controller learn online across the episodes, as scripts/train.py; PPO/A2C/DQN/MaskablePPO
-train with model.learn for the same episodes and are scored on the epochs they trained on (hyper-parameters:
-conf/agent/<name>.yaml).
+train with model.learn for the same episodes (hyper-parameters: conf/agent/<name>.yaml). Then every agent plays
+`--eval-episodes` more episodes FROZEN: its greedy policy (Agent.greedy: exploration off, no updates; SB3:
+deterministic predict), on episodes it has not met (reset seeds after the training ones; replay draws their
+arrivals among the env's `variants`). The yardsticks cover the same epochs.
 
-Definitions (R = mean SLO reward per epoch over the run, learning included; rewards are log2 ratios, helios/slo.py):
+Definitions (R = mean SLO reward per epoch; rewards are log2 ratios, helios/slo.py):
   gap_recovered  = (R - R_best_fixed) / (R_phase_oracle - R_best_fixed) per seed, then mean ± 95% CI (Student t) over
                    seeds: 0 = the best fixed arm, 1 = the phase oracle. This normalises between two fixed references
                    as RouteLLM's APGR does (Ong et al. 2024, arXiv 2406.18665). Null on a seed whose headroom is
-                   under 1.01x (no gap to recover); such seeds are left out of the mean.
+                   under 1.01x (no gap to recover); such seeds are left out of the mean. R and the rungs are taken
+                   over the same epochs: `gap_recovered` over the frozen evaluation episodes (the learned policy: the
+                   target), `gap_recovered_learning` over the training episodes (exploration included),
+                   `gap_recovered_last_episode` over the last training episode.
   regret         = dynamic regret: sum over the run's epochs of (phase oracle's reward - the agent's), paired by epoch
   per_epoch_regret = the same against the per-epoch oracle's price (evaluate_arms max, no switch cost): reported
   headroom       = 2 ** (R_phase_oracle - R_best_fixed): the objective ratio (geometric mean over seeds); target >= 1.3
   best_gap_recovered = the adaptive agent with the highest mean gap_recovered (`best_agent`): that mean; null when
-                   no seed has headroom (best_agent is then the one with the highest mean reward)
+                   no seed has headroom (best_agent is then the one with the highest mean reward). Without evaluation
+                   episodes (--eval-episodes 0) gap_recovered is the training episodes' figure.
   vs_static[load] = the best agent's served epochs against static full depth's on the same epochs, per load level
                    (info["load"], else the scenario's phase `load`, else "closed-loop"): ratio of the means of
                    goodput (goodput_rps, higher is better), p95 (latency_p95_s, lower is better), energy (J/token,
@@ -73,7 +79,7 @@ ENV_ID = "helios/ModelDepthReplay-v0"
 
 SCENARIOS: tuple[str, ...] = ("bursts", "diurnal")
 BANDITS: tuple[str, ...] = ("ucb", "thompson", "epsilon_greedy", "exp3", "sw_ucb", "d_ucb", "cusum_ucb", "lin_ucb",
-                            "helios", "q_load")
+                            "helios", "q_load", "seasonal_q")
 SB3: tuple[str, ...] = ("ppo", "a2c", "dqn", "maskable_ppo")
 BASELINES: tuple[str, ...] = ("static", "best_fixed", "phase_oracle", "per_epoch_oracle", "lagged_phase_oracle")
 # vs_static: contract name -> the info["metrics"] keys that may carry it (first present wins; the continuous-batching
@@ -87,6 +93,7 @@ VS_STATIC_METRICS: dict[str, tuple[str, ...]] = {
     "accuracy": ("accuracy",),
 }
 QUICK_EPISODES = 2
+QUICK_EVAL_EPISODES = 1
 QUICK_SEEDS = 5
 HEADROOM_TARGET = 1.3
 
@@ -128,10 +135,25 @@ def make_env(workload: str | dict[str, Any], slo: str, env_kwargs: Mapping[str, 
     return gymnasium.make(ENV_ID, **{**env_kwargs, "workload": workload, "slo": slo})
 
 
-def run_agent(env: gymnasium.Env, name: str, seed: int, episodes: int) -> list[dict[str, Any]]:
-    """One adaptive agent's run through the rollout loop; its records (with the per-epoch oracle's price)."""
+class Frozen:
+    """A learned agent's greedy policy (Agent.greedy), without updates: what the evaluation episodes play."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    def select(self, obs: np.ndarray | None = None, mask: np.ndarray | None = None) -> int:
+        return int(self.agent.greedy(obs, mask))
+
+    def update(self, action: int, reward: float, obs: np.ndarray | None = None, info: dict | None = None) -> None:
+        pass
+
+
+def run_agent(env: gymnasium.Env, name: str, seed: int, episodes: int, eval_episodes: int = 0) -> list[dict[str, Any]]:
+    """One adaptive agent's run through the rollout loop: `episodes` learning, then `eval_episodes` frozen (module
+    docstring); its records (with the per-epoch oracle's price)."""
     rollout = Rollout(env, seed)
     total = episodes * rollout.episode_epochs
+    until = (episodes + eval_episodes) * rollout.episode_epochs
     hyper = agent_config(name)
     if name in SB3:
         from stable_baselines3.common.callbacks import BaseCallback
@@ -145,12 +167,18 @@ def run_agent(env: gymnasium.Env, name: str, seed: int, episodes: int) -> list[d
             def _on_step(self) -> bool:
                 return rollout.next_epoch < total
 
+        from agents.live_eval import SB3Policy
+
         model = build_model(name, Monitor(rollout), hyper, seed)
         model.learn(total_timesteps=total, callback=Stop())
+        frozen: Any = SB3Policy(model)
     else:
         agent = make_agent(name, int(env.action_space.n), seed=seed, arm_table=env.unwrapped.arm_table,
                            observation_names=env.unwrapped.observation_names, **hyper)
         play(rollout, agent, total)
+        frozen = Frozen(agent)
+    if until > total:
+        play(rollout, frozen, until, learn=False)
     return rollout.records
 
 
@@ -177,16 +205,21 @@ def run_per_epoch_oracle(env: gymnasium.Env, seed: int, episodes: int) -> list[d
 # ------------------------------------------------------------------------------------------------- summaries
 
 
-def score_run(records: list[dict[str, Any]], ladder: Ladder) -> dict[str, Any]:
-    """One run against its seed's ladder: reward, gap recovered, dynamic regret, per-epoch regret when recorded."""
+def score_run(records: list[dict[str, Any]], ladder: Ladder, eval_episodes: int = 0) -> dict[str, Any]:
+    """One run against its seed's ladder, each figure against the rungs on the same epochs: the frozen evaluation
+    episodes (the last `eval_episodes`; none: the training ones stand in), the training episodes, and the last
+    training episode. Dynamic regret and per-epoch regret are over the evaluation epochs too."""
     rewards = [r["reward"] for r in records]
-    score = ladder.score(rewards)
-    # The last episode alone, against the rungs on the same epochs: what the agent does once it has learned.
-    last = ladder.score(rewards[-ladder.episode_epochs:], first_epoch=len(rewards) - ladder.episode_epochs)
-    per_epoch = (float(sum(r["regret"] for r in records)) if all("regret" in r for r in records) else None)
-    return {"reward": float(np.mean(rewards)), "gap_recovered": score["gap_recovered"],
+    split = len(rewards) - eval_episodes * ladder.episode_epochs
+    train = ladder.score(rewards[:split])
+    last = ladder.score(rewards[split - ladder.episode_epochs:split], first_epoch=split - ladder.episode_epochs)
+    scored = ladder.score(rewards[split:], first_epoch=split) if eval_episodes else train
+    kept = records[split:] if eval_episodes else records
+    per_epoch = (float(sum(r["regret"] for r in kept)) if all("regret" in r for r in kept) else None)
+    return {"reward": float(np.mean(rewards[split:] if eval_episodes else rewards)),
+            "gap_recovered": scored["gap_recovered"], "gap_recovered_learning": train["gap_recovered"],
             "gap_recovered_last_episode": last["gap_recovered"],
-            "regret": score["dynamic_regret"], "per_epoch_regret": per_epoch}
+            "regret": scored["dynamic_regret"], "per_epoch_regret": per_epoch}
 
 
 def load_level(record: Mapping[str, Any], workload_cfg: Mapping[str, Any]) -> str:
@@ -242,18 +275,21 @@ def vs_static(agent_runs: Sequence[list[dict[str, Any]]], static_runs: Sequence[
 
 
 def summarise_scenario(name: str, workload_cfg: Mapping[str, Any], ladders: list[Ladder],
-                       runs: dict[str, list[list[dict[str, Any]]]], seconds: dict[str, float]) -> dict[str, Any]:
+                       runs: dict[str, list[list[dict[str, Any]]]], seconds: dict[str, float],
+                       eval_episodes: int = 0) -> dict[str, Any]:
     """The contract's scenario entry (module docstring), from each seed's ladder and every run's records."""
     agents: dict[str, Any] = {}
     for agent, per_seed in runs.items():
-        scores = [score_run(records, ladder) for records, ladder in zip(per_seed, ladders)]
+        scores = [score_run(records, ladder, eval_episodes) for records, ladder in zip(per_seed, ladders)]
         reward, reward_ci = mean_ci95([s["reward"] for s in scores])
         gap, gap_ci = mean_ci95([s["gap_recovered"] for s in scores])
+        gap_learning, gap_learning_ci = mean_ci95([s["gap_recovered_learning"] for s in scores])
         gap_last, gap_last_ci = mean_ci95([s["gap_recovered_last_episode"] for s in scores])
         regret, regret_ci = mean_ci95([s["regret"] for s in scores])
         per_epoch_regret = mean_ci95([s["per_epoch_regret"] for s in scores])[0]
         agents[agent] = {"adaptive": agent not in BASELINES, "reward": reward, "reward_ci95": reward_ci,
                          "gap_recovered": gap, "gap_recovered_ci95": gap_ci,
+                         "gap_recovered_learning": gap_learning, "gap_recovered_learning_ci95": gap_learning_ci,
                          "gap_recovered_last_episode": gap_last, "gap_recovered_last_episode_ci95": gap_last_ci,
                          "gap_recovered_per_seed": [s["gap_recovered"] for s in scores],
                          "regret": regret, "regret_ci95": regret_ci, "per_epoch_regret": per_epoch_regret,
@@ -273,7 +309,10 @@ def summarise_scenario(name: str, workload_cfg: Mapping[str, Any], ladders: list
     elif static_runs is None:
         comparison, why_no_vs_static = {}, ladders[0].why_no_static
     else:
-        comparison, why_no_vs_static = vs_static(runs[best], static_runs, workload_cfg), None
+        # The learned policy's epochs (the frozen evaluation episodes) when there are any.
+        cut = -eval_episodes * ladders[0].episode_epochs if eval_episodes else 0
+        comparison, why_no_vs_static = vs_static([r[cut:] for r in runs[best]], [r[cut:] for r in static_runs],
+                                                 workload_cfg), None
     return {
         "headroom": float(2.0 ** np.mean(gaps)), "headroom_ci95_log2": mean_ci95(gaps)[1],
         "headroom_per_seed": [ladder.headroom for ladder in ladders],
@@ -299,7 +338,7 @@ def summarise_scenario(name: str, workload_cfg: Mapping[str, Any], ladders: list
 
 
 def bench_scenario(scenario: str, slo: str, agents: list[str], seeds: list[int], episodes: int,
-                   env_kwargs: Mapping[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+                   env_kwargs: Mapping[str, Any], log: Callable[[str], None], eval_episodes: int = 0) -> dict[str, Any]:
     name, workload, workload_cfg = scenario_workload(scenario)
     env = make_env(workload, slo, env_kwargs)
     ladders: list[Ladder] = []
@@ -314,22 +353,23 @@ def bench_scenario(scenario: str, slo: str, agents: list[str], seeds: list[int],
     try:
         for seed in seeds:
             start = time.perf_counter()
-            ladder = compute_ladder(env, seed, episodes)
+            ladder = compute_ladder(env, seed, episodes + eval_episodes)
             seconds["ladder"] = seconds.get("ladder", 0.0) + time.perf_counter() - start
             ladders.append(ladder)
             if ladder.static is not None:
                 runs.setdefault("static", []).append(ladder.static.records)
             runs.setdefault("best_fixed", []).append(ladder.best_fixed.records)
             runs.setdefault("phase_oracle", []).append(ladder.phase_oracle.records)
-            timed("per_epoch_oracle", lambda: run_per_epoch_oracle(env, seed, episodes))
-            timed("lagged_phase_oracle", lambda: run_lagged_phase_oracle(env, seed, episodes, ladder))
+            played = episodes + eval_episodes
+            timed("per_epoch_oracle", lambda: run_per_epoch_oracle(env, seed, played))
+            timed("lagged_phase_oracle", lambda: run_lagged_phase_oracle(env, seed, played, ladder))
             for agent in agents:
-                timed(agent, lambda: run_agent(env, agent, seed, episodes))
+                timed(agent, lambda: run_agent(env, agent, seed, episodes, eval_episodes))
             log(f"  {name}: seed {seed} done (headroom {ladder.headroom:.3f}, best fixed "
                 f"{ladder.labels[ladder.best_fixed_arm]})")
     finally:
         env.close()
-    summary = summarise_scenario(name, workload_cfg, ladders, runs, seconds)
+    summary = summarise_scenario(name, workload_cfg, ladders, runs, seconds, eval_episodes)
     summary["ladder_seconds"] = seconds.get("ladder", 0.0)
     return summary
 
@@ -340,8 +380,10 @@ def fmt(x: float | None, digits: int = 3) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"`{result['command']}`", "",
-             f"Replay, SLO {result['slo']}; {len(result['seeds'])} seeds x {result['episodes']} episodes; mean ± 95% "
-             "CI (t) over seeds. gap = (R - R_best_fixed) / (R_phase_oracle - R_best_fixed) (RouteLLM's APGR form); "
+             f"Replay, SLO {result['slo']}; {len(result['seeds'])} seeds x ({result['episodes']} training + "
+             f"{result.get('eval_episodes', 0)} frozen evaluation episodes); mean ± 95% "
+             "CI (t) over seeds. gap = (R - R_best_fixed) / (R_phase_oracle - R_best_fixed) (RouteLLM's APGR form) "
+             "over the evaluation episodes (the learned greedy policy; R too), learning = over the training ones; "
              "regret = dynamic regret vs the played phase oracle (sum over epochs); per-epoch regret vs the "
              "per-epoch oracle's price (reported, never a target); headroom = 2 ** (R_phase_oracle - R_best_fixed).",
              ""]
@@ -349,12 +391,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"### {name}: headroom {fmt(s['headroom'])}x (target {HEADROOM_TARGET}x), best fixed arm "
                   f"`{s['best_fixed_arm']}`, best agent `{s['best_agent']}` gap {fmt(s['best_gap_recovered'], 2)}"
                   f" ± {fmt(s['best_gap_recovered_ci95'], 2)}", "",
-                  "| agent | R | gap recovered | last episode's gap | regret (vs phase oracle) | per-epoch regret | s |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| agent | R | gap recovered | gap while learning | last training episode's gap | regret (vs phase "
+                  "oracle) | per-epoch regret | s |",
+                  "|---|---|---|---|---|---|---|---|"]
         ranked = sorted(s["agents"].items(), key=lambda kv: -(kv[1]["reward"] or -math.inf))
         for agent, a in ranked:
             lines.append(f"| {agent}{'' if a['adaptive'] else ' (yardstick)'} | {fmt(a['reward'])} ± "
                          f"{fmt(a['reward_ci95'])} | {fmt(a['gap_recovered'], 2)} ± {fmt(a['gap_recovered_ci95'], 2)} "
+                         f"| {fmt(a.get('gap_recovered_learning'), 2)} ± {fmt(a.get('gap_recovered_learning_ci95'), 2)} "
                          f"| {fmt(a.get('gap_recovered_last_episode'), 2)} ± "
                          f"{fmt(a.get('gap_recovered_last_episode_ci95'), 2)} "
                          f"| {fmt(a['regret'], 2)} ± {fmt(a['regret_ci95'], 2)} | {fmt(a['per_epoch_regret'], 2)} | "
@@ -406,7 +450,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--slo", default="accuracy_under_latency", help="a conf/slo name")
     parser.add_argument("--agents", default=",".join((*BANDITS, *SB3)), help="adaptive agents (yardsticks always run)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (at least 5 for the 95%% intervals)")
-    parser.add_argument("--episodes", type=int, default=20, help="episodes per run (drift3: 30 epochs each)")
+    parser.add_argument("--episodes", type=int, default=20, help="training episodes per run (drift3: 30 epochs each)")
+    parser.add_argument("--eval-episodes", type=int, default=3,
+                        help="frozen evaluation episodes after training (the learned policy's gap_recovered)")
     parser.add_argument("--env", default="{}", help="JSON of extra gymnasium.make kwargs (e.g. tiny candidates)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (SB3)")
     parser.add_argument("--quick", action="store_true",
@@ -419,6 +465,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     seeds = list(range(QUICK_SEEDS if args.quick else args.seeds))
     episodes = QUICK_EPISODES if args.quick else args.episodes
+    eval_episodes = QUICK_EVAL_EPISODES if args.quick else args.eval_episodes
+    if eval_episodes < 0 or episodes < 1:
+        parser.error(f"--episodes must be >= 1 and --eval-episodes >= 0; got {episodes} and {eval_episodes}")
     scenarios = [s for s in args.scenarios.split(",") if s]
     agents = [a for a in args.agents.split(",") if a]
     unknown = [a for a in agents if a not in (*BANDITS, *SB3)]
@@ -436,10 +485,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "command": "python benchmarks/agent_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "env": {"id": ENV_ID, **env_kwargs}, "slo": args.slo, "seeds": seeds, "episodes": episodes,
+        "eval_episodes": eval_episodes,
         "trace_files": {s: trace_files(scenario_workload(s)[2], env_kwargs) for s in scenarios},
         "definitions": {
             "gap_recovered": "(R - R_best_fixed) / (R_phase_oracle - R_best_fixed) per seed, R = mean reward per "
-                             "epoch; mean and 95% t half-width over seeds (RouteLLM's APGR form, Ong et al. 2024)",
+                             "epoch over the frozen evaluation episodes (the learned greedy policy), the rungs over "
+                             "the same epochs; mean and 95% t half-width over seeds (RouteLLM's APGR form, Ong et "
+                             "al. 2024)",
+            "gap_recovered_learning": "the same over the training episodes, exploration included",
             "regret": "dynamic regret: sum over epochs of (played phase oracle's reward - the agent's), same epochs",
             "per_epoch_regret": "sum over epochs of (max over arms of evaluate_arms() - reward): reported only",
             "headroom": "2 ** (R_phase_oracle - R_best_fixed): the SLO objective ratio (rewards are log2 ratios); "
@@ -452,7 +505,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for scenario in scenarios:
         print(f"scenario {scenario}", flush=True)
-        entry = bench_scenario(scenario, args.slo, agents, seeds, episodes, env_kwargs, lambda m: print(m, flush=True))
+        entry = bench_scenario(scenario, args.slo, agents, seeds, episodes, env_kwargs, lambda m: print(m, flush=True),
+                               eval_episodes)
         result["scenarios"][entry["scenario"]] = entry
     result["wall_s"] = time.perf_counter() - started
     text = markdown(result)

@@ -656,19 +656,22 @@ class ReplayBackend(SchedulerBackend):
         return rates, "trace meta load_timings (measured while recording)"
 
     def bind(self, workload: Workload) -> None:
-        """The episode workload (rates resolved). Draws, per variant and epoch, the trace request that stands in
-        for each workload request: one of the same source (common to all arms, so arms meet the same requests)."""
+        """The episode workload (rates resolved). Variant k plays the workload's draw k (`Workload.epoch(e, draw=k)`:
+        its own arrival times, sources and output lengths; variant 0 is the draw live serves) and, per epoch, the
+        trace request that stands in for each workload request: one of the same source (common to all arms, so arms
+        meet the same requests)."""
         spec = self.spec = dataclasses.replace(self.spec, workload=workload)
         self._ids = []
         self._epoch_requests = {}
-        self._lengths = []
-        for e in range(workload.episode_epochs):
-            self._lengths.append([(r.source, r.arrival_s, spec.max_tokens(r)) for r in workload.epoch(e)])
+        self._lengths = []  # [variant][epoch] -> [(source, arrival_s, max_tokens)]
         for k in range(self.variants):
+            lengths = [[(r.source, r.arrival_s, spec.max_tokens(r)) for r in workload.epoch(e, draw=k)]
+                       for e in range(workload.episode_epochs)]
             rows = []
-            for e, requests in enumerate(self._lengths):
+            for e, requests in enumerate(lengths):
                 rng = np.random.default_rng([workload.seed, 0x5EED, k, e])
                 rows.append([int(rng.choice(self.pool_by_source[source])) for source, _, _ in requests])
+            self._lengths.append(lengths)
             self._ids.append(rows)
         self._paired: dict[tuple[int, int], float | None] = {}
 
@@ -705,7 +708,7 @@ class ReplayBackend(SchedulerBackend):
         ids = self._ids[self._variant][epoch]
         prompt_len = self._prompt_len
         requests = [SequenceRequest((epoch, k, rid), t0_s + arrival_s, prompt_len(rid), max_tokens, rid)
-                    for k, ((_, arrival_s, max_tokens), rid) in enumerate(zip(self._lengths[epoch], ids))]
+                    for k, ((_, arrival_s, max_tokens), rid) in enumerate(zip(self._lengths[self._variant][epoch], ids))]
         if self.spec.open_loop:
             self._epoch_requests[key] = requests
         return list(requests)
@@ -818,7 +821,7 @@ class ReplayBackend(SchedulerBackend):
             replayer = self.replayers[arm.candidate]
             _, tokens = replayer.exits(Setting(arm.depth, arm.exit_config, 1))
             scores = []
-            for (_, _, max_tokens), rid in zip(self._lengths[epoch], self._ids[self._variant][epoch]):
+            for (_, _, max_tokens), rid in zip(self._lengths[self._variant][epoch], self._ids[self._variant][epoch]):
                 n = min(max_tokens, self._eos_len[arm.candidate][rid])
                 score = self._score(arm.candidate, rid, tokens[replayer.request_rows[rid][:n]].tolist(),
                                     self._full_output(arm, rid))

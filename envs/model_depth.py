@@ -150,9 +150,11 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Starting State
 
-    Nothing loaded, no queue, the clock at 0; epoch 0 of the workload. Replay draws one of `variants` request samples
-    per episode from the seeded `np_random` (the same seed replays the same episode); live serves the workload's own
-    requests. `state_dict()` / `load_state_dict()` resume an episode: replay re-serves the recorded epochs and so
+    Nothing loaded, no queue, the clock at 0; epoch 0 of the workload. Replay draws one of `variants` samples of the
+    workload per episode from the seeded `np_random` (the same seed replays the same episode): variant k has the
+    workload's draw k of arrival times, sources and output lengths (`Workload.epoch(e, draw=k)`), so training
+    episodes differ as days of the same schedule do; `reset(options={"variant": k})` picks one. Live serves the
+    workload's own requests, draw 0 (replay's variant 0). `state_dict()` / `load_state_dict()` resume an episode: replay re-serves the recorded epochs and so
     rebuilds the queue exactly; live resumes cold with an empty queue (see `load_state_dict`).
 
     ## Episode End
@@ -192,7 +194,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     | switch_policy         | "drain" or "recompute": in-flight sequences at a change of candidate/depth   |
     | max_prefill_tokens    | cap on one prefill call's padded prompt tokens (helios.scheduler.MemoryBudget)|
     | per_source            | replay: trace requests per workload source                                   |
-    | variants              | replay: request samples (one drawn per episode)                              |
+    | variants              | replay: workload draws (arrivals, sources, lengths), one drawn per episode   |
     | trace_dir             | replay: where traces (and capacities) are cached (None: ~/.cache/helios)     |
     | traces                | replay: {candidate: trace path}, used as given (a missing file is an error)  |
     | build_traces          | replay: record missing traces on first use (False: a missing trace errors)   |
@@ -394,7 +396,14 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
             profile = self.backend.reference_profile(self.slo.targets)
             self._reference_profile = {s: {m: v for m, v in p.items() if m in METRICS} for s, p in profile.items()}
             self._references = [mix_reference(self._reference_profile, mixture) for mixture in self._mixtures]
-        self.backend.begin_episode(self.np_random)
+        variant = (options or {}).get("variant")
+        if variant is None:
+            self.backend.begin_episode(self.np_random)
+        elif self.backend_kind != "replay":
+            raise ValueError(f"reset option variant={variant!r}: only the replay backend has variants; "
+                             "live serves the workload's own draw (variant 0 of replay)")
+        else:
+            self.backend.begin_episode_at(int(variant))  # type: ignore[attr-defined]
         self._epoch = 0
         self._loaded = None
         self._last = None

@@ -26,7 +26,10 @@ def toy_arm_table(n_arms: int) -> list[dict]:
 
 
 def build(name: str, n_arms: int, seed: int = 0, **hyper):
-    # The toy observations are 2-vectors; an agent that reads entries by name (q_load) reads them as these two.
+    # The toy observations are 2-vectors; an agent that reads entries by name (q_load) reads them as these two, and
+    # seasonal_q reads its clock from the second.
+    if name == "seasonal_q":
+        hyper.setdefault("clock_index", 1)
     return make_agent(name, n_arms, seed=seed, arm_table=toy_arm_table(n_arms),
                       observation_names=["arrival_ratio", "queue_ratio"], **hyper)
 
@@ -277,3 +280,65 @@ def test_q_load_update_by_hand() -> None:
     assert agent.select(busy, np.ones(2, dtype=bool)) == 1 - action  # the untried arm (0 > -1.5)
     with pytest.raises(ValueError, match="unknown feature.*valid"):
         make_agent("q_load", 2, observation_names=names, features=["nope"], edges=[[1.0]])
+
+
+def test_seasonal_q_forecasts_each_slot_by_its_past_arrivals() -> None:
+    """The state's arrival entry is the mean arrival ratio the coming epoch's slot showed in earlier episodes (by
+    hand), the last epoch's before a slot is seen; the forecast bin decides the state; Q updates as q_load's."""
+    from agents import make_agent
+
+    names = ["arrival_ratio", "queue_ratio", "episode_progress"]
+    agent = make_agent("seasonal_q", 2, seed=0, observation_names=names, edges=[[1.0], [0.5]], alpha=0.5,
+                       gamma=0.0, epsilon=0.0, initial_q=-4.0)
+    mask = np.ones(2, dtype=bool)
+
+    def obs(arrival: float, slot: int, queue: float = 0.0) -> np.ndarray:
+        return np.array([arrival, queue, slot / 4])  # 4-epoch episodes: progress 0, 0.25, 0.5, 0.75
+
+    # Episode 1: slot 1 (the second epoch) is a burst (arrival 3), the others quiet (0.5).
+    arrivals = [0.5, 3.0, 0.5, 0.5]
+    last = obs(0.0, 0)
+    assert agent.state(last) == (0, 0)  # naive forecast: the last epoch's arrival ratio (0 at the start)
+    for slot, arrival in enumerate(arrivals):
+        agent.update(agent.select(last, mask), -1.0, after := obs(arrival, slot + 1))
+        last = after
+    assert agent.forecast(obs(0.0, 1)) == pytest.approx(3.0)  # slot 1 showed 3
+    assert agent.state(obs(0.0, 1)) == (1, 0)  # a burst is expected before it arrives: forecast bin 1
+    assert agent.state(obs(2.0, 2)) == (0, 0)  # slot 2 showed 0.5: quiet, whatever the last epoch was
+    # Episode 2: slot 1 shows 1.0 this time: the forecast is the mean over episodes, (3 + 1) / 2.
+    # By hand, gamma 0, alpha 0.5: in episode 1 state (1, 0) was met once, at slot 2 (naive forecast 3.0, slot 2 not
+    # yet seen): one arm b went -4 -> -4 + 0.5 (-1 + 4) = -2.5. Now slot 1's forecast 3.0 puts the agent in (1, 0),
+    # greedy picks b, and reward -2 moves it to -2.5 + 0.5 (-2 + 2.5) = -2.25; the other arm stays -4.
+    action = agent.select(obs(0.0, 1), mask)
+    agent.update(action, -2.0, obs(1.0, 2))
+    assert agent.forecast(obs(0.0, 1)) == pytest.approx(2.0)
+    assert sorted(agent.q[1, 0]) == pytest.approx([-4.0, -2.25])
+    assert agent.q[0, 0].max() == pytest.approx(-1.375)  # slots 0, 1, 3 of episode 1: -4 -> -2.5 -> -1.75 -> -1.375
+    state = agent.state_dict()
+    rebuilt = make_agent("seasonal_q", 2, seed=0, observation_names=names, edges=[[1.0], [0.5]])
+    rebuilt.load_state_dict(state)
+    assert rebuilt.forecast(obs(0.0, 1)) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="episode_progress"):
+        make_agent("seasonal_q", 2, observation_names=["arrival_ratio", "queue_ratio"])
+
+
+def test_greedy_is_the_learned_choice_without_exploration() -> None:
+    """Frozen evaluation plays Agent.greedy: the best mean among tried arms (UCB's bonus would pick the untried
+    arm), LinUCB's prediction without its width, q_load's argmax Q with epsilon 1."""
+    from agents import make_agent
+
+    ucb = make_agent("ucb", 3, seed=0)
+    ucb.counts[:] = [10, 1, 0]
+    ucb.sums[:] = [5.0, 0.9, 0.0]  # means 0.5, 0.9; arm 2 untried
+    assert ucb.select(None) == 2 and ucb.greedy(None) == 1
+    lin = make_agent("lin_ucb", 2, seed=0, alpha=100.0, context=None)
+    x = np.array([1.0])
+    for _ in range(20):
+        lin.select(x)
+        lin.update(0, 1.0, x)
+    assert lin.select(x) == 1  # the untried arm's width wins at alpha 100
+    assert lin.greedy(x) == 0  # predicted 1.0 vs 0.0
+    q = make_agent("q_load", 2, seed=0, observation_names=["arrival_ratio", "queue_ratio"], edges=[[1.0], [0.5]],
+                   epsilon=1.0)
+    q.q[0, 0] = [-1.0, -3.0]
+    assert {q.greedy(np.zeros(2)) for _ in range(20)} == {0}

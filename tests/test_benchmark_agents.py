@@ -60,17 +60,22 @@ def test_quick_benchmark_writes_the_contract(tmp_path: Path) -> None:
         assert s["headroom"] == pytest.approx(2 ** (s["phase_oracle_reward"] - s["best_fixed_reward"]))
         agents = s["agents"]
         assert agents["phase_oracle"]["regret"] == pytest.approx(0.0, abs=1e-9)
-        epochs = 2 * 8  # quick: 2 episodes of 8 epochs
-        assert agents["best_fixed"]["regret"] == pytest.approx(
-            epochs * (s["phase_oracle_reward"] - s["best_fixed_reward"]))
-        if min(s["headroom_per_seed"]) >= 1.01:
+        # quick: 2 training episodes of 8 epochs, then 1 frozen evaluation episode, on which R, the gap and the regret
+        # are scored (the yardsticks' rewards too, so they are comparable)
+        assert saved["episodes"] == 2 and saved["eval_episodes"] == 1
+        epochs = 8
+        po = agents["phase_oracle"]["reward"]
+        assert agents["best_fixed"]["regret"] == pytest.approx(epochs * (po - agents["best_fixed"]["reward"]))
+        for a in agents.values():
+            assert "gap_recovered_learning" in a
+        if min(s["headroom_per_seed"]) >= 1.01:  # over the whole run; on the evaluation epochs it may be smaller
             assert agents["best_fixed"]["gap_recovered"] == pytest.approx(0.0)
             assert agents["phase_oracle"]["gap_recovered"] == pytest.approx(1.0)
             assert s["best_gap_recovered"] == max(agents[a]["gap_recovered"] for a in AGENTS)
         for agent in AGENTS:
             a = agents[agent]
             # dynamic regret = epochs x (R_phase_oracle - R) per seed, so its mean pairs with the mean reward
-            assert a["regret"] == pytest.approx(epochs * (s["phase_oracle_reward"] - a["reward"]), abs=1e-6)
+            assert a["regret"] == pytest.approx(epochs * (po - a["reward"]), abs=1e-6)
             assert a["per_epoch_regret"] >= -1e-9  # the per-epoch price is an upper bound on any served epoch
         assert s["best_agent"] in AGENTS
         closed = s["vs_static"]["closed-loop"]  # drift-free of load: the tiny scenarios are closed loop

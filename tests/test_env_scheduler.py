@@ -307,3 +307,23 @@ def test_capacity_of_an_unknown_candidate_is_a_clear_error(trace_dir) -> None:
 def test_bad_switch_policy_names_the_valid_ones(trace_dir) -> None:
     with pytest.raises(ValueError, match=r"switch_policy must be one of \['drain', 'recompute'\]"):
         replay_env(trace_dir, switch_policy="keep")
+
+
+def test_replay_variants_are_draws_of_the_workload(trace_dir) -> None:
+    """Variant k replays the workload's draw k (its arrival times and lengths), so training episodes differ;
+    variant 0 is the draw live serves (Workload.epoch(e)); reset(options={"variant": k}) picks one."""
+    env = replay_env(trace_dir)
+    backend = env.unwrapped.backend
+    workload = backend.spec.workload
+
+    def arrivals(variant: int, epoch: int) -> list[float]:
+        env.reset(seed=0, options={"variant": variant})
+        return [r.arrival_s for r in backend._requests(epoch, 0.0)]
+
+    for epoch in range(3):
+        assert arrivals(0, epoch) == pytest.approx([r.arrival_s for r in workload.epoch(epoch)])
+        assert arrivals(1, epoch) == pytest.approx([r.arrival_s for r in workload.epoch(epoch, draw=1)])
+    assert arrivals(0, 0) != arrivals(1, 0)
+    with pytest.raises(ValueError, match="outside 0..1"):
+        env.reset(seed=0, options={"variant": 2})
+    env.close()

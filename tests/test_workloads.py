@@ -456,3 +456,18 @@ def test_trace_key_is_the_request_pool() -> None:
     keyed = workload_from_config(pool_config(bursts)).pool(3)
     assert [(r.source, r.prompt, r.reference) for r in own] == [(r.source, r.prompt, r.reference) for r in keyed]
     assert len({r.source for r in own}) == 3
+
+
+def test_draws_are_other_days_of_the_same_schedule() -> None:
+    # Draw 0 is the workload's own epoch (what live serves); draw k > 0 has its own arrivals, at the same rate.
+    workload = _gamma(2.0, 2.0, 10.0, 400, seed=1)
+    assert workload.epoch(5, draw=0) == workload.epoch(5)
+    assert workload.epoch(5, draw=3) == _gamma(2.0, 2.0, 10.0, 400, seed=1).epoch(5, draw=3)  # pure in (seed, draw, i)
+    arrivals = {k: [r.arrival_s for r in workload.epoch(5, draw=k)] for k in range(4)}
+    assert len({tuple(a) for a in arrivals.values()}) == 4
+    # Same statistics as draw 0 (test_gamma_epochs_are_stationary_and_bursty): mean 20, standard error 0.45.
+    counts = np.array([len(workload.epoch(0, draw=k)) for k in range(1, 401)])
+    assert np.mean(counts) == pytest.approx(20.0, abs=1.5)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="draw must be a non-negative integer"):
+            workload.epoch(0, draw=bad)
