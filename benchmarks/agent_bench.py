@@ -148,10 +148,12 @@ class Frozen:
         pass
 
 
-def run_agent(env: gymnasium.Env, name: str, seed: int, episodes: int, eval_episodes: int = 0) -> list[dict[str, Any]]:
+def run_agent(env: gymnasium.Env, name: str, seed: int, episodes: int, eval_episodes: int = 0,
+              per_epoch: bool = True) -> list[dict[str, Any]]:
     """One adaptive agent's run through the rollout loop: `episodes` learning, then `eval_episodes` frozen (module
-    docstring); its records (with the per-epoch oracle's price)."""
-    rollout = Rollout(env, seed)
+    docstring); its records (with the per-epoch oracle's price unless `per_epoch` is False: pricing every arm each
+    epoch is most of a bandit's run time)."""
+    rollout = Rollout(env, seed, yardsticks=per_epoch)
     total = episodes * rollout.episode_epochs
     until = (episodes + eval_episodes) * rollout.episode_epochs
     hyper = agent_config(name)
@@ -338,7 +340,8 @@ def summarise_scenario(name: str, workload_cfg: Mapping[str, Any], ladders: list
 
 
 def bench_scenario(scenario: str, slo: str, agents: list[str], seeds: list[int], episodes: int,
-                   env_kwargs: Mapping[str, Any], log: Callable[[str], None], eval_episodes: int = 0) -> dict[str, Any]:
+                   env_kwargs: Mapping[str, Any], log: Callable[[str], None], eval_episodes: int = 0,
+                   per_epoch: bool = True) -> dict[str, Any]:
     name, workload, workload_cfg = scenario_workload(scenario)
     env = make_env(workload, slo, env_kwargs)
     ladders: list[Ladder] = []
@@ -361,10 +364,11 @@ def bench_scenario(scenario: str, slo: str, agents: list[str], seeds: list[int],
             runs.setdefault("best_fixed", []).append(ladder.best_fixed.records)
             runs.setdefault("phase_oracle", []).append(ladder.phase_oracle.records)
             played = episodes + eval_episodes
-            timed("per_epoch_oracle", lambda: run_per_epoch_oracle(env, seed, played))
+            if per_epoch:
+                timed("per_epoch_oracle", lambda: run_per_epoch_oracle(env, seed, played))
             timed("lagged_phase_oracle", lambda: run_lagged_phase_oracle(env, seed, played, ladder))
             for agent in agents:
-                timed(agent, lambda: run_agent(env, agent, seed, episodes, eval_episodes))
+                timed(agent, lambda: run_agent(env, agent, seed, episodes, eval_episodes, per_epoch))
             log(f"  {name}: seed {seed} done (headroom {ladder.headroom:.3f}, best fixed "
                 f"{ladder.labels[ladder.best_fixed_arm]})")
     finally:
@@ -453,6 +457,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--episodes", type=int, default=20, help="training episodes per run (drift3: 30 epochs each)")
     parser.add_argument("--eval-episodes", type=int, default=3,
                         help="frozen evaluation episodes after training (the learned policy's gap_recovered)")
+    parser.add_argument("--no-per-epoch", dest="per_epoch", action="store_false",
+                        help="skip the per-epoch oracle and per-epoch regret (they price every arm every epoch: "
+                             "most of a long run's time)")
     parser.add_argument("--env", default="{}", help="JSON of extra gymnasium.make kwargs (e.g. tiny candidates)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (SB3)")
     parser.add_argument("--quick", action="store_true",
@@ -506,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for scenario in scenarios:
         print(f"scenario {scenario}", flush=True)
         entry = bench_scenario(scenario, args.slo, agents, seeds, episodes, env_kwargs, lambda m: print(m, flush=True),
-                               eval_episodes)
+                               eval_episodes, args.per_epoch)
         result["scenarios"][entry["scenario"]] = entry
     result["wall_s"] = time.perf_counter() - started
     text = markdown(result)
