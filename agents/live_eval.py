@@ -66,12 +66,17 @@ class SB3Policy:
         pass
 
 
-def play_episode(env: gymnasium.Env, policy: Policy, seed: int, episode: int) -> list[dict[str, Any]]:
+def play_episode(env: gymnasium.Env, policy: Policy, seed: int, episode: int,
+                 epochs: int | None = None) -> list[dict[str, Any]]:
     """Play episode `episode` of the rollout schedule (reset seed seed * 1000 + episode) on the workload's own draw
-    (replay: variant 0, the draw live serves); its records."""
+    (replay: variant 0, the draw live serves), its first `epochs` epochs (at most; None: all); its records."""
     rollout = Rollout(env, seed, yardsticks=False, first_epoch=episode * int(env.unwrapped.episode_epochs))
     options = {"variant": 0} if getattr(env.unwrapped, "backend_kind", None) == "replay" else None
-    play(rollout, policy, rollout.next_epoch + rollout.episode_epochs, reset_options=options)
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"live_eval_epochs must be a positive integer (at most that many epochs) or null (the "
+                         f"whole episode); got {epochs!r}")
+    length = rollout.episode_epochs if epochs is None else min(epochs, rollout.episode_epochs)
+    play(rollout, policy, rollout.next_epoch + length, reset_options=options)
     return rollout.records
 
 
@@ -101,17 +106,17 @@ def agreement(live: list[dict[str, Any]], replay: list[dict[str, Any]]) -> dict[
 
 
 def evaluate_transfer(make_policy: Callable[[], Policy], replay_env: gymnasium.Env,
-                      make_live_env: Callable[[dict[str, Any]], gymnasium.Env], seed: int,
-                      episode: int) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Play episode `episode` with a fresh copy of the learned policy on `replay_env` and on the live env that
-    `make_live_env(workload_cfg)` builds for the replay env's workload at an absolute rate. Returns (agreement, live
-    records, replay records); the live env is closed."""
-    replay_records = play_episode(replay_env, make_policy(), seed, episode)
+                      make_live_env: Callable[[dict[str, Any]], gymnasium.Env], seed: int, episode: int,
+                      epochs: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Play episode `episode` (its first `epochs` epochs; None: all) with a fresh copy of the learned policy on
+    `replay_env` and on the live env that `make_live_env(workload_cfg)` builds for the replay env's workload at an
+    absolute rate. Returns (agreement, live records, replay records); the live env is closed."""
+    replay_records = play_episode(replay_env, make_policy(), seed, episode, epochs)
     base = replay_env.unwrapped
     capacity = (base.capacity or {}).get("capacity_rps")
     live_env = make_live_env(absolute_rate_workload(base.serving.workload_cfg, capacity))
     try:
-        live_records = play_episode(live_env, make_policy(), seed, episode)
+        live_records = play_episode(live_env, make_policy(), seed, episode, epochs)
     finally:
         live_env.close()
     result = agreement(live_records, replay_records)

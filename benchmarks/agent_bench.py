@@ -9,7 +9,8 @@ scenario, on the replay env.
 
 A scenario is a workload: a conf/workload name or a workload YAML file (named by its stem). Default: bursts (the
 main job's scenario: load bursts of 0.4-2x capacity on a code -> prose drift, 8 s epochs) and diurnal (a ramp of chat
-traffic, 0.3x -> 1.3x -> 0.3x, 10 s epochs: a different burst pattern and task mix, on which nothing was tuned). The
+traffic, 0.3x -> 1.3x -> 0.3x, 10 s epochs: a different burst pattern and task mix). flash (two 2.5x flash crowds
+and a 1.5x surge on a qa/prose -> code/qa mix) is a third, held out: it was written before any agent ran on it. The
 closed-loop workloads (drift3, gradual) still run with --scenarios. One env per scenario (gymnasium.make, replay
 backend, --slo, --env kwargs) is reused by every run. The default SLO is the main job's, accuracy_under_latency.
 

@@ -16,9 +16,9 @@ Writes into the Hydra run directory: metrics.jsonl (one line per epoch), summary
 against the phase oracle, or on live the cumulative reward with the reason there is no regret; arms over time with
 the drift phases shaded and the arrival rate; both for the last two episodes of a longer run, whose every episode is
 in learning_curve.png; the throughput-accuracy front of the arms). After replay training with
-live_eval=true (the default), one more episode of the learned policy is played live and on replay on the same
-arrivals (agents/live_eval.py): summary.json live_eval (arm agreement, rewards, each metric's replay error),
-live_eval.jsonl, live_eval_arms.png.
+live_eval=true (the default), one more episode of the learned policy (its first live_eval_epochs epochs: 12 by
+default, null for all) is played live and on replay on the same arrivals (agents/live_eval.py): summary.json
+live_eval (arm agreement, rewards, each metric's replay error), live_eval.jsonl, live_eval_arms.png.
 Logs to W&B offline by default (logger=wandb|tensorboard|none).
 """
 
@@ -308,8 +308,9 @@ def live_evaluation(cfg: DictConfig, run_dir: Path, agent: Any) -> tuple[dict[st
         return gymnasium.make(ENV_IDS["live"], **env_kwargs(cfg, workload=workload, drop=(*REPLAY_KEYS, "backend")))
 
     try:
+        epochs = cfg.get("live_eval_epochs")
         result, live, replay = evaluate_transfer(make_policy, replay_env, make_live_env, int(cfg.seed),
-                                                 int(cfg.episodes))
+                                                 int(cfg.episodes), None if epochs is None else int(epochs))
     finally:
         replay_env.close()
     with atomic_file(run_dir / "live_eval.jsonl", "w") as handle:

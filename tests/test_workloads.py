@@ -157,13 +157,25 @@ def test_chat_template_of_smollm2() -> None:
     assert text.endswith(f"<|im_start|>user\n{request.prompt}<|im_end|>\n<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize("name", ["steady", "drift3", "gradual", "poisson", "bursts", "diurnal"])
+@pytest.mark.parametrize("name", ["steady", "drift3", "gradual", "poisson", "bursts", "diurnal", "flash"])
 def test_shipped_configs_build(name: str) -> None:
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
     capacity_rps = 2.0 if capacity_arm(cfg) else None
     workload = workload_from_config(cfg, capacity_rps=capacity_rps)
     requests = workload.epoch(workload.episode_epochs - 1)
     assert all(r.source in workload.sources for r in requests)
+
+
+def test_flash_scenario_by_hand() -> None:
+    flash = workload_from_config(OmegaConf.load(CONF / "flash.yaml"), capacity_rps=2.0)
+    # 0.3x, flash crowds at 2.5x on epochs 6-7 and 14-15, quiet, a linear surge to 1.5x (epoch 20 + j: 0.3 + (j+1)/4
+    # x 1.2), held, then quiet again
+    assert [flash.load_at(i) for i in (0, 6, 7, 8, 14, 16, 20, 21, 23, 24, 27, 28, 31)] == pytest.approx(
+        [0.3, 2.5, 2.5, 0.3, 2.5, 0.3, 0.6, 0.9, 1.5, 1.5, 1.5, 0.3, 0.3])
+    assert flash.rate_at(6) == pytest.approx(5.0)
+    assert flash.sources == ("code", "prose", "qa")  # bursts' sources and seed: bursts' request pool and traces
+    assert workloads.pool_config(OmegaConf.load(CONF / "flash.yaml")) == workloads.pool_config(
+        OmegaConf.load(CONF / "bursts.yaml"))
 
 
 def test_bursts_and_diurnal_scenarios() -> None:
