@@ -6,6 +6,8 @@ scenario, on the replay env.
     nice -n 10 python benchmarks/agent_bench.py --json benchmarks/agents.json --md benchmarks/agents.md
     python benchmarks/agent_bench.py --scenarios drift3 --slo throughput --agents ucb,sw_ucb --seeds 10
     python benchmarks/agent_bench.py --quick --scenarios /tmp/w1.yaml,/tmp/w2.yaml --env '{"candidates": "tiny"}'
+    python benchmarks/agent_bench.py --scenarios bursts,diurnal,flash --episodes 300 --eval-episodes 10 \
+        --no-per-epoch --agents seasonal_q,q_load,lin_ucb,ucb      # long training, learned policies: ~15 min
 
 A scenario is a workload: a conf/workload name or a workload YAML file (named by its stem). Default: bursts (the
 main job's scenario: load bursts of 0.4-2x capacity on a code -> prose drift, 8 s epochs) and diurnal (a ramp of chat
