@@ -12,11 +12,17 @@ The ladder (rewards are mean SLO reward per epoch over the run's episodes, reset
 seeds agents.rollout.Rollout gives every run, so every rung meets the agent's requests):
   static            the reference candidate at full depth without exits, played (HELIOS's baseline)
   best fixed arm    every feasible arm played as a fixed policy for the whole run; the best mean reward, in hindsight
-  phase oracle      for each workload phase (info["phase"]) the arm whose fixed-arm run earned the most over that
-                    phase's epochs; that per-phase schedule is then PLAYED, so it pays its switches and inherits the
-                    queue the previous phase's arm left behind. A constant schedule is also a per-phase schedule, so
-                    when the played switching schedule earns less than the best fixed arm (switch costs or carried
-                    queues eat the gain), the phase oracle is the best fixed arm (`phase_oracle_is_fixed`).
+  phase oracle      the best schedule of one arm per workload phase (info["phase"]), PLAYED, so it pays its switches
+                    and inherits the queue the previous phase's arm left behind. The search: start from each phase's
+                    arm whose fixed-arm run earned the most over that phase's epochs (or from the best fixed arm, a
+                    constant schedule, when that earns more played), then improve by coordinate ascent: for each
+                    phase in turn, every other arm is played in its place and kept when it earns more, until a
+                    sweep changes nothing (at most `REFINE_SWEEPS`). Trials are played on the run's first
+                    `REFINE_EPISODES` episodes (schedules differ by whole phases, which that many tell apart); the
+                    result is played on the whole run and kept if it beats the starting schedule there. The first step alone misjudges a phase
+                    that follows a queue: in a fixed-arm run full depth meets a quiet phase after a burst with the
+                    burst's backlog, so the independent choice said depth 10 where, played after depth 10's burst,
+                    full depth earns more (the flash scenario). `phase_oracle_is_fixed` when the result is constant.
   per-epoch oracle  max over arms of env.evaluate_arms() each epoch (no switch cost, knows each epoch's draw):
                     recorded by the rollout (`oracle_reward`, `regret`), reported, never a target.
 
@@ -38,7 +44,7 @@ Definitions (R = mean reward per epoch; rewards are sums of weight x log2(metric
                    `headroom_objective` is the same on the objective alone (sum of info["reward_terms"], penalties
                    left out). The issue's target: headroom >= 1.3 on the default scenario.
 
-Cost: (feasible arms + 1) extra runs of the agent's episodes per seed. Replay prices an epoch in milliseconds; live
+Cost: (feasible arms + 1) extra runs of the agent's episodes per seed, plus phases x (arms - 1) per refinement sweep. Replay prices an epoch in milliseconds; live
 would serve every arm for real, so the ladder is replay-only: `ladder_unavailable(env)` says why not elsewhere, and
 live runs report no ladder (scripts/train.py and the benchmark say so).
 """
@@ -59,6 +65,8 @@ from agents.rollout import Rollout, StaticArmMissing, play, reference_candidate,
 # A gap below this (reward units, log2 ratios: a headroom under 1.01x) counts as none: dividing by it would turn
 # gap_recovered into noise (an agent 0.3 below the best fixed arm on a 0.001 gap reads -300) and swamp the seed mean.
 MIN_GAP = math.log2(1.01)
+REFINE_SWEEPS = 2  # coordinate-ascent sweeps over the phases (module docstring); the second rarely changes anything
+REFINE_EPISODES = 30  # episodes each refinement trial plays (module docstring)
 
 
 class FixedArm:
@@ -245,17 +253,47 @@ def compute_ladder(env: gymnasium.Env, seed: int, episodes: int) -> Ladder:
         in_phase = np.array([p == phase for p in phases])
         phase_fixed[phase] = {a: float(fixed[a].rewards[in_phase].sum()) for a in feasible}
     schedule = {p: max(feasible, key=lambda a: (totals[a], -a)) for p, totals in phase_fixed.items()}
-    schedule_run = play_policy(env, seed, episodes, PhaseSchedule(schedule, phases[:episode_epochs]),
-                               "phase schedule")
-    # The constant schedule is a per-phase schedule too: keep the better of the two as the phase oracle.
-    is_fixed = schedule_run.mean_reward < fixed[best_fixed_arm].mean_reward
-    oracle = fixed[best_fixed_arm] if is_fixed else schedule_run
-    if is_fixed:
-        schedule = dict.fromkeys(phase_fixed, best_fixed_arm)
+    phase_of_epoch = phases[:episode_epochs]
+    schedule_run = play_policy(env, seed, episodes, PhaseSchedule(schedule, phase_of_epoch), "phase schedule")
+    # The constant schedule is a per-phase schedule too: start from the better of the two.
+    oracle = schedule_run
+    if schedule_run.mean_reward < fixed[best_fixed_arm].mean_reward:
+        schedule, oracle = dict.fromkeys(phase_fixed, best_fixed_arm), fixed[best_fixed_arm]
+    schedule, oracle = refine_schedule(env, seed, episodes, schedule, oracle, phase_of_epoch, feasible)
+    is_fixed = len(set(schedule.values())) == 1
     return Ladder(seed=int(seed), episodes=int(episodes), episode_epochs=episode_epochs, labels=labels, fixed=fixed,
                   static_arm=static_arm, why_no_static=why_no_static, best_fixed_arm=best_fixed_arm,
                   phase_schedule=schedule, schedule_run=schedule_run, phase_oracle=oracle,
                   phase_oracle_is_fixed=is_fixed, phase_fixed_rewards=phase_fixed)
+
+
+def refine_schedule(env: gymnasium.Env, seed: int, episodes: int, schedule: Mapping[Hashable, int], run: PlayedRun,
+                    phase_of_epoch: Sequence[Hashable], feasible: Sequence[int],
+                    sweeps: int = REFINE_SWEEPS) -> tuple[dict[Hashable, int], PlayedRun]:
+    """Coordinate ascent on a per-phase schedule whose played run is `run`: each phase in turn takes every other
+    feasible arm, played on the first REFINE_EPISODES episodes; a strictly better trial is kept; the result is
+    played on all `episodes` and returned if it beats `run` there (module docstring)."""
+    start, schedule = dict(schedule), dict(schedule)
+    trial_episodes = min(episodes, REFINE_EPISODES)
+    cut = trial_episodes * int(env.unwrapped.episode_epochs)
+    best = float(run.rewards[:cut].mean())
+    for _ in range(sweeps):
+        improved = False
+        for phase in list(schedule):
+            for arm in feasible:
+                if arm == schedule[phase]:
+                    continue
+                trial = {**schedule, phase: arm}
+                reward = play_policy(env, seed, trial_episodes, PhaseSchedule(trial, phase_of_epoch),
+                                     "phase schedule").mean_reward
+                if reward > best + 1e-12:
+                    schedule, best, improved = trial, reward, True
+        if not improved:
+            break
+    if schedule == start:
+        return start, run
+    refined = play_policy(env, seed, episodes, PhaseSchedule(schedule, phase_of_epoch), "phase schedule")
+    return (schedule, refined) if refined.mean_reward > run.mean_reward else (start, run)
 
 
 # ----------------------------------------------------------------------------------------------- the maths

@@ -496,6 +496,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/agent_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "env": {"id": ENV_ID, **env_kwargs}, "slo": args.slo, "seeds": seeds, "episodes": episodes,
         "eval_episodes": eval_episodes,
+        "agent_config": {a: agent_config(a) for a in agents},  # conf/agent/<name>.yaml as run (provenance)
         "trace_files": {s: trace_files(scenario_workload(s)[2], env_kwargs) for s in scenarios},
         "definitions": {
             "gap_recovered": "(R - R_best_fixed) / (R_phase_oracle - R_best_fixed) per seed, R = mean reward per "

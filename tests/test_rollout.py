@@ -7,6 +7,7 @@ hand below, so every expected number is independent of the code under test.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -239,11 +240,13 @@ AGENT_REWARDS = [2.0, 2.0, 0.0, -2.0, 2.0, 2.0, -1.0, 0.0]
 class QueueToy(gymnasium.Env):
     """The queueing toy above (deterministic; the seed only gets recorded)."""
 
-    def __init__(self, switch_cost: float = 1.0, backend_kind: str = "replay") -> None:
+    def __init__(self, switch_cost: float = 1.0, backend_kind: str = "replay", arrivals: Sequence[int] = ARRIVALS,
+                 phases: Sequence[str] = PHASES) -> None:
         self.backend_kind = backend_kind
         self.serving = SimpleNamespace(reference="ref")
         self.arm_table = QUEUE_TABLE
-        self.episode_epochs = len(ARRIVALS)
+        self.arrivals, self.phases = list(arrivals), list(phases)
+        self.episode_epochs = len(self.arrivals)
         self.switch_cost = switch_cost
         self.action_space = spaces.Discrete(len(QUEUE_TABLE))
         self.observation_space = spaces.Box(0.0, 100.0, (1,), np.float32)
@@ -254,10 +257,10 @@ class QueueToy(gymnasium.Env):
         super().reset(seed=seed)
         self.reset_seeds.append(seed)
         self._epoch, self._queue, self._loaded = 0, 0, None
-        return np.zeros(1, np.float32), {"phase": PHASES[0]}
+        return np.zeros(1, np.float32), {"phase": self.phases[0]}
 
     def _after(self, action: int) -> int:
-        return max(0, self._queue + ARRIVALS[self._epoch] - CAPACITY[action])
+        return max(0, self._queue + self.arrivals[self._epoch] - CAPACITY[action])
 
     def evaluate_arms(self) -> np.ndarray:
         return np.array([QUALITY[a] - self._after(a) for a in range(len(QUEUE_TABLE))])
@@ -271,7 +274,7 @@ class QueueToy(gymnasium.Env):
         queue = self._after(action)
         objective = QUALITY[action] - queue
         reward = objective - (self.switch_cost if switched else 0.0)
-        info = {"epoch": self._epoch, "phase": PHASES[self._epoch], "arm": action, "batch_size": CAPACITY[action],
+        info = {"epoch": self._epoch, "phase": self.phases[self._epoch], "arm": action, "batch_size": CAPACITY[action],
                 "masked_action": False, "switch_s": 1.0 if switched else 0.0,
                 "metrics": {"latency_p95_s": 1.0 + queue, "energy_j_per_tok": 1.0 / CAPACITY[action]},
                 "reward_terms": {"quality": QUALITY[action], "queue": -float(queue)},
@@ -300,8 +303,10 @@ def test_ladder_best_fixed_phase_oracle_gap_and_dynamic_regret_match_the_hand_co
     assert ladder.headroom == pytest.approx(2 ** 0.25)
     # objective = reward + switch penalty: the schedule's one switch per episode is left out (3 + 2 - 1 + 0 = 4)
     assert ladder.headroom_objective == pytest.approx(2 ** (4 / 4 - 0.5))
-    # every rung meets the agent's reset seeds: 3 arms + the schedule, 2 episodes each (after one reset for the mask)
-    assert env.reset_seeds == [3000] + [3000, 3001] * 4
+    # every rung meets the agent's reset seeds: 3 arms, the schedule and its 4 refinement trials (2 phases x 2 other
+    # arms; by hand none beats 3 per episode: {1, 2} ties at 3, {0, 1} -2, {2, 2} 0, {1, 1} 2, {0, 0} 0, so the
+    # schedule stays), 2 episodes each, after one reset for the mask
+    assert env.reset_seeds == [3000] + [3000, 3001] * 8
 
     agent_env = QueueToy()
     rollout = Rollout(agent_env, seed=3)
@@ -322,6 +327,24 @@ def test_ladder_best_fixed_phase_oracle_gap_and_dynamic_regret_match_the_hand_co
     # only. Episode 0, queue before each epoch 0, 0, 0, 2: max(4 - 1, 2 - 0, 0) = 3 twice; max(4 - 3, 2 - 2, 0) = 1;
     # max(4 - 5, 2 - 4, 0 - 1) = -1.
     assert [r["oracle_reward"] for r in rollout.records[:4]] == pytest.approx([3.0, 3.0, 1.0, -1.0])
+
+
+def test_the_phase_oracle_refines_a_phase_misjudged_behind_a_queue() -> None:
+    """A quiet third phase after the rush (0 arrivals). Chosen from the fixed-arm runs, it goes to arm 1: in arm 0's
+    fixed run it inherits the rush's queue of 8 (q' 7, 6: 4 - 7 + 4 - 6 = -5), arm 1's gives 0 + 2 = 2, arm 2's 0.
+    Played after the schedule's own rush (arm 2, queue 0), arm 0 earns 4 - 1 (switch) + 4 = 7 there, arm 1 only
+    2 - 1 + 2 = 3: by hand the independent schedule {0, 2, 1} earns 3 + 2 - 2 + 0 + 1 + 2 = 6 per episode and
+    {0, 2, 0} earns 3 + 2 - 2 + 0 + 3 + 4 = 10, which coordinate ascent finds (no other change helps: calm -> 1
+    ties at 10, rush -> 0 or 1 leaves a queue)."""
+    from agents.yardsticks import compute_ladder
+
+    env = QueueToy(arrivals=[2, 2, 4, 4, 0, 0], phases=["calm", "calm", "rush", "rush", "quiet", "quiet"])
+    ladder = compute_ladder(env, seed=0, episodes=1)
+    assert ladder.phase_fixed_rewards["quiet"] == pytest.approx({0: -5.0, 1: 2.0, 2: 0.0})
+    assert ladder.schedule_run.mean_reward == pytest.approx(6 / 6)  # the independent choice, played
+    assert ladder.phase_schedule == {"calm": 0, "rush": 2, "quiet": 0}
+    assert list(ladder.phase_oracle.rewards) == pytest.approx([3.0, 2.0, -2.0, 0.0, 3.0, 4.0])
+    assert ladder.phase_oracle_reward == pytest.approx(10 / 6)
 
 
 def test_a_schedule_that_loses_to_its_switches_leaves_the_best_fixed_arm_as_phase_oracle() -> None:
