@@ -347,7 +347,12 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         """The epoch's metrics (helios.telemetry.span_metrics); the reference's where nothing happened (neutral),
         and the reference's accuracy where no scored request finished."""
         values = result.values(self.slo.targets, accuracy_default=reference["accuracy"])
-        return {**reference, "concurrency": 0.0} if values is None else values  # an idle epoch ran no batch
+        if values is not None:
+            return values
+        # An idle epoch ran no batch and judged no request: the reference's metrics, and zero of every count a
+        # served epoch reports, so that every epoch's info["metrics"] has the same keys.
+        counts = ("met_requests", "missed_requests", "missed_unfinished_requests") if self.slo.targets else ()
+        return {**reference, "concurrency": 0.0, "rejected_requests": 0, **dict.fromkeys(counts, 0)}
 
     def state_dict(self) -> dict[str, Any]:
         """Where the episode stands: epoch, loaded arm, RNG and the backend's position, which includes the arm played

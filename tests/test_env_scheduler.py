@@ -327,3 +327,21 @@ def test_replay_variants_are_draws_of_the_workload(trace_dir) -> None:
     with pytest.raises(ValueError, match="outside 0..1"):
         env.reset(seed=0, options={"variant": 2})
     env.close()
+
+
+def test_an_idle_epoch_reports_the_same_metrics_as_a_served_one(trace_dir) -> None:
+    """An epoch without arrivals and nothing in flight scores neutral (the reference's metrics), and its
+    info["metrics"] carries every key a served epoch's does (request counts at 0), so per-run means over epochs
+    (agents.rollout.summarise) find every metric in every epoch."""
+    quiet_first = {**OVERLOAD, "phases": [{"epochs": 1, "load": 0.0, "mixture": {"qa": 0.5, "prose": 0.5}},
+                                          *OVERLOAD["phases"][:1], {"epochs": 2, "load": 0.3, "mixture": {"qa": 1.0}}]}
+    quiet_first["episode_epochs"] = 6
+    env = replay_env(trace_dir, workload=quiet_first)
+    env.reset(seed=0)
+    _, reward, _, _, idle = env.step(0)
+    assert idle["load"]["submitted"] == 0 and reward == 0.0
+    assert idle["metrics"]["met_requests"] == idle["metrics"]["missed_requests"] == 0
+    _, _, _, _, served = env.step(0)
+    assert served["load"]["submitted"] > 0
+    assert set(idle["metrics"]) == set(served["metrics"])
+    env.close()
