@@ -117,10 +117,13 @@ class Rollout(gymnasium.Wrapper):
     regret where the env can price every arm (see `yardsticks_unavailable`; the reason is kept in `why_no_yardsticks`).
     `on_record(record)` is called after every step (e.g. to append to metrics.jsonl); `keep_arm_rewards` keeps every
     epoch's per-arm rewards in `arm_rewards_log` (the benchmark's hindsight baselines need them).
+    `reset_options(episode)` gives the reset options of an episode when the caller passes none (e.g. replay's
+    {"variant": k}: benchmarks/heldout_draws.py plays draws that training never met).
     """
 
     def __init__(self, env: gymnasium.Env, seed: int, *, yardsticks: bool = True, first_epoch: int = 0,
-                 on_record: Callable[[dict[str, Any]], None] | None = None, keep_arm_rewards: bool = False) -> None:
+                 on_record: Callable[[dict[str, Any]], None] | None = None, keep_arm_rewards: bool = False,
+                 reset_options: Callable[[int], dict[str, Any] | None] | None = None) -> None:
         super().__init__(env)
         self.base = env.unwrapped
         self.seed = int(seed)
@@ -133,6 +136,7 @@ class Rollout(gymnasium.Wrapper):
         self.next_epoch = int(first_epoch)
         self.on_record = on_record
         self.keep_arm_rewards = keep_arm_rewards
+        self.reset_options = reset_options
         self.records: list[dict[str, Any]] = []
         self.arm_rewards_log: list[np.ndarray] = []
         self._arm_rewards: np.ndarray | None = None  # the coming epoch's, once computed
@@ -144,6 +148,8 @@ class Rollout(gymnasium.Wrapper):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         episode = self.next_epoch // self.episode_epochs
         self._arm_rewards = None
+        if options is None and self.reset_options is not None:
+            options = self.reset_options(episode)
         return self.env.reset(seed=self.seed * 1000 + episode, options=options)
 
     def arm_rewards(self) -> np.ndarray:

@@ -52,7 +52,7 @@ live runs report no ladder (scripts/train.py and the benchmark say so).
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,10 +129,12 @@ class PlayedRun:
         return [int(r["action"]) for r in self.records]
 
 
-def play_policy(env: gymnasium.Env, seed: int, episodes: int, policy: Any, name: str) -> PlayedRun:
-    """Play `policy` for `episodes` episodes through the rollout loop (reset seeds seed * 1000 + episode), without
-    per-epoch pricing (the ladder does not need evaluate_arms, so a rung costs one env.step per epoch)."""
-    rollout = Rollout(env, seed, yardsticks=False)
+def play_policy(env: gymnasium.Env, seed: int, episodes: int, policy: Any, name: str,
+                reset_options: Callable[[int], dict[str, Any] | None] | None = None) -> PlayedRun:
+    """Play `policy` for `episodes` episodes through the rollout loop (reset seeds seed * 1000 + episode, options
+    `reset_options(episode)`), without per-epoch pricing (the ladder does not need evaluate_arms, so a rung costs
+    one env.step per epoch)."""
+    rollout = Rollout(env, seed, yardsticks=False, reset_options=reset_options)
     if callable(getattr(policy, "bind", None)):
         policy.bind(rollout)
     play(rollout, policy, episodes * rollout.episode_epochs)
@@ -225,15 +227,17 @@ class Ladder:
         }
 
 
-def compute_ladder(env: gymnasium.Env, seed: int, episodes: int) -> Ladder:
+def compute_ladder(env: gymnasium.Env, seed: int, episodes: int,
+                   reset_options: Callable[[int], dict[str, Any] | None] | None = None) -> Ladder:
     """Play every feasible arm fixed, choose each phase's best arm from those runs, play that schedule (replay only;
-    raises ValueError with the reason elsewhere). The env is reused and left reset by the last run."""
+    raises ValueError with the reason elsewhere); every run resets episode e with `reset_options(e)`. The env is
+    reused and left reset by the last run."""
     why = ladder_unavailable(env)
     if why is not None:
         raise ValueError(f"no yardstick ladder: {why}")
     base = env.unwrapped
     labels = [str(arm["label"]) for arm in base.arm_table]
-    env.reset(seed=seed * 1000)  # the mask of the episode's start; arms infeasible there are not candidates
+    env.reset(seed=seed * 1000, options=None if reset_options is None else reset_options(0))  # the start's mask
     feasible = [int(a) for a in np.flatnonzero(np.asarray(base.action_masks(), dtype=bool))]
     if not feasible:
         raise ValueError("no yardstick ladder: every arm is masked")
@@ -242,7 +246,7 @@ def compute_ladder(env: gymnasium.Env, seed: int, episodes: int) -> Ladder:
         why_no_static = None
     except StaticArmMissing as error:
         static_arm, why_no_static = None, str(error)
-    fixed = {arm: play_policy(env, seed, episodes, FixedArm(arm), labels[arm]) for arm in feasible}
+    fixed = {arm: play_policy(env, seed, episodes, FixedArm(arm), labels[arm], reset_options) for arm in feasible}
     # Ties go to the lower arm index, so the choice is reproducible.
     best_fixed_arm = max(feasible, key=lambda a: (fixed[a].mean_reward, -a))
 
@@ -254,12 +258,14 @@ def compute_ladder(env: gymnasium.Env, seed: int, episodes: int) -> Ladder:
         phase_fixed[phase] = {a: float(fixed[a].rewards[in_phase].sum()) for a in feasible}
     schedule = {p: max(feasible, key=lambda a: (totals[a], -a)) for p, totals in phase_fixed.items()}
     phase_of_epoch = phases[:episode_epochs]
-    schedule_run = play_policy(env, seed, episodes, PhaseSchedule(schedule, phase_of_epoch), "phase schedule")
+    schedule_run = play_policy(env, seed, episodes, PhaseSchedule(schedule, phase_of_epoch), "phase schedule",
+                               reset_options)
     # The constant schedule is a per-phase schedule too: start from the better of the two.
     oracle = schedule_run
     if schedule_run.mean_reward < fixed[best_fixed_arm].mean_reward:
         schedule, oracle = dict.fromkeys(phase_fixed, best_fixed_arm), fixed[best_fixed_arm]
-    schedule, oracle = refine_schedule(env, seed, episodes, schedule, oracle, phase_of_epoch, feasible)
+    schedule, oracle = refine_schedule(env, seed, episodes, schedule, oracle, phase_of_epoch, feasible,
+                                       reset_options=reset_options)
     is_fixed = len(set(schedule.values())) == 1
     return Ladder(seed=int(seed), episodes=int(episodes), episode_epochs=episode_epochs, labels=labels, fixed=fixed,
                   static_arm=static_arm, why_no_static=why_no_static, best_fixed_arm=best_fixed_arm,
@@ -268,8 +274,9 @@ def compute_ladder(env: gymnasium.Env, seed: int, episodes: int) -> Ladder:
 
 
 def refine_schedule(env: gymnasium.Env, seed: int, episodes: int, schedule: Mapping[Hashable, int], run: PlayedRun,
-                    phase_of_epoch: Sequence[Hashable], feasible: Sequence[int],
-                    sweeps: int = REFINE_SWEEPS) -> tuple[dict[Hashable, int], PlayedRun]:
+                    phase_of_epoch: Sequence[Hashable], feasible: Sequence[int], sweeps: int = REFINE_SWEEPS,
+                    reset_options: Callable[[int], dict[str, Any] | None] | None = None,
+                    ) -> tuple[dict[Hashable, int], PlayedRun]:
     """Coordinate ascent on a per-phase schedule whose played run is `run`: each phase in turn takes every other
     feasible arm, played on the first REFINE_EPISODES episodes; a strictly better trial is kept; the result is
     played on all `episodes` and returned if it beats `run` there (module docstring)."""
@@ -285,14 +292,15 @@ def refine_schedule(env: gymnasium.Env, seed: int, episodes: int, schedule: Mapp
                     continue
                 trial = {**schedule, phase: arm}
                 reward = play_policy(env, seed, trial_episodes, PhaseSchedule(trial, phase_of_epoch),
-                                     "phase schedule").mean_reward
+                                     "phase schedule", reset_options).mean_reward
                 if reward > best + 1e-12:
                     schedule, best, improved = trial, reward, True
         if not improved:
             break
     if schedule == start:
         return start, run
-    refined = play_policy(env, seed, episodes, PhaseSchedule(schedule, phase_of_epoch), "phase schedule")
+    refined = play_policy(env, seed, episodes, PhaseSchedule(schedule, phase_of_epoch), "phase schedule",
+                          reset_options)
     return (schedule, refined) if refined.mean_reward > run.mean_reward else (start, run)
 
 

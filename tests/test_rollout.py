@@ -251,11 +251,13 @@ class QueueToy(gymnasium.Env):
         self.action_space = spaces.Discrete(len(QUEUE_TABLE))
         self.observation_space = spaces.Box(0.0, 100.0, (1,), np.float32)
         self.reset_seeds: list[int | None] = []
+        self.reset_options: list[dict | None] = []
         self._epoch, self._queue, self._loaded = 0, 0, None
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self.reset_seeds.append(seed)
+        self.reset_options.append(options)
         self._epoch, self._queue, self._loaded = 0, 0, None
         return np.zeros(1, np.float32), {"phase": self.phases[0]}
 
@@ -419,3 +421,17 @@ def test_regret_panel_is_against_the_played_phase_oracle_and_never_empty() -> No
     assert lower.get_ylabel() == "cumulative SLO reward"
     note = lower.get_title(loc="left").replace("\n", " ")
     assert note.startswith("No regret vs the phase oracle: the live backend") and "replay-only" in note
+
+
+def test_reset_options_per_episode_reach_every_rung() -> None:
+    """Rollout(reset_options=f) resets episode e with f(e) (replay's {"variant": k}: benchmarks/heldout_draws.py), and
+    compute_ladder passes the same f to every rung, so agent and yardsticks meet the same draws."""
+    from agents.yardsticks import compute_ladder
+
+    options = lambda episode: {"variant": 10 + episode}  # noqa: E731
+    env = QueueToy()
+    play(Rollout(env, seed=0, yardsticks=False, reset_options=options), Scripted([0] * 8), until=8)
+    assert env.reset_options == [{"variant": 10}, {"variant": 11}]
+    ladder_env = QueueToy()
+    compute_ladder(ladder_env, seed=0, episodes=2, reset_options=options)
+    assert ladder_env.reset_options == [{"variant": 10}] + [{"variant": 10}, {"variant": 11}] * 8

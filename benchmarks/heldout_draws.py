@@ -1,0 +1,106 @@
+"""Held-out draws: does a policy learned on replay's training draws of a workload hold on draws it never met?
+
+    python benchmarks/heldout_draws.py --json benchmarks/heldout_draws.json       # seasonal_q, bursts and flash
+    python benchmarks/heldout_draws.py --agents seasonal_q,ucb --scenarios bursts,diurnal,flash --seeds 5
+
+agent_bench.py scores a learned policy frozen on episodes after its training ones, but replay draws every episode's
+arrivals among the env's `variants` (8), so those episodes' draws were met in training. Here, per scenario and seed:
+the agent trains for `--episodes` on the training env (variants 0..7, drawn per episode as in training); then, on an
+env with twice the variants, the yardstick ladder (agents/yardsticks.py: best fixed arm, phase oracle refined by
+coordinate ascent, both in hindsight ON THE HELD-OUT EPISODES) and the frozen greedy agent play `--eval-episodes`
+episodes on variants 8..15 only (`reset(options={"variant": k})`): draws of arrival times, sources and output lengths
+that training never saw. gap = (R_agent - R_best_fixed) / (R_phase_oracle - R_best_fixed) on those episodes, mean ±
+95% t over seeds. Replay only; accuracy teacher-forced; SLO accuracy_under_latency by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # agent_bench, beside this file
+
+import envs  # noqa: F401  (registers the helios ids)
+from agent_bench import ENV_ID, Frozen, agent_config, scenario_workload
+from agents import make_agent
+from agents.rollout import Rollout, play
+from agents.yardsticks import compute_ladder, mean_ci95
+from helios.paths import atomic_file
+
+TRAIN_VARIANTS = 8  # conf/env/replay.yaml's default: the draws training meets
+
+
+def heldout(episode: int) -> dict[str, int]:
+    """Evaluation episode e plays draw TRAIN_VARIANTS + e mod TRAIN_VARIANTS: never one training drew."""
+    return {"variant": TRAIN_VARIANTS + episode % TRAIN_VARIANTS}
+
+
+def run(scenario: str, slo: str, agents: list[str], seeds: list[int], episodes: int, eval_episodes: int,
+        log: Any) -> dict[str, Any]:
+    name, workload, _ = scenario_workload(scenario)
+    train_env = gymnasium.make(ENV_ID, workload=workload, slo=slo, variants=TRAIN_VARIANTS)
+    eval_env = gymnasium.make(ENV_ID, workload=workload, slo=slo, variants=2 * TRAIN_VARIANTS)
+    gaps: dict[str, list[float | None]] = {a: [] for a in agents}
+    headrooms = []
+    try:
+        for seed in seeds:
+            ladder = compute_ladder(eval_env, seed, eval_episodes, reset_options=heldout)
+            headrooms.append(ladder.headroom)
+            for agent_name in agents:
+                agent = make_agent(agent_name, int(train_env.action_space.n), seed=seed,
+                                   arm_table=train_env.unwrapped.arm_table,
+                                   observation_names=train_env.unwrapped.observation_names, **agent_config(agent_name))
+                play(Rollout(train_env, seed, yardsticks=False), agent, episodes * ladder.episode_epochs)
+                rollout = Rollout(eval_env, seed, yardsticks=False, reset_options=heldout)
+                play(rollout, Frozen(agent), eval_episodes * ladder.episode_epochs, learn=False)
+                gaps[agent_name].append(ladder.score([r["reward"] for r in rollout.records])["gap_recovered"])
+            log(f"  {name} seed {seed}: headroom {ladder.headroom:.3f}, "
+                + ", ".join(f"{a} {gaps[a][-1]}" for a in agents))
+    finally:
+        train_env.close()
+        eval_env.close()
+    return {"headroom": float(np.exp(np.mean(np.log(headrooms)))), "headroom_per_seed": headrooms,
+            "agents": {a: {"gap_recovered": mean_ci95(g)[0], "gap_recovered_ci95": mean_ci95(g)[1],
+                           "gap_recovered_per_seed": g} for a, g in gaps.items()}}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", default="bursts,flash")
+    parser.add_argument("--slo", default="accuracy_under_latency")
+    parser.add_argument("--agents", default="seasonal_q")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--episodes", type=int, default=300, help="training episodes")
+    parser.add_argument("--eval-episodes", type=int, default=16, help="held-out episodes (draws 8..15, twice each)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "command": "python benchmarks/heldout_draws.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "slo": args.slo, "episodes": args.episodes, "eval_episodes": args.eval_episodes,
+        "train_variants": list(range(TRAIN_VARIANTS)), "heldout_variants": list(range(TRAIN_VARIANTS, 2 * TRAIN_VARIANTS)),
+        "replay": "accuracy teacher-forced (judge: SmolLM2-135M at full depth); energy modelled", "scenarios": {},
+    }
+    agents = [a for a in args.agents.split(",") if a]
+    for scenario in [s for s in args.scenarios.split(",") if s]:
+        print(f"scenario {scenario}", flush=True)
+        result["scenarios"][scenario] = run(scenario, args.slo, agents, list(range(args.seeds)), args.episodes,
+                                            args.eval_episodes, lambda m: print(m, flush=True))
+    result["wall_s"] = time.perf_counter() - started
+    print(json.dumps({s: {a: (v["gap_recovered"], v["gap_recovered_ci95"]) for a, v in r["agents"].items()}
+                      | {"headroom": r["headroom"]} for s, r in result["scenarios"].items()}, indent=1))
+    if args.json:
+        with atomic_file(args.json, "w") as handle:
+            json.dump(result, handle, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
