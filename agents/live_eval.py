@@ -70,13 +70,14 @@ def play_episode(env: gymnasium.Env, policy: Policy, seed: int, episode: int,
                  epochs: int | None = None) -> list[dict[str, Any]]:
     """Play episode `episode` of the rollout schedule (reset seed seed * 1000 + episode) on the workload's own draw
     (replay: variant 0, the draw live serves), its first `epochs` epochs (at most; None: all); its records."""
-    rollout = Rollout(env, seed, yardsticks=False, first_epoch=episode * int(env.unwrapped.episode_epochs))
-    options = {"variant": 0} if getattr(env.unwrapped, "backend_kind", None) == "replay" else None
+    replay = getattr(env.unwrapped, "backend_kind", None) == "replay"
+    rollout = Rollout(env, seed, yardsticks=False, first_epoch=episode * int(env.unwrapped.episode_epochs),
+                      reset_options=(lambda _episode: {"variant": 0}) if replay else None)
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"live_eval_epochs must be a positive integer (at most that many epochs) or null (the "
                          f"whole episode); got {epochs!r}")
     length = rollout.episode_epochs if epochs is None else min(epochs, rollout.episode_epochs)
-    play(rollout, policy, rollout.next_epoch + length, reset_options=options)
+    play(rollout, policy, rollout.next_epoch + length)
     return rollout.records
 
 

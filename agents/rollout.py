@@ -181,15 +181,15 @@ class Rollout(gymnasium.Wrapper):
 
 def play(rollout: Rollout, policy: Policy, until: int, *, obs: np.ndarray | None = None,
          after_epoch: Callable[[dict[str, Any], np.ndarray], None] | None = None,
-         learn: bool = True, reset_options: dict[str, Any] | None = None) -> np.ndarray | None:
+         learn: bool = True) -> np.ndarray | None:
     """The bandit loop: select on (obs, mask), step, update (unless `learn=False`: a frozen policy), until the
     global epoch `until`; the policy persists across episodes. A new episode starts at every episode boundary (and
     first, unless `obs` is given: a run resumed mid-episode passes the checkpoint's observation after restoring the
-    env's state), with `reset_options` (e.g. replay's {"variant": 0}). `after_epoch(record, obs)` runs after the
-    update (checkpointing, logging). Returns the last observation."""
+    env's state; the rollout's `reset_options` give each episode's options). `after_epoch(record, obs)` runs after
+    the update (checkpointing, logging). Returns the last observation."""
     while rollout.next_epoch < until:
         if obs is None or rollout.next_epoch % rollout.episode_epochs == 0:
-            obs, _ = rollout.reset(options=reset_options)
+            obs, _ = rollout.reset()
         action = int(policy.select(obs, rollout.base.action_masks()))
         obs, reward, _, _, info = rollout.step(action)
         if learn:
