@@ -69,10 +69,12 @@ class SeasonalLoadQ(LoadQLearning):
     def hyperparameters(self) -> dict[str, Any]:
         return {**super().hyperparameters(), "clock_index": self.clock_index}
 
-    def slot(self, obs: np.ndarray) -> float:
+    def slot(self, obs: np.ndarray | None) -> float:
+        if obs is None:
+            raise ValueError("seasonal_q needs the observation vector")
         return round(float(np.asarray(obs, dtype=float).ravel()[self.clock_index]), SLOT_DECIMALS)
 
-    def forecast(self, obs: np.ndarray) -> float:
+    def forecast(self, obs: np.ndarray | None) -> float:
         """The arrival ratio expected in the coming epoch: its slot's mean so far, else the last epoch's."""
         slot = self.slot(obs)
         count = self.slot_count.get(slot, 0)
@@ -81,21 +83,16 @@ class SeasonalLoadQ(LoadQLearning):
         return float(np.asarray(obs, dtype=float).ravel()[self.feature_indices[0]])
 
     def state(self, obs: np.ndarray | None) -> tuple[int, ...]:
-        if obs is None:
-            raise ValueError("seasonal_q needs the observation vector")
+        forecast = self.forecast(obs)  # raises on a missing observation
         x = np.asarray(obs, dtype=float).ravel().copy()
-        x[self.feature_indices[0]] = self.forecast(x)
+        x[self.feature_indices[0]] = forecast
         return super().state(x)
 
     def select(self, obs: np.ndarray | None = None, mask: np.ndarray | None = None) -> int:
-        if obs is None:
-            raise ValueError("seasonal_q needs the observation vector")
         self._slot = self.slot(obs)
         return super().select(obs, mask)
 
     def greedy(self, obs: np.ndarray | None = None, mask: np.ndarray | None = None) -> int:
-        if obs is None:
-            raise ValueError("seasonal_q needs the observation vector")
         self._slot = self.slot(obs)
         return super().greedy(obs, mask)
 

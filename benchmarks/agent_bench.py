@@ -30,8 +30,9 @@ yardstick ladder (agents/yardsticks.py, replay-only: it plays every feasible arm
 Bandits and the HELIOS controller learn online across the episodes, as scripts/train.py; PPO/A2C/DQN/MaskablePPO
 train with model.learn for the same episodes (hyper-parameters: conf/agent/<name>.yaml). Then every agent plays
 `--eval-episodes` more episodes FROZEN: its greedy policy (Agent.greedy: exploration off, no updates; SB3:
-deterministic predict), on episodes it has not met (reset seeds after the training ones; replay draws their
-arrivals among the env's `variants`). The yardsticks cover the same epochs.
+deterministic predict), on the episodes after the training ones (new reset seeds; replay draws their arrivals among
+the same `variants` training met: benchmarks/heldout_draws.py scores draws training never saw). The yardsticks cover
+the same epochs.
 
 Definitions (R = mean SLO reward per epoch; rewards are log2 ratios, helios/slo.py):
   gap_recovered  = (R - R_best_fixed) / (R_phase_oracle - R_best_fixed) per seed, then mean ± 95% CI (Student t) over

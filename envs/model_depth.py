@@ -34,6 +34,7 @@ from helios.arms import Arm, CandidateSpec, ExitSpec, reference_arm_index
 from helios.config import check_keys
 from helios.observation import ObservationLayout, build_observation
 from helios.slo import METRICS, SLO, slo_from_config
+from helios.telemetry import REQUEST_COUNTS
 from helios.workloads import capacity_arm, workload_from_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -351,7 +352,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
             return values
         # An idle epoch ran no batch and judged no request: the reference's metrics, and zero of every count a
         # served epoch reports, so that every epoch's info["metrics"] has the same keys.
-        counts = ("met_requests", "missed_requests", "missed_unfinished_requests") if self.slo.targets else ()
+        counts = REQUEST_COUNTS if self.slo.targets else ()
         return {**reference, "concurrency": 0.0, "rejected_requests": 0, **dict.fromkeys(counts, 0)}
 
     def state_dict(self) -> dict[str, Any]:

@@ -53,6 +53,9 @@ class SwitchCost:
 
 
 NO_SWITCH = SwitchCost("none", 0.0, 0.0)
+# The request counts a span reports when the SLO sets targets (helios.slo.request_metrics); an epoch that judged
+# nothing reports them as 0.
+REQUEST_COUNTS: tuple[str, ...] = ("met_requests", "missed_requests", "missed_unfinished_requests")
 
 
 def empty_outcome(bins: int) -> EpochOutcome:
@@ -137,8 +140,7 @@ def span_metrics(
     else:  # a zero-length span (the clock was already past its end): nothing can be judged in it
         values.update({"ttft_p95_s": 0.0, "tpot_p95_s": 0.0})
         if targets is not None:
-            values.update({"goodput_rps": 0.0, "attainment": 1.0, "met_requests": 0, "missed_requests": 0,
-                           "missed_unfinished_requests": 0})
+            values.update({"goodput_rps": 0.0, "attainment": 1.0, **dict.fromkeys(REQUEST_COUNTS, 0)})
     if targets is not None:
         met, missed = values["met_requests"], values["missed_requests"] + rejected
         values["missed_requests"] = missed
