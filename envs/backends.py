@@ -49,7 +49,12 @@ scored). `judge_score` (the default) scores every request, reference or not, und
 the output's text re-tokenised by a fixed model at full depth, given the prompt); the text metrics (rouge_l,
 exact_match, contains_answer) score only requests with a reference text. Live scores the served, free-running output
 after the span has run: the judge is evaluation, so its time is outside the span's measured seconds (the virtual
-clock only moves by the executor's measured steps inside `run_until`) and outside the energy meter's window. Replay
+clock only moves by the executor's measured steps inside `run_until`) and outside the energy meter's window. Where the
+judge's own model at full depth, exits off, served a request (the reference arm of the default), its judge score is
+already known: the engine returns each token's log-probability under that model (SamplingParams(logprobs=0), asked
+only while that arm is loaded; its cost per decode step was within noise of greedy's on SmolLM2, 0.995x), so live
+scores it from them without a judge forward (`Judge.score(..., served_nlls=)`; tests/test_judge.py compares both with
+an independent forward). Replay
 scores the teacher-forced tokens it produces (its documented approximation), cached in memory per (candidate, request,
 tokens) and, for the judge, on disk. Capacity runs are not scored (only their clock matters).
 """
@@ -953,6 +958,7 @@ class LiveBackend(SchedulerBackend):
         self._pool: dict[str, list[Request]] | None = None
         self._requests_by_id: dict[Hashable, Request] = {}
         self._judge: Judge | None = None  # built when first needed
+        self._served_nlls: dict[Hashable, list[float]] = {}  # request -> its tokens' NLLs, served by judge_exact arms
         self.engine_s_total = 0.0  # measured compute seconds since construction
         self.load_s_total = 0.0
 
@@ -1071,8 +1077,10 @@ class LiveBackend(SchedulerBackend):
     def _accuracy(self, request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:
         # Called by _run_span after the span has run: the judge's time is not on the serving clock.
         request = self._requests_by_id.pop(request_id)
+        served_nlls = self._served_nlls.pop(request_id, None)
         if self.spec.accuracy_metric == "judge_score" and arm.candidate == self.spec.judge:
-            return self.judge.score(request, ids=list(token_ids))  # the judge's own vocabulary: its tokens as generated
+            # The judge's own vocabulary: its tokens as generated (and, from the judge's own arm, their NLLs as served).
+            return self.judge.score(request, ids=list(token_ids), served_nlls=served_nlls)
         text = self.tokenizer(arm.candidate).decode(list(token_ids), skip_special_tokens=True)
         if self.spec.accuracy_metric == "judge_score":
             return self.judge.score(request, text)
@@ -1084,6 +1092,14 @@ class LiveBackend(SchedulerBackend):
 
     def _forget(self, request_id: Hashable) -> None:
         self._requests_by_id.pop(request_id, None)
+        self._served_nlls.pop(request_id, None)
+
+    def judge_exact(self, arm: Any) -> bool:
+        """Whether `arm` is the judge's model at full depth with exits off: its tokens' log-probabilities as served are
+        the judge's (module docstring, Accuracy)."""
+        spec = self.spec
+        return (spec.accuracy_metric == "judge_score" and arm is not None and arm.candidate == spec.judge
+                and int(arm.depth) == self.memory(arm.candidate).num_layers and not arm.exit_config.enabled)
 
     def _run_span(self, sched: Scheduler, requests: Sequence[SequenceRequest], t_end: float, *,
                   score: bool = True) -> EpochResult:
@@ -1095,12 +1111,14 @@ class LiveBackend(SchedulerBackend):
         super().begin_episode(rng)
         self._resident = None  # cold start, as in replay: the first epoch pays a real load
         self._requests_by_id.clear()
+        self._served_nlls.clear()
 
     def resume_at(self, epoch: int) -> None:
         """Resume an episode at `epoch` cold with an empty queue (ModelDepthEnv.load_state_dict says why)."""
         self._episode = _Episode()
         self._resident = None
         self._requests_by_id.clear()
+        self._served_nlls.clear()
 
     def close(self) -> None:
         self._episode = _Episode()
@@ -1119,8 +1137,15 @@ class _LivePayload:
 
     @property
     def sampling(self) -> Any:
-        from helios.sampling import GREEDY
+        """Greedy; with each token's log-probability while the judge's own full-depth arm serves (read at prefill)."""
+        from helios.sampling import GREEDY, SamplingParams
 
+        backend = self.backend
+        resident = backend._resident  # noqa: SLF001
+        if resident is not None and backend.spec.accuracy_metric == "judge_score":
+            candidate, depth = resident[0]
+            if candidate == backend.spec.judge and depth == backend.memory(candidate).num_layers:
+                return SamplingParams(logprobs=0)
         return GREEDY
 
     @property
@@ -1138,6 +1163,7 @@ def _live_stepper_class() -> type:
         def __init__(self, backend: LiveBackend) -> None:
             self.backend = backend
             self.released: dict[Hashable, tuple[Any, list[int]]] = {}
+            self.served_nlls: dict[Hashable, list[float | None]] = {}  # per sequence: per token, judge-exact NLL or None
             super().__init__(backend._load_engine, arm=None)  # noqa: SLF001
 
         def prompt_tokens(self, request: SequenceRequest) -> int:
@@ -1145,9 +1171,19 @@ def _live_stepper_class() -> type:
                 return request.prompt_tokens
             return len(self.backend.prompt_ids(request.payload.request, self.arm.candidate))
 
+        def _emit(self, seq: SequenceState, token: int, exit_layer: int, logprob: Any) -> None:
+            # A token's NLL is the judge's only if the judge's own arm produced it (a recomputed sequence may mix arms).
+            exact = logprob is not None and self.backend.judge_exact(self.arm)
+            self.served_nlls.setdefault(seq.request.request_id, []).append(-logprob.logprob if exact else None)
+            super()._emit(seq, token, exit_layer, logprob)
+
         def release(self, seq: SequenceState) -> None:
             super().release(seq)
-            self.released[seq.request.request_id] = (self.arm, list(seq.token_ids))
+            key = seq.request.request_id
+            self.released[key] = (self.arm, list(seq.token_ids))
+            nlls = self.served_nlls.pop(key, [])
+            if nlls and len(nlls) == len(seq.token_ids) and all(v is not None for v in nlls):
+                self.backend._served_nlls[key] = nlls  # noqa: SLF001
 
     return LiveStepper
 

@@ -1,4 +1,4 @@
-"""Capacity: the requests/s an arm sustains at saturation, measured once per backend and cached like the traces.
+"""Capacity, and live's reference run: measured once per machine and cached like the traces.
 
     python -m envs.capacity --backend replay --workload bursts        # prints (and caches) capacity(smollm2-135m@30)
 
@@ -18,6 +18,14 @@ resolves that arm's capacity before it builds the workload (`resolve_capacity`):
             which capacity must not depend on), memory budget, max_batch_size, new_tokens, the measuring method, and
             for replay the trace files (name and size: trace names are content hashes of their recording key), for
             live the machine (host, processor, torch threads). Delete the file to measure again.
+
+The live env's reference run (SchedulerBackend.reference_profile: the reference candidate at full depth serving a
+nominal epoch of each source, which normalises every reward) is a measurement of the same kind, and as slow (a
+third of a repeat main job's time before it was cached): `resolve_reference_profile` caches it under
+<cache>/reference/<candidate>-live-<digest>.json, keyed by the machine and everything the run and its metrics depend
+on (workload without its rate, the nominal epoch's request count, SLO targets, accuracy metric and judge, memory
+budget, batch and prefill caps, new_tokens, energy meter). Replay's reference run is modelled and takes a fraction
+of a second: it is not cached.
 """
 
 from __future__ import annotations
@@ -35,7 +43,16 @@ from typing import Any
 from helios.paths import atomic_file, cache_dir
 
 METHOD = "saturation-middle-half/v1"  # bump when measure_capacity changes what it measures
+REFERENCE_METHOD = "reference-run/v1"  # bump when reference_profile changes what it measures
 CAPACITY_REQUESTS = 256
+
+
+def machine_key() -> dict[str, Any]:
+    """What a live measurement depends on besides its inputs: this machine and torch's thread count."""
+    import torch
+
+    return {"host": platform.node(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def capacity_key(backend: Any, candidate: str, depth: int, workload_cfg: Mapping[str, Any],
@@ -53,10 +70,7 @@ def capacity_key(backend: Any, candidate: str, depth: int, workload_cfg: Mapping
         paths = trace_paths or {}
         fields["traces"] = {name: [Path(p).name, Path(p).stat().st_size] for name, p in sorted(paths.items())}
     else:
-        import torch
-
-        fields["machine"] = {"host": platform.node(), "processor": platform.processor() or platform.machine(),
-                             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+        fields["machine"] = machine_key()
     return fields
 
 
@@ -78,15 +92,52 @@ def resolve_capacity(backend: Any, arm_name: str, workload_cfg: Mapping[str, Any
                          f"candidate it has a trace of: {[c.name for c in backend.spec.candidates]}; add {candidate!r} "
                          "to the env's candidates, or give the workload an absolute rate_per_s")
     fields = capacity_key(backend, candidate, depth, workload_cfg, trace_paths)
-    path = capacity_path(fields, out_dir)
+
+    def measure() -> dict[str, Any]:
+        measured = backend.measure_capacity(candidate, depth, CAPACITY_REQUESTS)
+        return {"capacity_rps": float(measured["capacity_rps"]), "measurement": measured}
+
+    return _cached(capacity_path(fields, out_dir), fields, measure)
+
+
+def reference_key(backend: Any, targets: Any) -> dict[str, Any]:
+    """The fields live's cached reference run is keyed by (module docstring)."""
+    from envs.backends import rate_free_workload_cfg
+
+    spec = backend.spec
+    return {
+        "backend": backend.kind, "reference": spec.reference, "workload": rate_free_workload_cfg(spec.workload_cfg),
+        "reference_requests": spec.reference_requests,
+        "targets": None if targets is None else {"ttft_s": targets.ttft_s, "tpot_s": targets.tpot_s},
+        "accuracy_metric": spec.accuracy_metric, "judge": spec.judge, "memory_budget_bytes": spec.memory_budget_bytes,
+        "context_tokens": spec.context_tokens, "max_batch_size": spec.max_batch_size,
+        "max_prefill_tokens": spec.max_prefill_tokens, "new_tokens": spec.new_tokens, "energy": spec.energy_cfg,
+        "method": REFERENCE_METHOD, "machine": machine_key(),
+    }
+
+
+def resolve_reference_profile(backend: Any, targets: Any, out_dir: Path | None = None) -> dict[str, Any]:
+    """Live's reference run (`backend.reference_profile(targets)`), measured on first use and cached (module
+    docstring). Returns the cache record: profile (per source: the run's metrics), key, path, cached."""
+    fields = reference_key(backend, targets)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    path = (out_dir or cache_dir() / "reference") / f"{fields['reference']}-{fields['backend']}-{digest}.json"
+    return _cached(path, fields, lambda: {"profile": backend.reference_profile(targets)})
+
+
+def _cached(path: Path, fields: Mapping[str, Any], measure: Any) -> dict[str, Any]:
+    """The record cached at `path` if its key is `fields`, else `measure()`'s, written atomically with its key."""
     if path.exists():
-        record = json.loads(path.read_text())
-        if record.get("key") == fields:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            record = {}  # unreadable: measure again and overwrite
+        if record.get("key") == json.loads(json.dumps(fields)):
             record["path"], record["cached"] = str(path), True
             return record
-    measured = backend.measure_capacity(candidate, depth, CAPACITY_REQUESTS)
-    record = {"capacity_rps": float(measured["capacity_rps"]), "key": fields, "measurement": measured,
-              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    start = time.perf_counter()
+    record = {**measure(), "key": fields, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "measure_s": time.perf_counter() - start}
     with atomic_file(path, "w") as handle:
         json.dump(record, handle, indent=1)
     record["path"], record["cached"] = str(path), False

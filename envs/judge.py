@@ -20,7 +20,9 @@ The model loads on the first score that misses the caches (once per env), in eva
 forward prices every prefix of an output: the judge is causal, so a prefix's tokens have the same NLLs
 (`helios.metrics.token_nlls`). `score(..., full_text=...)` (replay: the arm's whole teacher-forced output of the
 request) judges the full text once and scores each shorter output the scheduler cut from it (max_tokens, EOS) from
-those NLLs, when its judge tokens are a prefix of the full text's (else it runs its own forward). Per-token NLLs may be
+those NLLs, when its judge tokens are a prefix of the full text's (else it runs its own forward). `score(...,
+served_nlls=...)` (live, when the judge's own model at full depth, exits off, served the output) takes the NLLs the
+engine computed while serving (its logprobs): the same numbers up to float rounding, with no forward. Per-token NLLs may be
 cached on disk (`disk_cache=True`, replay): one small JSON file per judged output under
 `helios.paths.cache_dir()/judge`, named by a hash of what determines them: the judge's name, its checkpoint's
 identity (config and weight file sizes, plus helios' provenance record), the judge's context ids and output ids.
@@ -49,6 +51,7 @@ class Judge:
         self._max_context: int | None = None
         self._identity: str | None = None
         self.forwards = 0  # outputs judged by the model (cache misses): what the judge cost
+        self.served = 0  # outputs scored from the NLLs their serving computed (`score(..., served_nlls=)`)
         # context -> [(output ids, per-token NLLs)] judged so far: shorter outputs are priced from their prefixes
         self._judged: dict[tuple[int, ...], list[tuple[list[int], list[float]]]] = {}
 
@@ -119,15 +122,23 @@ class Judge:
 
     def score(self, request: Request, text: str | None = None, *, ids: list[int] | None = None,
               context: list[int] | None = None, full_text: str | None = None,
-              full_ids: list[int] | None = None) -> float:
+              full_ids: list[int] | None = None, served_nlls: list[float] | None = None) -> float:
         """judge_score of output `text` of `request` (module docstring), or of `ids` already in the judge's vocabulary;
         `context`: its context ids, if known; `full_text` / `full_ids`: a longer output that it begins (judged once,
-        its prefixes priced from it)."""
+        its prefixes priced from it); `served_nlls`: per token of `ids`, its NLL as the judge's own model at full depth
+        served it, given this context (the engine's logprobs): the judge's forward would repeat them, so none runs."""
         output = self.output_ids(text or "") if ids is None else self._plain(ids)
         if not output:
             return 0.0
-        context = self._fit(self.context_ids(request) if context is None else context, len(output))
+        full_context = self.context_ids(request) if context is None else context
+        context = self._fit(full_context, len(output))
         nlls = self._prefix_nlls(context, output)
+        if nlls is None and served_nlls is not None and ids is not None and context and context == full_context:
+            if len(served_nlls) != len(ids):
+                raise ValueError(f"served_nlls has {len(served_nlls)} values for {len(ids)} token ids")
+            special = set(self.tokenizer.all_special_ids)
+            nlls = [float(v) for t, v in zip(ids, served_nlls) if int(t) not in special]
+            self.served += 1
         if nlls is None and (full_text is not None or full_ids is not None) and context:
             full = self._plain(full_ids) if full_ids is not None else self.output_ids(full_text or "")
             if full[:len(output)] == output and self._fit(context, len(full)) == context:

@@ -8,6 +8,7 @@ Tiny random-init candidates, traces recorded into a temporary directory (about a
 """
 
 import math
+from pathlib import Path
 
 import gymnasium
 import numpy as np
@@ -296,6 +297,37 @@ def test_capacity_is_measured_once_and_cached(trace_dir) -> None:
     assert second.unwrapped.capacity["path"].startswith(str(trace_dir))
     first.close()
     second.close()
+
+
+def test_live_reference_run_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
+    """Live's reference run is a measurement of this machine, like capacity: the first env measures and caches it,
+    an env with the same configuration reads it back without serving, and one that changes what it depends on
+    (here new_tokens) measures its own."""
+    import envs.capacity
+
+    monkeypatch.setattr(envs.capacity, "cache_dir", lambda: tmp_path)
+    workload = {"seed": 0, "episode_epochs": 2, "arrival": {"kind": "poisson", "rate_per_s": 16.0, "epoch_s": 0.25},
+                "output_tokens": OUTPUT_TOKENS, "source_options": SOURCE_OPTIONS,
+                "phases": [{"epochs": 2, "mixture": {"qa": 0.5, "prose": 0.5}}]}
+    first = gymnasium.make("helios/ModelDepth-v0", **{**COMMON, "workload": workload})
+    _, info = first.reset(seed=0)
+    record = first.unwrapped.reference_record
+    assert not record["cached"] and Path(record["path"]).parent == tmp_path / "reference"
+    assert set(record["profile"]) == {"qa", "prose"} and record["key"]["reference_requests"] == 4
+
+    second = gymnasium.make("helios/ModelDepth-v0", **{**COMMON, "workload": workload})
+    monkeypatch.setattr(second.unwrapped.backend, "reference_profile",
+                        lambda *a, **k: pytest.fail("a cached reference run was measured again"))
+    _, info_second = second.reset(seed=0)
+    assert second.unwrapped.reference_record["cached"]
+    assert info_second["reference"] == info["reference"]  # the same normalisation, read back exactly
+
+    third = gymnasium.make("helios/ModelDepth-v0", **{**COMMON, "workload": workload, "new_tokens": 3})
+    third.reset(seed=0)
+    assert not third.unwrapped.reference_record["cached"]
+    assert len(list((tmp_path / "reference").glob("*.json"))) == 2
+    for env in (first, second, third):
+        env.close()
 
 
 def test_capacity_of_an_unknown_candidate_is_a_clear_error(trace_dir) -> None:

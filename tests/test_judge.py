@@ -176,6 +176,27 @@ def test_live_judge_score_matches_an_independent_computation(judge: str) -> None
     env.close()
 
 
+def test_live_judge_scores_its_own_full_depth_arm_from_the_served_logprobs() -> None:
+    """Served by the judge's own model at full depth, exits off (tiny-llama@6, arm 1), a request's score comes from
+    the log-probabilities the engine computed while serving it, with no judge forward, and equals the independent
+    forward's (batched, KV-cached decoding vs one plain forward: float rounding apart). A truncated arm of the same
+    model (tiny-llama@2) is judged by a forward."""
+    env = gymnasium.make(envs.ENV_IDS["live"], **COMMON, judge="tiny-llama")
+    backend = env.unwrapped.backend
+    env.reset(seed=0)
+    seen = spy_on_accuracy(backend, lambda request_id: backend._requests_by_id[request_id].prompt)
+    reference = ReferenceJudge("tiny-llama")
+    for arm, served, forwards in ((1, 3, 0), (0, 3, 3)):
+        seen.clear()
+        *_, info = env.step(arm)
+        assert len(seen) == info["requests"] == 3
+        assert (backend.judge.served, backend.judge.forwards) == (served, forwards)
+        for entry in seen:
+            assert entry["value"] == pytest.approx(reference(entry["prompt"], entry["candidate"], entry["tokens"]),
+                                                   rel=1e-4, abs=1e-7), entry
+    env.close()
+
+
 def test_live_judge_time_is_not_on_the_serving_clock(monkeypatch) -> None:
     """A judge made slow (0.4 s a score): the clock has stopped when it runs (every score sees the span's end), and
     the epoch's busy seconds stay far below the judge's time (they would include it were it charged)."""
