@@ -408,7 +408,7 @@ class SchedulerBackend(abc.ABC):
         in_system = [
             {"arrival_s": seq.request.arrival_s,
              "ttft_s": None if seq.first_token_s != seq.first_token_s else seq.first_token_s - seq.request.arrival_s}
-            for seq in _in_system(sched)
+            for seq in sched.in_system()
         ]
         return EpochResult(
             served=True, start_s=span.start_s, end_s=end, records=records, in_system=in_system, busy_s=span.busy_s,
@@ -515,13 +515,6 @@ class _CapacityArm:
     depth: int
     exit_config: ExitConfig
     num_layers: int
-
-
-def _in_system(sched: Scheduler) -> list[SequenceState]:
-    """The sequences queued or running in `sched`. helios.scheduler exposes only their counts; the env must judge each
-    one against its TTFT deadline (helios.slo.request_metrics), so it reads the scheduler's queue and running set
-    (read-only; a public accessor there would be the better home)."""
-    return [*sched._queue, *sched._running, *sched._batch_done]  # noqa: SLF001
 
 
 # ----------------------------------------------------------------------------------------------- replay

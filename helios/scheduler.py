@@ -356,6 +356,22 @@ class SpanStats:
     def idle_s(self) -> float:
         return max(self.wall_s - self.busy_s, 0.0)
 
+    def merge(self, later: SpanStats) -> None:
+        """Fold `later` (a span that began where this one ended) into this one, as if one span had run: counters
+        summed, maxima kept, rejections appended, and the end (end_s, queue and running counts) the later span's.
+        The server's worker runs short spans and its controller decides per epoch over their sum."""
+        for name in _SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(later, name))
+        self.max_running = max(self.max_running, later.max_running)
+        self.max_resident_bytes = max(self.max_resident_bytes, later.max_resident_bytes)
+        self.rejections = [*self.rejections, *later.rejections]
+        self.end_s, self.queue_len_end, self.running_end = later.end_s, later.queue_len_end, later.running_end
+
+
+_SUMMED: tuple[str, ...] = ("busy_s", "prefill_s", "decode_s", "switch_s", "prefill_calls", "decode_steps",
+                            "decode_rows", "prefill_tokens", "output_tokens", "admitted", "recomputed", "finished",
+                            "switches", "cancelled")
+
 
 @dataclasses.dataclass(slots=True)
 class _PendingSwitch:
@@ -416,6 +432,18 @@ class Scheduler:
     def running(self) -> int:
         """Sequences admitted and holding memory (static mode: finished batch members until the batch ends)."""
         return len(self._running) + len(self._batch_done)
+
+    def in_system(self) -> list[SequenceState]:
+        """The sequences that have arrived and not yet finished: queued, then running (static mode: with finished
+        batch members held until the batch ends), each a live object to read, not to change. What a caller judges
+        against its TTFT deadline at a span's end (helios.slo.request_metrics)."""
+        return [*self._queue, *self._running, *self._batch_done]
+
+    @property
+    def pending_switch(self) -> tuple[Any, MemoryBudget, str] | None:
+        """The switch asked for and not yet applied (arm, budget, policy), or None."""
+        pending = self._pending
+        return None if pending is None else (pending.arm, pending.budget, pending.policy)
 
     @property
     def pending_arrivals(self) -> int:

@@ -14,7 +14,7 @@ import envs  # noqa: F401  (registers the ids)
 from helios.energy import EnergyReading
 from helios.observation import ObservationLayout
 from helios.policy import SCHEMA, FixedPolicy, observation_layout
-from helios.scheduler import RequestRecord
+from helios.scheduler import RequestRecord, SpanStats
 from helios.serving.controller import Controller
 from helios.serving.core import EpochTally
 from helios.serving.metrics import ServerMetrics
@@ -76,9 +76,9 @@ def test_same_telemetry_same_observation_in_env_and_server(env) -> None:
         of prefill + decode, and (switched) the 0.1 s load, before the requests arrived."""
         records = [RequestRecord(i, 10.0, 10.0, 10.1, 10.4, 0.0, 0.1, 0.1, 0.4, 5, len(layers), tuple(layers), "length")
                    for i, layers in enumerate(([2, 2], [6], [1]))]
-        return EpochTally(start_s=9.0, end_s=11.0, records=records, prefill_s=0.2, decode_s=0.3,
-                          switch_s=0.1 if switched else 0.0, switches=int(switched), output_tokens=12,
-                          switch_windows=[(9.0, 9.1)] if switched else [])
+        span = SpanStats(start_s=9.0, end_s=11.0, prefill_s=0.2, decode_s=0.3, switch_s=0.1 if switched else 0.0,
+                         switches=int(switched), output_tokens=12)
+        return EpochTally(span, records=records, switch_windows=[(9.0, 9.1)] if switched else [])
 
     tallies = [tally(True), tally(False)]
     core = SimpleNamespace(take_tally=lambda: tallies.pop(0), queue_len=3, in_flight=lambda: [])  # 3 waiting

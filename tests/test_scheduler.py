@@ -297,6 +297,7 @@ def test_queue_and_running_set_persist_across_spans() -> None:
     first = scheduler.run_until(0.25)
     assert [r.request_id for r in first] == ["A"] and scheduler.span.end_s == pytest.approx(0.3)
     assert scheduler.running == 1 and scheduler.queue_len == 2  # B running; C and D (arrived 0.25) queued
+    assert [seq.request.request_id for seq in scheduler.in_system()] == ["C", "D", "B"]  # queued first, then running
     second = scheduler.run_until(0.35)
     assert [r.request_id for r in second] == ["C"] and scheduler.span.end_s == pytest.approx(0.5)
     assert scheduler.span.busy_s == pytest.approx(0.2) and scheduler.queue_len == 1
@@ -680,3 +681,23 @@ def test_replay_recompute_onto_another_candidate_retokenizes_the_queue(lockstep_
     assert all(r.prompt_tokens == PROMPT_TOKENS + 2 and r.output_tokens == NEW_TOKENS for r in records)
     # first re-prefill: requests 0 and 1 over 14 prompt + 2 generated tokens; then 2 and 3 over their 14-token prompts
     assert prefilled == [[16, 16], [14, 14]]
+
+
+def test_span_stats_merge_is_one_span_of_both() -> None:
+    """Two spans folded by hand: counters summed, maxima kept, rejections appended, the end the later span's."""
+    from helios.scheduler import SpanStats
+
+    first = SpanStats(start_s=0.0, end_s=1.0, busy_s=0.8, prefill_s=0.3, decode_s=0.4, switch_s=0.1, prefill_calls=2,
+                      decode_steps=5, decode_rows=12, prefill_tokens=40, output_tokens=17, admitted=3, recomputed=1,
+                      finished=2, switches=1, max_running=3, max_resident_bytes=900, rejections=["a"],
+                      queue_len_end=4, running_end=1, cancelled=1)
+    later = SpanStats(start_s=1.0, end_s=2.5, busy_s=1.0, prefill_s=0.5, decode_s=0.5, prefill_calls=1, decode_steps=7,
+                      decode_rows=20, prefill_tokens=10, output_tokens=8, admitted=1, finished=3, max_running=2,
+                      max_resident_bytes=1200, rejections=["b"], queue_len_end=0, running_end=2)
+    first.merge(later)
+    assert (first.start_s, first.end_s, first.wall_s) == (0.0, 2.5, 2.5)
+    assert (first.busy_s, first.prefill_s, first.decode_s, first.switch_s) == pytest.approx((1.8, 0.8, 0.9, 0.1))
+    assert (first.prefill_calls, first.decode_steps, first.decode_rows, first.prefill_tokens) == (3, 12, 32, 50)
+    assert (first.output_tokens, first.admitted, first.recomputed, first.finished) == (25, 4, 1, 5)
+    assert (first.switches, first.cancelled, first.max_running, first.max_resident_bytes) == (1, 1, 3, 1200)
+    assert first.rejections == ["a", "b"] and (first.queue_len_end, first.running_end) == (0, 2)

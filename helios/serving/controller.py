@@ -111,7 +111,7 @@ class Controller:
         if carry is not None:
             carry.merge(tally)
             tally = carry
-        if tally.output_tokens == 0:
+        if tally.span.output_tokens == 0:
             self._carry = tally
             return None
         self._carry = None
@@ -119,21 +119,21 @@ class Controller:
 
     def outcome(self, tally: EpochTally) -> EpochOutcome:
         records = tally.records
-        now = tally.end_s
+        now = tally.span.end_s
         latencies = [r.e2e_s - overlap_s(r.arrival_s, r.finished_s, tally.switch_windows) for r in records]
         latencies += [now - item["arrival_s"] for item in self.core.in_flight()]  # lower bounds: the backlog shows
         exits = [layer for r in records for layer in r.exit_layers]
         energy = self.meter.stop()
         self.meter.start()
         self.metrics.energy.labels(energy.source).inc(max(0.0, energy.energy_j))
-        busy_s = tally.prefill_s + tally.decode_s
+        busy_s = tally.span.prefill_s + tally.span.decode_s
         return EpochOutcome(
-            requests=len(records), tokens=tally.output_tokens, busy_s=busy_s,
+            requests=len(records), tokens=tally.span.output_tokens, busy_s=busy_s,
             latency_p95_s=percentile(latencies, 95),
             # A meter that read nothing must still leave a positive reference: the ratios divide by it.
             energy_j=max(energy.energy_j, 1e-9), accuracy=ACCURACY_LIVE,
             histogram=exit_histogram(exits, self.arm.num_layers, self.layout.bins),
-            batches=tally.prefill_calls + tally.decode_steps, engine_s=busy_s)
+            batches=tally.span.prefill_calls + tally.span.decode_steps, engine_s=busy_s)
 
     def step(self) -> dict[str, Any] | None:
         """Decide one epoch: returns its log record, or None when it generated no token (not decided yet)."""
@@ -141,14 +141,14 @@ class Controller:
         if tally is None:
             return None
         outcome = self.outcome(tally)
-        switch = SwitchCost(self._pending_kind if tally.switches else "none", tally.switch_s, 0.0)
+        switch = SwitchCost(self._pending_kind if tally.span.switches else "none", tally.span.switch_s, 0.0)
         values = epoch_metrics(outcome, switch)
         assert values is not None  # the epoch generated tokens
-        span_s = max(tally.end_s - tally.start_s, 1e-9)
+        span_s = max(tally.span.end_s - tally.span.start_s, 1e-9)
         finished = [{"arrival_s": r.arrival_s, "ttft_s": r.ttft_s, "e2e_s": r.e2e_s, "output_tokens": r.output_tokens,
                      "tpot_s": None if math.isnan(r.tpot_s) else r.tpot_s} for r in tally.records]  # NaN: 1 token
         per_request = request_metrics([*finished, *self.core.in_flight()], span_s, self.slo.targets,
-                                      span_start_s=tally.start_s)
+                                      span_start_s=tally.span.start_s)
         values.update({k: v for k, v in per_request.items() if k in METRICS})
         if self.reference is None:
             self.reference = {**values, **(epoch_metrics(outcome, NO_SWITCH) or {})}

@@ -291,41 +291,21 @@ class ServedSequence:
 
 @dataclasses.dataclass
 class EpochTally:
-    """What the worker served since the controller last took the tally (its spans summed, its records)."""
+    """What the worker served since the controller last took the tally: its spans folded into one
+    (helios.scheduler.SpanStats.merge), the records they finished, and the switch loads' windows of time."""
 
-    start_s: float
-    end_s: float = math.nan
+    span: SpanStats
     records: list[RequestRecord] = dataclasses.field(default_factory=list)
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    switch_s: float = 0.0
-    switches: int = 0
-    prefill_calls: int = 0
-    decode_steps: int = 0
-    output_tokens: int = 0
-    cancelled: int = 0
-    rejected: int = 0
     switch_windows: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     def add(self, span: SpanStats, records: list[RequestRecord]) -> None:
-        self.end_s = span.end_s
+        self.span.merge(span)
         self.records += records
-        for name in _SPAN_COUNTERS:
-            setattr(self, name, getattr(self, name) + getattr(span, name))
-        self.rejected += len(span.rejections)
 
     def merge(self, later: EpochTally) -> None:
         """Fold the tally taken after this one into it (the controller carries a tokenless epoch on)."""
-        self.end_s = later.end_s
-        self.records += later.records
-        for name in (*_SPAN_COUNTERS, "rejected"):
-            setattr(self, name, getattr(self, name) + getattr(later, name))
+        self.add(later.span, later.records)
         self.switch_windows += later.switch_windows
-
-
-# The SpanStats counters a tally sums (helios.scheduler.SpanStats names them alike).
-_SPAN_COUNTERS: tuple[str, ...] = ("prefill_s", "decode_s", "switch_s", "switches", "prefill_calls", "decode_steps",
-                                   "output_tokens", "cancelled")
 
 
 # ----------------------------------------------------------------------------------------------- the core
@@ -353,7 +333,7 @@ class ServingCore:
         self.executor = ServingExecutor(engines, arm, self.clock, self._on_switch)
         self.scheduler = Scheduler(self.executor, engines.budget(arm), self.clock, arm=arm, mode="continuous")
         self.executor.switch_windows = []  # the start-up load delays no request: no epoch pays for it
-        self.tally = EpochTally(start_s=self.clock.now())
+        self.tally = EpochTally(SpanStats(start_s=self.clock.now()))
         self._stop = threading.Event()
         self.draining = False
         self._thread: threading.Thread | None = None
@@ -478,8 +458,8 @@ class ServingCore:
     def take_tally(self) -> EpochTally:
         """The tally since the last call, and a new one from now (the controller's epoch)."""
         with self._lock:
-            tally, self.tally = self.tally, EpochTally(start_s=self.clock.now())
-        tally.end_s = self.clock.now()
+            tally, self.tally = self.tally, EpochTally(SpanStats(start_s=self.clock.now()))
+        tally.span.end_s = self.clock.now()
         return tally
 
     def in_flight(self) -> list[dict[str, Any]]:
@@ -592,11 +572,12 @@ class ServingCore:
         self.metrics.engine_faults.inc()
         fault = SequenceError(500, f"the engine failed while serving this request: {error!r}", "engine_fault")
         arm = self.scheduler.arm
-        pending = self.scheduler._pending  # a requested switch survives the restart
+        pending = self.scheduler.pending_switch  # a requested switch survives the restart
         executor = ServingExecutor(self.engines, arm, self.clock, self._on_switch)
         scheduler = Scheduler(executor, self.engines.budget(arm), self.clock, arm=arm, mode="continuous")
         if pending is not None:
-            scheduler.switch_arm(pending.arm, pending.budget, "drain" if pending.policy == "keep" else pending.policy)
+            pending_arm, pending_budget, policy = pending
+            scheduler.switch_arm(pending_arm, pending_budget, "drain" if policy == "keep" else policy)
         with self._lock:
             failed = list(self._sequences.values())
             self.executor, self.scheduler = executor, scheduler
