@@ -1062,9 +1062,12 @@ class LiveBackend(SchedulerBackend):
 
     @property
     def judge(self) -> Judge:
-        """The env's judge (envs/judge.py). No disk cache: free-running outputs rarely repeat."""
+        """The env's judge (envs/judge.py), scores cached on disk as replay's are: live decodes greedily, so whenever
+        an arm serves a request again (a repeat run of the main job: the same policy on the same draw) its output
+        repeats token for token, and the cached NLLs are the ones the forward would compute. The serving is measured
+        afresh every time; only the judge's arithmetic on identical tokens is reused."""
         if self._judge is None:
-            self._judge = Judge(self.spec.judge, prompt_margin=self.spec.trace_tokens)
+            self._judge = Judge(self.spec.judge, prompt_margin=self.spec.trace_tokens, disk_cache=True)
         return self._judge
 
     def _accuracy(self, request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:

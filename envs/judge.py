@@ -23,7 +23,7 @@ request) judges the full text once and scores each shorter output the scheduler 
 those NLLs, when its judge tokens are a prefix of the full text's (else it runs its own forward). `score(...,
 served_nlls=...)` (live, when the judge's own model at full depth, exits off, served the output) takes the NLLs the
 engine computed while serving (its logprobs): the same numbers up to float rounding, with no forward. Per-token NLLs may be
-cached on disk (`disk_cache=True`, replay): one small JSON file per judged output under
+cached on disk (`disk_cache=True`: replay, and live, whose greedy outputs repeat when an arm serves a request again): one small JSON file per judged output under
 `helios.paths.cache_dir()/judge`, named by a hash of what determines them: the judge's name, its checkpoint's
 identity (config and weight file sizes, plus helios' provenance record), the judge's context ids and output ids.
 """

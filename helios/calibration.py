@@ -8,6 +8,7 @@ Kept apart from the cost model because it runs the engine (torch, transformers);
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -91,6 +92,11 @@ def calibrate(
     errors = [abs(model.prefill_s(r["features"]) + model.decode_s(r["features"]) - r["prefill_s"] - r["decode_s"])
               / (r["prefill_s"] + r["decode_s"]) for r in held]
     model.calibration_rel_error = statistics.median(errors) if errors else float("nan")
+    try:
+        model.calibration_load_average = float(os.getloadavg()[0])  # after the runs: the load they ran under
+    except (AttributeError, OSError):  # not on this platform
+        model.calibration_load_average = float("nan")
+    model.calibration_cpus = int(os.cpu_count() or 0)
     return model, records
 
 

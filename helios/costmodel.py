@@ -49,6 +49,21 @@ class CostModel:
     dtype: str
     threads: int
     calibration_rel_error: float = float("nan")  # median |pred - measured| / measured on held-out runs
+    # The machine while calibrating (nan: not recorded, e.g. an older trace): the 1-minute load average at the end of
+    # the runs (this process's own threads included) and the CPUs. A load above `threads` means other processes
+    # competed for the CPU, so every timed step, and the model fitted to them, came out slow (`contention`).
+    calibration_load_average: float = float("nan")
+    calibration_cpus: int = 0
+
+    def contention(self) -> str | None:
+        """Why this model's seconds may be inflated by other processes, or None (a quiet calibration, or not known).
+        The heuristic: runnable tasks beyond this process's threads exceeded half the CPUs."""
+        load, cpus = self.calibration_load_average, self.calibration_cpus
+        if not (load == load and cpus > 0) or load - self.threads <= 0.5 * cpus:
+            return None
+        return (f"calibrated at load average {load:.1f} on {cpus} CPUs with {self.threads} torch threads of its own: "
+                "other processes competed for the CPU, so its per-step seconds, and replay's clock, are inflated "
+                "(latency over-priced, capacity under-measured); re-record the trace on a quiet machine")
 
     def prefill_s(self, features: dict[str, float]) -> float:
         return sum(c * features.get(k, 0.0) for k, c in self.prefill_s_per_unit.items())

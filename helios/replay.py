@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -80,6 +81,10 @@ class Replayer:
         self.meta = trace.meta
         self.num_layers = trace.num_layers
         self.cost = CostModel.from_dict(trace.meta["cost_model"])
+        contention = self.cost.contention()
+        if contention is not None:
+            warnings.warn(f"replay trace of {trace.meta.get('candidate', '?')} was {contention} (delete it to record "
+                          "again; benchmarks/RESULTS.md, 'The main job')", UserWarning, stacklevel=2)
         self.weight_bytes_by_depth = {int(k): int(v) for k, v in trace.meta["weight_bytes_by_depth"].items()}
         self.kv_bytes_per_token_layer = int(trace.meta["kv_bytes_per_token_layer"])
         self.power_w = float(trace.meta["power_w"])

@@ -176,7 +176,7 @@ def test_live_judge_score_matches_an_independent_computation(judge: str) -> None
     env.close()
 
 
-def test_live_judge_scores_its_own_full_depth_arm_from_the_served_logprobs() -> None:
+def test_live_judge_scores_its_own_full_depth_arm_from_the_served_logprobs(judge_cache) -> None:
     """Served by the judge's own model at full depth, exits off (tiny-llama@6, arm 1), a request's score comes from
     the log-probabilities the engine computed while serving it, with no judge forward, and equals the independent
     forward's (batched, KV-cached decoding vs one plain forward: float rounding apart). A truncated arm of the same
@@ -245,6 +245,23 @@ def test_replay_disk_cache_gives_the_same_scores_without_the_model(trace_dir, ju
     assert judge.forwards > 0 and any(judge_cache.rglob("*.json"))
     second, judge = episode()
     assert second == first and judge.forwards == 0 and judge._model is None  # never loaded
+
+
+def test_live_repeat_episode_reads_its_judge_scores_from_disk(judge_cache) -> None:
+    """Live decodes greedily: a second env serving the same arms on the same draw produces the same outputs token for
+    token, so their scores come from the disk cache (no forward) and equal the first run's."""
+    def episode() -> tuple[list[float], Any]:
+        env = gymnasium.make(envs.ENV_IDS["live"], **COMMON, judge="tiny-llama")
+        env.reset(seed=0)
+        accuracies = [env.step(arm)[4]["metrics"]["accuracy"] for arm in ARMS]
+        judge = env.unwrapped.backend.judge
+        env.close()
+        return accuracies, judge
+
+    first, judge = episode()
+    assert judge.forwards == 2 * 3 and any(judge_cache.rglob("*.json"))
+    second, judge = episode()
+    assert second == first and judge.forwards == 0
 
 
 def test_empty_output_scores_zero_and_needs_no_reference() -> None:

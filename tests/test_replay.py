@@ -105,6 +105,30 @@ def test_cost_model_prices_features_linearly() -> None:
     assert model.decode_s({"steps": 10, "layer_rows": 50, "unknown": 3}) == pytest.approx(0.2)
 
 
+def test_a_trace_calibrated_under_contention_warns_when_replayed(tiny_trace) -> None:
+    """The calibration records the load it ran under; replay warns (naming the load) when other processes competed
+    for the CPU (load beyond this process's threads above half the CPUs), and stays quiet otherwise."""
+    import dataclasses
+    import warnings
+
+    trace = read_trace(tiny_trace)
+    recorded = trace.meta["cost_model"]
+    assert recorded["calibration_cpus"] >= 1 and recorded["calibration_load_average"] >= 0.0  # recorded at calibration
+
+    def replayer_with(load: float, cpus: int, threads: int) -> list[warnings.WarningMessage]:
+        cost = {**recorded, "calibration_load_average": load, "calibration_cpus": cpus, "threads": threads}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Replayer(dataclasses.replace(trace, meta={**trace.meta, "cost_model": cost}))
+        return [w for w in caught if "calibrated at load average" in str(w.message)]
+
+    assert "load average 5.4 on 2 CPUs" in str(replayer_with(5.4, 2, 2)[0].message)  # 3.4 others > 1
+    assert replayer_with(2.9, 2, 2) == []  # 0.9 beyond its own 2 threads: within half the CPUs
+    assert replayer_with(float("nan"), 0, 2) == []  # an older trace: not recorded, nothing to say
+    old = {k: v for k, v in recorded.items() if not k.startswith("calibration_") or k == "calibration_rel_error"}
+    assert CostModel.from_dict(old).contention() is None  # traces recorded before the field still load
+
+
 def test_trace_round_trip_and_metadata(tiny_trace) -> None:
     trace = read_trace(tiny_trace)
     assert trace.meta["candidate"] == "tiny-llama" and trace.num_layers == 6
