@@ -871,6 +871,11 @@ class ReplayBackend(SchedulerBackend):
         super().begin_episode(rng)
         self._variant = int(rng.integers(self.variants))
 
+    @property
+    def variant(self) -> int:
+        """The draw of the workload the current episode plays."""
+        return self._variant
+
     def begin_episode_at(self, variant: int) -> None:
         """A cold episode on request sample `variant` (resuming: the env then re-serves the recorded epochs)."""
         if not 0 <= variant < self.variants:

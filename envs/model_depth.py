@@ -316,6 +316,12 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         return [arm.to_dict() for arm in self.arms]
 
     @property
+    def episode_variant(self) -> int | None:
+        """Replay: the draw of the workload this episode plays (its variant; replay is deterministic given it and
+        the actions); live: None."""
+        return getattr(self.backend, "variant", None)
+
+    @property
     def reference_arm_index(self) -> int | None:
         """The arm that is the reference run (reference candidate, full depth, no exits), if it is in the table."""
         return self._reference_arm

@@ -377,3 +377,32 @@ def test_an_idle_epoch_reports_the_same_metrics_as_a_served_one(trace_dir) -> No
     assert served["load"]["submitted"] > 0
     assert set(idle["metrics"]) == set(served["metrics"])
     env.close()
+
+
+# ----------------------------------------------------------------------------------------------- the ladder's plays
+
+
+def test_open_loop_rungs_serve_each_replayed_draw_once_and_match_playing_every_episode(trace_dir, monkeypatch) -> None:
+    """The ladder's rungs (a fixed arm, a phase schedule) act on the epoch alone, and replay is deterministic given
+    the draw: play_policy serves each variant once and copies its records to later episodes on that variant. Every
+    record equals the one `play` gets by serving all 7 episodes (2 variants), and the backend serves 2 x 6 epochs,
+    not 7 x 6."""
+    from agents.rollout import Rollout, play
+    from agents.yardsticks import FixedArm, PhaseSchedule, play_policy
+
+    env = replay_env(trace_dir)
+    phases = [env.unwrapped.serving.workload.phase_at(e) for e in range(6)]
+    for policy in (FixedArm(2), PhaseSchedule({phases[0]: 8, phases[-1]: 0}, phases)):
+        reference = Rollout(env, seed=3, yardsticks=False)
+        if hasattr(policy, "bind"):
+            policy.bind(reference)
+        play(reference, policy, 7 * 6)
+        served = []
+        serve = env.unwrapped.backend.serve
+        monkeypatch.setattr(env.unwrapped.backend, "serve", lambda epoch, arm: served.append(epoch) or serve(epoch, arm))
+        run = play_policy(env, 3, 7, policy, "rung")
+        monkeypatch.undo()
+        assert len({r["episode"] for r in reference.records}) == 7 and len(served) == 2 * 6
+        assert [(r["epoch"], r["episode"], r["action"], r["reward"], r["metrics"]) for r in run.records] == \
+            [(r["epoch"], r["episode"], r["action"], r["reward"], r["metrics"]) for r in reference.records]
+    env.close()
