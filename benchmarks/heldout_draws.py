@@ -2,6 +2,7 @@
 
     python benchmarks/heldout_draws.py --json benchmarks/heldout_draws.json       # seasonal_q, bursts and flash
     python benchmarks/heldout_draws.py --agents seasonal_q,ucb --scenarios bursts,diurnal,flash --seeds 5
+    python benchmarks/heldout_draws.py --scenarios diurnal --seeds 1 --explain-seeds 0    # where the gap is lost
 
 agent_bench.py scores a learned policy frozen on episodes after its training ones, but replay draws every episode's
 arrivals among the env's `variants` (8), so those episodes' draws were met in training. Here, per scenario and seed:
@@ -19,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,22 @@ def heldout(episode: int) -> dict[str, int]:
     return {"variant": TRAIN_VARIANTS + episode % TRAIN_VARIANTS}
 
 
+def explain(ladder: Any, records: list[dict[str, Any]], log: Any) -> None:
+    """Per epoch of the episode, over the held-out episodes: mean reward of the agent, the phase oracle and the best
+    fixed arm, and the arm each played most often (where a policy loses its gap)."""
+    epochs = ladder.episode_epochs
+    agent = np.array([r["reward"] for r in records])
+    oracle, fixed = ladder.phase_oracle.rewards, ladder.best_fixed.rewards
+    log("  epoch | agent | phase oracle | best fixed | agent's arm | oracle's arm")
+    for e in range(epochs):
+        idx = list(range(e, len(agent), epochs))
+        mode = lambda rs: Counter(rs[i]["arm"] for i in idx).most_common(1)[0][0]  # noqa: E731
+        log(f"  {e} | {agent[idx].mean():.2f} | {oracle[idx].mean():.2f} | {fixed[idx].mean():.2f} | "
+            f"{mode(records)} | {mode(ladder.phase_oracle.records)}")
+
+
 def run(scenario: str, slo: str, agents: list[str], seeds: list[int], episodes: int, eval_episodes: int,
-        log: Any) -> dict[str, Any]:
+        log: Any, explain_seeds: tuple[int, ...] = ()) -> dict[str, Any]:
     name, workload, _ = scenario_workload(scenario)
     train_env = gymnasium.make(ENV_ID, workload=workload, slo=slo, variants=TRAIN_VARIANTS)
     eval_env = gymnasium.make(ENV_ID, workload=workload, slo=slo, variants=2 * TRAIN_VARIANTS)
@@ -61,6 +77,9 @@ def run(scenario: str, slo: str, agents: list[str], seeds: list[int], episodes: 
                 rollout = Rollout(eval_env, seed, yardsticks=False, reset_options=heldout)
                 play(rollout, Frozen(agent), eval_episodes * ladder.episode_epochs, learn=False)
                 gaps[agent_name].append(ladder.score([r["reward"] for r in rollout.records])["gap_recovered"])
+                if seed in explain_seeds:
+                    log(f"  {name} seed {seed}, {agent_name}, per epoch over the held-out episodes:")
+                    explain(ladder, rollout.records, log)
             log(f"  {name} seed {seed}: headroom {ladder.headroom:.3f}, "
                 + ", ".join(f"{a} {gaps[a][-1]}" for a in agents))
     finally:
@@ -79,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--episodes", type=int, default=300, help="training episodes")
     parser.add_argument("--eval-episodes", type=int, default=16, help="held-out episodes (draws 8..15, twice each)")
+    parser.add_argument("--explain-seeds", default="", help="seeds whose per-epoch table to print, e.g. 0,2")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -92,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for scenario in [s for s in args.scenarios.split(",") if s]:
         print(f"scenario {scenario}", flush=True)
         result["scenarios"][scenario] = run(scenario, args.slo, agents, list(range(args.seeds)), args.episodes,
-                                            args.eval_episodes, lambda m: print(m, flush=True))
+                                            args.eval_episodes, lambda m: print(m, flush=True),
+                                            tuple(int(x) for x in args.explain_seeds.split(",") if x))
     result["wall_s"] = time.perf_counter() - started
     print(json.dumps({s: {a: (v["gap_recovered"], v["gap_recovered_ci95"]) for a, v in r["agents"].items()}
                       | {"headroom": r["headroom"]} for s, r in result["scenarios"].items()}, indent=1))
