@@ -755,9 +755,14 @@ class Scheduler:
 
     def _reject_unfit(self) -> None:
         """After a switch: queued requests that can never fit the new arm alone would block the FIFO head forever."""
+        budget = self.budget
+        # reservation_bytes <= free_kv_bytes, in tokens: one comparison per queued request (the queue may be long).
+        fit_tokens = budget.free_kv_bytes // budget.kv_bytes_per_token
+        if all(seq.prompt_tokens + seq.max_tokens <= fit_tokens for seq in self._queue):
+            return
         kept: collections.deque[SequenceState] = collections.deque()
         for seq in self._queue:
-            reason = self.budget.rejection_reason(seq.prompt_tokens, seq.max_tokens)
+            reason = budget.rejection_reason(seq.prompt_tokens, seq.max_tokens)
             if reason is None:
                 kept.append(seq)
             else:
