@@ -52,7 +52,7 @@ after the span has run: the judge is evaluation, so its time is outside the span
 clock only moves by the executor's measured steps inside `run_until`) and outside the energy meter's window. Where the
 judge's own model at full depth, exits off, served a request (the reference arm of the default), its judge score is
 already known: the engine returns each token's log-probability under that model (SamplingParams(logprobs=0), asked
-only while that arm is loaded; its cost per decode step was within noise of greedy's on SmolLM2, 0.995x), so live
+only while that arm is loaded; it cost 1.007x greedy decoding on SmolLM2: benchmarks/logprobs_cost.py), so live
 scores it from them without a judge forward (`Judge.score(..., served_nlls=)`; tests/test_judge.py compares both with
 an independent forward). Replay
 scores the teacher-forced tokens it produces (its documented approximation), cached in memory per (candidate, request,
