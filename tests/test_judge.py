@@ -231,36 +231,29 @@ def test_live_judge_time_is_not_on_the_serving_clock(monkeypatch) -> None:
 # ----------------------------------------------------------------------------------------------- caches and edges
 
 
+def play_arms(env: gymnasium.Env) -> tuple[list[float], Judge]:
+    """One episode's ARMS on a fresh `env` (closed after): each epoch's accuracy, and the judge that scored them."""
+    env.reset(seed=0)
+    accuracies = [env.step(arm)[4]["metrics"]["accuracy"] for arm in ARMS]
+    judge = env.unwrapped.backend.judge
+    env.close()
+    return accuracies, judge
+
+
 def test_replay_disk_cache_gives_the_same_scores_without_the_model(trace_dir, judge_cache) -> None:
     """A second env on the same traces reads every score from disk: same rewards, no judge forward."""
-    def episode() -> tuple[list[float], Any]:
-        env = replay_env(trace_dir, judge="tiny-llama")
-        env.reset(seed=0)
-        accuracies = [env.step(arm)[4]["metrics"]["accuracy"] for arm in ARMS]
-        judge = env.unwrapped.backend.judge
-        env.close()
-        return accuracies, judge
-
-    first, judge = episode()
+    first, judge = play_arms(replay_env(trace_dir, judge="tiny-llama"))
     assert judge.forwards > 0 and any(judge_cache.rglob("*.json"))
-    second, judge = episode()
+    second, judge = play_arms(replay_env(trace_dir, judge="tiny-llama"))
     assert second == first and judge.forwards == 0 and judge._model is None  # never loaded
 
 
 def test_live_repeat_episode_reads_its_judge_scores_from_disk(judge_cache) -> None:
     """Live decodes greedily: a second env serving the same arms on the same draw produces the same outputs token for
     token, so their scores come from the disk cache (no forward) and equal the first run's."""
-    def episode() -> tuple[list[float], Any]:
-        env = gymnasium.make(envs.ENV_IDS["live"], **COMMON, judge="tiny-llama")
-        env.reset(seed=0)
-        accuracies = [env.step(arm)[4]["metrics"]["accuracy"] for arm in ARMS]
-        judge = env.unwrapped.backend.judge
-        env.close()
-        return accuracies, judge
-
-    first, judge = episode()
+    first, judge = play_arms(gymnasium.make(envs.ENV_IDS["live"], **COMMON, judge="tiny-llama"))
     assert judge.forwards == 2 * 3 and any(judge_cache.rglob("*.json"))
-    second, judge = episode()
+    second, judge = play_arms(gymnasium.make(envs.ENV_IDS["live"], **COMMON, judge="tiny-llama"))
     assert second == first and judge.forwards == 0
 
 
