@@ -623,7 +623,11 @@ class Scheduler:
         steps per second, so that bookkeeping is most of its time)."""
         decode, advance, now_fn = self.executor.decode, self.clock.advance, self.clock.now
         future = self._future
-        watch_arrivals = self.mode == "continuous"  # a static batch admits nothing until it ends
+        # An arrival matters only if it could be admitted: not in a static batch, and not behind a queue head that
+        # cannot fit (FIFO: it joins the tail). Memory and the running set change only when a sequence retires, which
+        # ends this loop, so the test holds for the whole loop; under overload it spares a scheduler iteration (an
+        # admission that admits nothing) per arrival. The arrival is queued at the next iteration as before.
+        watch_arrivals = self.mode == "continuous" and not self._head_blocked()
         decode_s = 0.0
         steps = tokens = 0
         try:
@@ -654,6 +658,20 @@ class Scheduler:
             span.decode_steps += steps
             span.decode_rows += tokens
             span.output_tokens += tokens
+
+    def _head_blocked(self) -> bool:
+        """Whether the queue's head cannot be admitted until a running sequence retires (no slot, or not enough free
+        K/V for its reservation): then no later arrival can be admitted either."""
+        queue = self._queue
+        if not queue:
+            return False
+        budget = self.budget
+        cap = budget.max_sequences if budget.max_sequences is not None else math.inf
+        if len(self._running) + len(self._batch_done) >= cap:
+            return True
+        head = queue[0]
+        need = (head.prompt_tokens + head.max_tokens) * budget.kv_bytes_per_token
+        return need > budget.free_kv_bytes - self._reserved_bytes
 
     def _retire(self, span: SpanStats, records: list[RequestRecord]) -> None:
         """Move finished sequences out of the running set: freed now (continuous) or at batch end (static)."""
