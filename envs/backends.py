@@ -957,6 +957,7 @@ class LiveBackend(SchedulerBackend):
         self._requests_by_id: dict[Hashable, Request] = {}
         self._judge: Judge | None = None  # built when first needed
         self._served_nlls: dict[Hashable, list[float]] = {}  # request -> its tokens' NLLs, served by judge_exact arms
+        self.serving_judge_exact = False  # whether the arm last loaded is judge_exact (set by _load_engine)
         self.engine_s_total = 0.0  # measured compute seconds since construction
         self.load_s_total = 0.0
 
@@ -1019,6 +1020,7 @@ class LiveBackend(SchedulerBackend):
         from helios.models import load_candidate
 
         key = (arm.candidate, int(arm.depth))
+        self.serving_judge_exact = self.judge_exact(arm)  # decided once per switch: read at prefill and per token
         if self._resident is None or self._resident[0] != key:
             self._resident = None  # free the old model before loading the new one, as a budget-bound server must
             start = time.perf_counter()
@@ -1138,16 +1140,10 @@ class _LivePayload:
 
     @property
     def sampling(self) -> Any:
-        """Greedy; with each token's log-probability while the judge's own full-depth arm serves (read at prefill)."""
-        from helios.sampling import GREEDY, SamplingParams
+        """Greedy; with each token's log-probability while a judge_exact arm serves (read at prefill)."""
+        from helios.sampling import GREEDY, WITH_LOGPROB
 
-        backend = self.backend
-        resident = backend._resident  # noqa: SLF001
-        if resident is not None and backend.spec.accuracy_metric == "judge_score":
-            candidate, depth = resident[0]
-            if candidate == backend.spec.judge and depth == backend.memory(candidate).num_layers:
-                return SamplingParams(logprobs=0)
-        return GREEDY
+        return WITH_LOGPROB if self.backend.serving_judge_exact else GREEDY
 
     @property
     def token_ids(self) -> list[int]:
@@ -1164,7 +1160,7 @@ def _live_stepper_class() -> type:
         def __init__(self, backend: LiveBackend) -> None:
             self.backend = backend
             self.released: dict[Hashable, tuple[Any, list[int]]] = {}
-            self.served_nlls: dict[Hashable, list[float | None]] = {}  # per sequence: per token, judge-exact NLL or None
+            self.served_nlls: dict[Hashable, list[float]] = {}  # per sequence: its tokens' judge-exact NLLs so far
             super().__init__(backend._load_engine, arm=None)  # noqa: SLF001
 
         def prompt_tokens(self, request: SequenceRequest) -> int:
@@ -1173,9 +1169,13 @@ def _live_stepper_class() -> type:
             return len(self.backend.prompt_ids(request.payload.request, self.arm.candidate))
 
         def _emit(self, seq: SequenceState, token: int, exit_layer: int, logprob: Any) -> None:
-            # A token's NLL is the judge's only if the judge's own arm produced it (a recomputed sequence may mix arms).
-            exact = logprob is not None and self.backend.judge_exact(self.arm)
-            self.served_nlls.setdefault(seq.request.request_id, []).append(-logprob.logprob if exact else None)
+            # A token's NLL is the judge's only if a judge_exact arm produced it; one that did not (a sequence that
+            # outlived a switch) drops what was kept, so the length check at release sends it to a judge forward.
+            key = seq.request.request_id
+            if logprob is not None and self.backend.serving_judge_exact:
+                self.served_nlls.setdefault(key, []).append(-logprob.logprob)
+            elif key in self.served_nlls:
+                del self.served_nlls[key]
             super()._emit(seq, token, exit_layer, logprob)
 
         def release(self, seq: SequenceState) -> None:
@@ -1183,7 +1183,7 @@ def _live_stepper_class() -> type:
             key = seq.request.request_id
             self.released[key] = (self.arm, list(seq.token_ids))
             nlls = self.served_nlls.pop(key, [])
-            if nlls and len(nlls) == len(seq.token_ids) and all(v is not None for v in nlls):
+            if nlls and len(nlls) == len(seq.token_ids):  # every token served by a judge_exact arm
                 self.backend._served_nlls[key] = nlls  # noqa: SLF001
 
     return LiveStepper

@@ -75,9 +75,13 @@ def capacity_key(backend: Any, candidate: str, depth: int, workload_cfg: Mapping
 
 
 def capacity_path(fields: Mapping[str, Any], out_dir: Path | None = None) -> Path:
+    return _keyed_path(out_dir or cache_dir() / "capacity", str(fields["arm"]), fields)
+
+
+def _keyed_path(directory: Path, name: str, fields: Mapping[str, Any]) -> Path:
+    """<directory>/<name>-<backend>-<digest of the key fields>.json"""
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-    safe = str(fields["arm"]).replace("/", "--")
-    return (out_dir or cache_dir() / "capacity") / f"{safe}-{fields['backend']}-{digest}.json"
+    return directory / f"{name.replace('/', '--')}-{fields['backend']}-{digest}.json"
 
 
 def resolve_capacity(backend: Any, arm_name: str, workload_cfg: Mapping[str, Any], *,
@@ -120,8 +124,7 @@ def resolve_reference_profile(backend: Any, targets: Any, out_dir: Path | None =
     """Live's reference run (`backend.reference_profile(targets)`), measured on first use and cached (module
     docstring). Returns the cache record: profile (per source: the run's metrics), key, path, cached."""
     fields = reference_key(backend, targets)
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-    path = (out_dir or cache_dir() / "reference") / f"{fields['reference']}-{fields['backend']}-{digest}.json"
+    path = _keyed_path(out_dir or cache_dir() / "reference", str(fields["reference"]), fields)
     return _cached(path, fields, lambda: {"profile": backend.reference_profile(targets)})
 
 

@@ -109,6 +109,7 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams()
+WITH_LOGPROB = SamplingParams(logprobs=0)  # greedy, returning each chosen token's log-probability
 
 
 @dataclasses.dataclass(frozen=True)

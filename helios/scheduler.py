@@ -204,14 +204,24 @@ class MemoryBudget:
     def free_kv_bytes(self) -> int:
         return self.memory_budget_bytes - self.weight_bytes
 
+    @property
+    def sequence_cap(self) -> float:
+        """Sequences that may run at once: max_sequences, else unbounded (memory decides)."""
+        return self.max_sequences if self.max_sequences is not None else math.inf
+
+    @property
+    def tokens_alone(self) -> int:
+        """The most prompt + max_tokens one sequence may reserve beside the weights (running alone)."""
+        return self.free_kv_bytes // self.kv_bytes_per_token
+
     def reservation_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
         """K/V held by one admitted sequence: prompt + max_tokens tokens (module docstring: reservation policy)."""
         return (prompt_tokens + max_tokens) * self.kv_bytes_per_token
 
     def rejection_reason(self, prompt_tokens: int, max_tokens: int) -> str | None:
         """Why a request could never be admitted under this budget, even alone; None if it can be."""
-        need = self.reservation_bytes(prompt_tokens, max_tokens)
-        if need > self.free_kv_bytes:
+        if prompt_tokens + max_tokens > self.tokens_alone:
+            need = self.reservation_bytes(prompt_tokens, max_tokens)
             return (f"needs {need} bytes of K/V ({prompt_tokens} prompt + {max_tokens} max_tokens tokens x "
                     f"{self.kv_bytes_per_token} bytes) but only {max(self.free_kv_bytes, 0)} bytes are free beside "
                     f"{self.weight_bytes} bytes of weights in a budget of {self.memory_budget_bytes} bytes")
@@ -566,7 +576,7 @@ class Scheduler:
             return []  # static: nothing joins a batch in flight
         budget, queue, running = self.budget, self._queue, self._running
         free = budget.free_kv_bytes - self._reserved_bytes
-        cap = budget.max_sequences if budget.max_sequences is not None else math.inf
+        cap = budget.sequence_cap
         token_cap = budget.max_prefill_tokens if budget.max_prefill_tokens is not None and self.mode == "continuous" \
             else math.inf
         kv = budget.kv_bytes_per_token
@@ -665,13 +675,10 @@ class Scheduler:
         queue = self._queue
         if not queue:
             return False
-        budget = self.budget
-        cap = budget.max_sequences if budget.max_sequences is not None else math.inf
-        if len(self._running) + len(self._batch_done) >= cap:
+        budget, head = self.budget, queue[0]
+        if len(self._running) + len(self._batch_done) >= budget.sequence_cap:
             return True
-        head = queue[0]
-        need = (head.prompt_tokens + head.max_tokens) * budget.kv_bytes_per_token
-        return need > budget.free_kv_bytes - self._reserved_bytes
+        return budget.reservation_bytes(head.prompt_tokens, head.max_tokens) > budget.free_kv_bytes - self._reserved_bytes
 
     def _retire(self, span: SpanStats, records: list[RequestRecord]) -> None:
         """Move finished sequences out of the running set: freed now (continuous) or at batch end (static)."""
@@ -774,16 +781,13 @@ class Scheduler:
     def _reject_unfit(self) -> None:
         """After a switch: queued requests that can never fit the new arm alone would block the FIFO head forever."""
         budget = self.budget
-        # reservation_bytes <= free_kv_bytes, in tokens: one comparison per queued request (the queue may be long).
-        fit_tokens = budget.free_kv_bytes // budget.kv_bytes_per_token
-        if all(seq.prompt_tokens + seq.max_tokens <= fit_tokens for seq in self._queue):
-            return
+        fit = budget.tokens_alone  # one comparison per queued request (the queue may be long); the message if not
         kept: collections.deque[SequenceState] = collections.deque()
         for seq in self._queue:
-            reason = budget.rejection_reason(seq.prompt_tokens, seq.max_tokens)
-            if reason is None:
+            if seq.prompt_tokens + seq.max_tokens <= fit:
                 kept.append(seq)
             else:
+                reason = budget.rejection_reason(seq.prompt_tokens, seq.max_tokens)
                 self._reject(seq.request, f"after switching to {self.arm!r}: {reason}")
         self._queue = kept
 
