@@ -610,6 +610,7 @@ class ReplayBackend(SchedulerBackend):
                 self._eos_len[name][rid] = int(hits[0]) + 1 if len(hits) else len(rows)
         self._accuracy_cache: dict[tuple[str, int, tuple[int, ...]], float | None] = {}
         self._stepper: _ReplayStepper | None = None
+        self._extrapolation_warned: set[str] = set()  # candidates warned of pricing beyond their calibration
         self._evaluating = False
         self._variant = 0
         self._ids: list[list[list[int]]] = []
@@ -680,6 +681,18 @@ class ReplayBackend(SchedulerBackend):
 
     def _tokenizer_vocab(self, candidate: str) -> Mapping[str, int]:
         return self.tokenizers[candidate].get_vocab()
+
+    def _run_span(self, sched: Scheduler, requests: Sequence[SequenceRequest], t_end: float, *,
+                  score: bool = True) -> EpochResult:
+        result = super()._run_span(sched, requests, t_end, score=score)
+        arm = sched.arm
+        if arm is not None and arm.candidate not in self._extrapolation_warned:
+            why = self.replayers[arm.candidate].cost.batch_extrapolation(result.max_running)
+            if why is not None:
+                self._extrapolation_warned.add(arm.candidate)
+                warnings.warn(f"replay of {arm.candidate} {why} (helios.profiling.ensure_trace(calibration_max_batch=...)"
+                              " records a trace calibrated on larger batches)", UserWarning, stacklevel=2)
+        return result
 
     def _executor(self, arm: Any, *, cold: bool) -> _ReplayStepper:
         return _ReplayStepper(self.replayers, arm, load_s_per_byte=self.load_s_per_byte, power_w=self.power_w,

@@ -35,11 +35,13 @@ def _fit(rows: list[dict[str, float]], seconds: list[float], names: Sequence[str
 
 def calibration_settings(depth: int, seed: int, count: int, max_batch: int) -> list[tuple[int, ExitConfig, float]]:
     """Varied (batch size, exit config, fraction of each prompt kept) so every counter moves independently of the
-    others, over the context lengths the workload really has (the fit must interpolate, not extrapolate)."""
+    others, over the context lengths the workload really has (the fit must interpolate, not extrapolate). Batch
+    sizes cycle through 1, 2, 4, ... up to `max_batch` (which is always included)."""
     rng = random.Random(seed)
+    ladder = [b for b in (2**k for k in range(max(1, max_batch).bit_length())) if b < max_batch] + [max_batch]
     settings = []
     for i in range(count):
-        batch = [1, 2, 4, max_batch][i % 4]
+        batch = ladder[i % len(ladder)]
         criterion = ["none", "max_prob", "cosine", "margin"][(i // 4) % 4]
         points = tuple(sorted(rng.sample(range(1, depth), k=min(depth - 1, rng.randint(1, 3))))) if depth > 1 else ()
         threshold = rng.choice([0.2, 0.5, 0.8, 0.95]) if criterion != "cosine" else rng.choice([0.5, 0.8, 0.95, 0.99])
@@ -97,6 +99,7 @@ def calibrate(
     except (AttributeError, OSError):  # not on this platform
         model.calibration_load_average = float("nan")
     model.calibration_cpus = int(os.cpu_count() or 0)
+    model.calibration_max_batch = max(r["batch_size"] for r in records)
     return model, records
 
 

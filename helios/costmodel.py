@@ -54,6 +54,22 @@ class CostModel:
     # competed for the CPU, so every timed step, and the model fitted to them, came out slow (`contention`).
     calibration_load_average: float = float("nan")
     calibration_cpus: int = 0
+    # The largest batch of the calibration runs (0: not recorded; traces recorded before the field were calibrated on
+    # batches of at most 8). The model is linear in rows, and a CPU's cost per row falls as batches grow, so pricing
+    # larger batches than it saw extrapolates: replay over-priced full depth's 2x burst (~28 rows) by 2.5x in goodput
+    # when calibrated up to 8 (benchmarks/sim_to_real.py, RESULTS.md).
+    calibration_max_batch: int = 0
+
+    LEGACY_CALIBRATION_MAX_BATCH = 8  # what helios.calibration used before the field was recorded
+
+    def batch_extrapolation(self, rows: int) -> str | None:
+        """Why pricing a step of `rows` sequences extrapolates beyond the calibration, or None."""
+        seen = self.calibration_max_batch or self.LEGACY_CALIBRATION_MAX_BATCH
+        if rows <= seen:
+            return None
+        how = "" if self.calibration_max_batch else " (not recorded: the default before traces recorded it)"
+        return (f"priced a step of {rows} sequences with a cost model calibrated on batches of at most {seen}{how}: "
+                "the linear model extrapolates, and on a CPU it over-prices large batches")
 
     def contention(self) -> str | None:
         """Why this model's seconds may be inflated by other processes, or None (a quiet calibration, or not known).

@@ -5,8 +5,8 @@
 1. Full-depth greedy outputs (the engine, exits off): the reference every setting is compared with.
 2. One teacher-forced forward pass per request over prompt + output, hidden states of every layer captured:
    per layer, the exit head's token, max probability, top-1 minus top-2 margin, and cos(h_l, h_{l-1}).
-3. The cost model, calibrated on this hardware at several depths (helios.costmodel), and the power figure that
-   turns busy seconds into (estimated) joules.
+3. The cost model, calibrated on this hardware at several depths and on batches of 1 to CALIBRATION_MAX_BATCH
+   sequences (helios.costmodel), and the power figure that turns busy seconds into (estimated) joules.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ from helios.energy import EnergyMeter
 from helios.engine import EarlyExitEngine
 from helios.models import estimate_weight_bytes, text_config
 from helios.traces import Trace
+
+# Batches up to the scenario's: full depth serves a 2x burst with ~28 sequences at once. Calibrated up to 8, the linear
+# model extrapolated and replay put full depth's burst goodput 59% below live's; up to 32, 4% below
+# (benchmarks/sim_to_real.py, benchmarks/RESULTS.md). Part of the trace's key, so older traces are recorded again.
+CALIBRATION_MAX_BATCH = 32
 
 
 @torch.inference_mode()
@@ -86,6 +91,7 @@ def record_trace(
     extra_meta: dict | None = None,
     progress: bool = True,
     calibration_runs: int = 16,
+    calibration_max_batch: int = CALIBRATION_MAX_BATCH,
 ) -> Trace:
     """Everything a replay of this candidate needs (see module docstring). `engine` must be at full depth."""
     loaded = engine.loaded
@@ -111,7 +117,8 @@ def record_trace(
         columns["full_token"] += generated
 
     meter.start()
-    cost_model, records = calibrate(calibration_engines, prompts, runs_per_engine=calibration_runs, progress=progress)
+    cost_model, records = calibrate(calibration_engines, prompts, runs_per_engine=calibration_runs,
+                                    max_batch=calibration_max_batch, progress=progress)
     reading = meter.stop()
     busy_s = sum(r["prefill_s"] + r["decode_s"] for r in records)
     if reading.source in ("nvml", "rapl"):
@@ -172,8 +179,10 @@ def _heads_fingerprint(candidate: str) -> str | None:
     return None
 
 
-def trace_path(candidate: str, workload_cfg: dict, per_source: int, new_tokens: int, out_dir: Path | None = None) -> Path:
-    """Where the trace of (candidate, workload, pool size, tokens) lives: a content hash keeps variants apart."""
+def trace_path(candidate: str, workload_cfg: dict, per_source: int, new_tokens: int, out_dir: Path | None = None,
+               calibration_max_batch: int = CALIBRATION_MAX_BATCH) -> Path:
+    """Where the trace of (candidate, workload, pool size, tokens, calibration's batch range) lives: a content hash
+    keeps variants apart."""
     import hashlib
     import json
 
@@ -182,7 +191,8 @@ def trace_path(candidate: str, workload_cfg: dict, per_source: int, new_tokens: 
     from helios.workloads import pool_config
 
     # Keyed by the request pool, not the scenario: scenarios over the same sources share a recording.
-    fields = {"workload": pool_config(workload_cfg), "per_source": per_source, "new_tokens": new_tokens}
+    fields = {"workload": pool_config(workload_cfg), "per_source": per_source, "new_tokens": new_tokens,
+              "calibration_max_batch": calibration_max_batch}
     heads = _heads_fingerprint(candidate)
     if heads is not None:
         fields["exit_heads"] = heads
@@ -205,6 +215,7 @@ def ensure_trace(
     force: bool = False,
     progress: bool = True,
     calibration_runs: int = 16,
+    calibration_max_batch: int = CALIBRATION_MAX_BATCH,
 ) -> Path:
     """The cached trace of `candidate` on `workload_cfg`, recorded on first use (atomically)."""
     from helios.energy import meter_from_config
@@ -213,7 +224,7 @@ def ensure_trace(
     from helios.workloads import encode_requests, pool_config, workload_from_config
 
     workload_cfg = pool_config(workload_cfg)  # what the trace records: the request pool (trace_path)
-    path = trace_path(candidate, workload_cfg, per_source, new_tokens, out_dir)
+    path = trace_path(candidate, workload_cfg, per_source, new_tokens, out_dir, calibration_max_batch)
     if path.exists() and not force:
         return path
     workload = workload_from_config(workload_cfg)  # validates before any model loads
@@ -243,7 +254,7 @@ def ensure_trace(
         extra_meta={"workload": workload_cfg, "request_names": [r.request_id for r in requests],
                     "references": [r.reference for r in requests], "per_source": per_source,
                     "load_timings": load_timings},
-        progress=progress, calibration_runs=calibration_runs,
+        progress=progress, calibration_runs=calibration_runs, calibration_max_batch=calibration_max_batch,
     )
     write_trace(trace, path)
     return path

@@ -330,6 +330,41 @@ def test_live_reference_run_is_measured_once_and_cached(tmp_path, monkeypatch) -
         env.close()
 
 
+def test_replay_warns_once_when_it_prices_batches_larger_than_its_calibration(trace_dir, tmp_path) -> None:
+    """Under 3x overload several sequences run at once; a trace calibrated on single sequences must say that its
+    cost model extrapolates (once per candidate), and one calibrated on larger batches than any epoch runs must stay
+    quiet."""
+    import dataclasses
+    import warnings
+
+    from helios.traces import read_trace, write_trace
+
+    paths = replay_env(trace_dir).unwrapped.backend.trace_paths
+
+    def episode_with(calibration_max_batch: int) -> tuple[list[str], int]:
+        traces = {}
+        for name, path in paths.items():
+            trace = read_trace(path)
+            if name == "tiny-llama":
+                cost = {**trace.meta["cost_model"], "calibration_max_batch": calibration_max_batch}
+                trace = dataclasses.replace(trace, meta={**trace.meta, "cost_model": cost})
+            traces[name] = write_trace(trace, tmp_path / f"{name}-{calibration_max_batch}.parquet")
+        most = 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            env = replay_env(trace_dir, traces=traces)
+            env.reset(seed=0)
+            for _ in range(6):
+                most = max(most, env.step(2)[4]["load"]["max_running"])  # tiny-llama@4, exits off
+        env.close()
+        return [str(w.message) for w in caught if "replay of tiny-llama" in str(w.message)], most
+
+    caught, most = episode_with(1)
+    assert most > 1 and len(caught) == 1, (most, caught)
+    assert "calibrated on batches of at most 1:" in caught[0]
+    assert episode_with(1000)[0] == []
+
+
 def test_capacity_of_an_unknown_candidate_is_a_clear_error(trace_dir) -> None:
     bad = {**OVERLOAD, "arrival": {**OVERLOAD["arrival"], "capacity_of": "smollm2-135m@30"}}
     with pytest.raises(ValueError, match=r"replay can only measure a candidate it has a trace of: \['tiny-llama'"):

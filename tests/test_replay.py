@@ -129,6 +129,35 @@ def test_a_trace_calibrated_under_contention_warns_when_replayed(tiny_trace) -> 
     assert CostModel.from_dict(old).contention() is None  # traces recorded before the field still load
 
 
+def test_calibration_batches_double_up_to_the_largest_the_scenario_runs() -> None:
+    """The runs cycle through batches 1, 2, 4, ... and the maximum itself, so that a linear fit interpolates up to
+    the batches replay will price (up to 8 before; 32 for traces now)."""
+    from helios.calibration import calibration_settings
+
+    assert [b for b, _, _ in calibration_settings(30, 0, 12, 32)] == [1, 2, 4, 8, 16, 32] * 2
+    assert [b for b, _, _ in calibration_settings(30, 0, 8, 8)] == [1, 2, 4, 8] * 2  # the old ladder, unchanged
+    assert [b for b, _, _ in calibration_settings(30, 0, 6, 24)] == [1, 2, 4, 8, 16, 24]
+
+
+def test_the_calibrations_batch_range_is_recorded_and_keys_the_trace(tiny_trace) -> None:
+    from helios.profiling import CALIBRATION_MAX_BATCH, trace_path
+
+    cost = read_trace(tiny_trace).meta["cost_model"]
+    assert CALIBRATION_MAX_BATCH == 32 and cost["calibration_max_batch"] == 32  # 6 runs per engine: 1, 2, ..., 32
+    key = ("tiny-llama", WORKLOAD, 3, 10, tiny_trace.parent)
+    assert trace_path(*key) == tiny_trace
+    assert trace_path(*key, calibration_max_batch=8) != tiny_trace  # a trace calibrated on other batches is another
+
+
+def test_pricing_beyond_the_calibrated_batches_is_named() -> None:
+    model = CostModel({}, {"steps": 0.01}, device="cpu", dtype="float32", threads=2, calibration_max_batch=32)
+    assert model.batch_extrapolation(32) is None
+    assert "a step of 33 sequences" in model.batch_extrapolation(33) and "at most 32:" in model.batch_extrapolation(33)
+    legacy = CostModel({}, {"steps": 0.01}, device="cpu", dtype="float32", threads=2)  # an older trace's model
+    assert legacy.batch_extrapolation(8) is None
+    assert "at most 8 (not recorded" in legacy.batch_extrapolation(9)
+
+
 def test_trace_round_trip_and_metadata(tiny_trace) -> None:
     trace = read_trace(tiny_trace)
     assert trace.meta["candidate"] == "tiny-llama" and trace.num_layers == 6
