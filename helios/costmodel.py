@@ -55,17 +55,20 @@ class CostModel:
     calibration_load_average: float = float("nan")
     calibration_cpus: int = 0
     # The largest batch of the calibration runs (0: not recorded; traces recorded before the field were calibrated on
-    # batches of at most 8). The model is linear in rows, and a CPU's cost per row falls as batches grow, so pricing
-    # larger batches than it saw extrapolates: replay over-priced full depth's 2x burst (~28 rows) by 2.5x in goodput
-    # when calibrated up to 8 (benchmarks/sim_to_real.py, RESULTS.md).
+    # batches of at most 8). The model is linear in rows and a CPU's cost per row falls as batches grow, so pricing
+    # far larger batches than it saw over-prices them: calibrated up to 8, replay put full depth's 2x burst (~28 rows)
+    # 59% below live in goodput; up to 32, 4% (benchmarks/sim_to_real.py, RESULTS.md).
     calibration_max_batch: int = 0
 
     LEGACY_CALIBRATION_MAX_BATCH = 8  # what helios.calibration used before the field was recorded
+    # Calibrated up to 32 and up to 64, replay priced the same scenario within a few percent of each other (full depth
+    # ran 38 rows at most): up to twice the calibrated range, extrapolation was measured harmless.
+    EXTRAPOLATION_FACTOR = 2.0
 
     def batch_extrapolation(self, rows: int) -> str | None:
-        """Why pricing a step of `rows` sequences extrapolates beyond the calibration, or None."""
+        """Why pricing a step of `rows` sequences extrapolates too far beyond the calibration, or None."""
         seen = self.calibration_max_batch or self.LEGACY_CALIBRATION_MAX_BATCH
-        if rows <= seen:
+        if rows <= self.EXTRAPOLATION_FACTOR * seen:
             return None
         how = "" if self.calibration_max_batch else " (not recorded: the default before traces recorded it)"
         return (f"priced a step of {rows} sequences with a cost model calibrated on batches of at most {seen}{how}: "

@@ -29,9 +29,10 @@ from helios.engine import EarlyExitEngine
 from helios.models import estimate_weight_bytes, text_config
 from helios.traces import Trace
 
-# Batches up to the scenario's: full depth serves a 2x burst with ~28 sequences at once. Calibrated up to 8, the linear
-# model extrapolated and replay put full depth's burst goodput 59% below live's; up to 32, 4% below
-# (benchmarks/sim_to_real.py, benchmarks/RESULTS.md). Part of the trace's key, so older traces are recorded again.
+# Batches up to the scenario's: full depth serves a 2x burst with ~28 sequences at once (38 at most). Calibrated up to 8,
+# the linear model extrapolated and replay put full depth's burst goodput 59% below live's; up to 32, 4% below; up to
+# 64 changed replay's figures by a few percent only, for 45 s more calibration (benchmarks/sim_to_real.py,
+# benchmarks/RESULTS.md). Part of the trace's key, so older traces are recorded again.
 CALIBRATION_MAX_BATCH = 32
 
 

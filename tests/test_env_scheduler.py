@@ -360,7 +360,7 @@ def test_replay_warns_once_when_it_prices_batches_larger_than_its_calibration(tr
         return [str(w.message) for w in caught if "replay of tiny-llama" in str(w.message)], most
 
     caught, most = episode_with(1)
-    assert most > 1 and len(caught) == 1, (most, caught)
+    assert most > 2 and len(caught) == 1, (most, caught)  # beyond twice the calibrated batch
     assert "calibrated on batches of at most 1:" in caught[0]
     assert episode_with(1000)[0] == []
 
