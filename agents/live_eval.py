@@ -16,9 +16,10 @@ Agreement (`agreement`), over the episode's epochs:
   arm_agreement        share of epochs in which both chose the same arm
   reward_live/replay   mean SLO reward per epoch; reward_corr = Pearson correlation of the per-epoch rewards
   metrics[m]           mean of metric m live and replay, and replay's relative error (replay - live) / |live|
-Replay's accuracy is teacher-forced and its clock is the calibrated cost model's; live's accuracy scores the
-free-running output and its clock is measured compute (benchmarks/RESULTS.md: replay fidelity). Energy is the
-labelled `model` estimate on a CPU without RAPL.
+Replay's clock is the calibrated cost model's and its lengths come from the teacher-forced trace; its accuracy scores
+each arm's free-running output, recorded once (helios.profiling.free_running_outputs). Live's clock is measured compute
+and its accuracy scores what it served (benchmarks/RESULTS.md: replay fidelity). Energy is the labelled `model`
+estimate on a CPU without RAPL.
 """
 
 from __future__ import annotations

@@ -55,8 +55,10 @@ already known: the engine returns each token's log-probability under that model 
 only while that arm is loaded; it cost 1.007x greedy decoding on SmolLM2: benchmarks/logprobs_cost.py), so live
 scores it from them without a judge forward (`Judge.score(..., served_nlls=)`; tests/test_judge.py compares both with
 an independent forward). Replay
-scores the teacher-forced tokens it produces (its documented approximation), cached in memory per (candidate, request,
-tokens) and, for the judge, on disk. Capacity runs are not scored (only their clock matters).
+serves the trace's teacher-forced tokens (they set each request's length and exit layers) but scores what the arm
+would have written: its free-running output, generated once per arm and trace request and cached beside the trace
+(helios.profiling.free_running_outputs), cut to the served length or the arm's own EOS; scores are cached in memory
+per (candidate, request, tokens) and, for the judge, on disk. Capacity runs are not scored (only their clock matters).
 """
 
 from __future__ import annotations
@@ -609,6 +611,7 @@ class ReplayBackend(SchedulerBackend):
                 hits = np.flatnonzero(np.isin(replayer.trace.full_token[rows], eos))
                 self._eos_len[name][rid] = int(hits[0]) + 1 if len(hits) else len(rows)
         self._accuracy_cache: dict[tuple[str, int, tuple[int, ...]], float | None] = {}
+        self._free_running: dict[tuple[str, int, ExitConfig], dict[int, list[int]]] = {}  # per arm: rid -> output
         self._stepper: _ReplayStepper | None = None
         self._extrapolation_warned: set[str] = set()  # candidates warned of pricing beyond their calibration
         self._evaluating = False
@@ -747,23 +750,30 @@ class ReplayBackend(SchedulerBackend):
     def _accuracy(self, request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:
         rid = self._rid(request_id)
         full = self._full_output(arm, rid)
-        if full is not None and list(token_ids) != full[: len(token_ids)]:
-            # Its tokens came from two arms (an exit-only switch kept it running, helios.scheduler "keep"): scored as
-            # the arm that finished it, the same number of tokens. Replay's accuracy is teacher-forced anyway, and
-            # mixed outputs are unique, so judging each would cost a forward per request.
-            token_ids = full[: len(token_ids)]
-        return self._score(arm.candidate, rid, token_ids, full)
+        # The executor's tokens are the trace's teacher-forced predictions, which set how many tokens were served; what
+        # a user would read is the arm's free-running output: that many tokens of it (fewer where the arm reaches its
+        # own EOS first, where live stops). A request whose tokens came from two arms (an exit-only switch kept it
+        # running, helios.scheduler "keep") is scored as the arm that finished it.
+        return self._score(arm.candidate, rid, full[: len(token_ids)], full)
 
-    def _full_output(self, arm: Any, rid: int) -> list[int] | None:
-        """For the judge: `arm`'s whole teacher-forced output of trace request `rid` (up to the trace's EOS), of which
-        every served output of the request is a prefix: judged once, its prefixes priced from it (envs/judge.py)."""
-        if self.spec.accuracy_metric != "judge_score":
-            return None
-        from helios.replay import Setting
+    def _full_output(self, arm: Any, rid: int) -> list[int]:
+        """`arm`'s whole free-running output of trace request `rid`, up to its own first EOS (helios.profiling.
+        free_running_outputs: generated once per arm and cached beside the trace); every served output of the
+        request is scored as a prefix of it, so the judge prices them all with one forward (envs/judge.py)."""
+        key = (arm.candidate, int(arm.depth), arm.exit_config)
+        outputs = self._free_running.get(key)
+        if outputs is None:
+            from helios.profiling import free_running_outputs
 
-        replayer = self.replayers[arm.candidate]
-        _, tokens = replayer.exits(Setting(arm.depth, arm.exit_config, 1))
-        return tokens[replayer.request_rows[rid][: self._eos_len[arm.candidate][rid]]].tolist()
+            eos = set(self.replayers[arm.candidate].trace.meta.get("eos_ids") or [])
+            outputs = {}
+            for r, tokens in free_running_outputs(self.trace_paths[arm.candidate],
+                                                  self.replayers[arm.candidate].trace, int(arm.depth),
+                                                  arm.exit_config).items():
+                cut = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+                outputs[r] = list(tokens[:cut])
+            self._free_running[key] = outputs
+        return outputs[rid]
 
     def _score(self, candidate: str, rid: int, token_ids: Sequence[int],
                full: Sequence[int] | None = None) -> float | None:
@@ -826,16 +836,12 @@ class ReplayBackend(SchedulerBackend):
         numbers for the accuracy floor (the env card's Rewards section)."""
         key = (self._variant, epoch)
         if key not in self._paired:
-            from helios.replay import Setting
-
             arm = self._reference_arm
-            replayer = self.replayers[arm.candidate]
-            _, tokens = replayer.exits(Setting(arm.depth, arm.exit_config, 1))
             scores = []
             for (_, _, max_tokens), rid in zip(self._lengths[self._variant][epoch], self._ids[self._variant][epoch]):
-                n = min(max_tokens, self._eos_len[arm.candidate][rid])
-                score = self._score(arm.candidate, rid, tokens[replayer.request_rows[rid][:n]].tolist(),
-                                    self._full_output(arm, rid))
+                full = self._full_output(arm, rid)  # the reference's own output: the trace's, free-running already
+                score = self._score(arm.candidate, rid, full[: min(max_tokens, self._eos_len[arm.candidate][rid])],
+                                    full)
                 if score is not None:
                     scores.append(score)
             self._paired[key] = sum(scores) / len(scores) if scores else None

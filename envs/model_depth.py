@@ -133,7 +133,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     | energy_j_per_tok | live: the meter around the span's compute; replay: busy s x the trace's power    |
     |                  | figure (an estimate; `info["energy_source"]` says which)                         |
     | accuracy         | mean of the finished requests' scores (per request, not pooled over tokens; see  |
-    |                  | accuracy_metric; replay scores the teacher-forced trace tokens)                  |
+    |                  | accuracy_metric; replay scores each arm's free-running output, recorded once)    |
     | goodput_rps      | requests/s that met both TTFT and TPOT targets (SLOs with targets)               |
     | attainment       | met / judged; a request is judged once (helios.slo.request_metrics), a rejected  |
     |                  | one counts as missed                                                             |

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import subprocess
 import time
@@ -26,6 +27,7 @@ from helios.calibration import calibrate
 from helios.costmodel import CostModel
 from helios.energy import EnergyMeter
 from helios.engine import EarlyExitEngine
+from helios.exit_config import ExitConfig
 from helios.models import estimate_weight_bytes, text_config
 from helios.traces import Trace
 
@@ -259,3 +261,51 @@ def ensure_trace(
     )
     write_trace(trace, path)
     return path
+
+
+def free_running_path(trace_file: Path, depth: int, exit_config: ExitConfig) -> Path:
+    """Where `free_running_outputs` caches one setting's outputs: beside the trace, named by the setting."""
+    import hashlib
+    import json
+
+    setting = json.dumps({"depth": int(depth), "criterion": exit_config.criterion,
+                          "threshold": float(exit_config.threshold), "exit_points": sorted(exit_config.exit_points)}
+                         if exit_config.enabled else {"depth": int(depth), "criterion": "none"}, sort_keys=True)
+    digest = hashlib.sha256(setting.encode()).hexdigest()[:12]
+    return trace_file.parent / f"{trace_file.stem}.free" / f"depth{int(depth)}-{digest}.json"
+
+
+def free_running_outputs(trace_file: Path, trace: Trace, depth: int, exit_config: ExitConfig, *,
+                         batch_size: int = 8) -> dict[int, list[int]]:
+    """Each trace request's greedy output from the candidate truncated to `depth` layers with `exit_config`, as live
+    generates it (free-running: every token it emits is fed back), `new_tokens` long without stopping at EOS (the
+    caller cuts it), by trace request id. The trace itself is teacher-forced on the full-depth output, whose tokens a
+    truncated arm's own predictions are not: judged, those positionwise predictions are not text (replay scored them
+    ~30x below live, benchmarks/RESULTS.md), so replay judges these instead. Full depth without exits is the trace's own
+    output; any other setting is generated once and cached beside the trace (atomically)."""
+    import json
+
+    from helios.models import load_candidate
+    from helios.paths import atomic_file
+
+    ids = trace.requests()
+    if int(depth) == trace.num_layers and not exit_config.enabled:
+        order = np.argsort(trace.position, kind="stable")
+        return {rid: trace.full_token[order][trace.request_id[order] == rid].tolist() for rid in ids}
+    path = free_running_path(trace_file, depth, exit_config)
+    if path.exists():
+        return {int(rid): tokens for rid, tokens in json.loads(path.read_text())["outputs"].items()}
+    prompts = trace.meta["prompts"]
+    new_tokens = int(trace.meta["new_tokens"])
+    engine = EarlyExitEngine(load_candidate(str(trace.meta["candidate"]), int(depth), progress=False))
+    outputs: dict[int, list[int]] = {}
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        tokens = engine.generate([list(prompts[rid]) for rid in chunk], new_tokens, exit_config, stop_at_eos=False).tokens
+        outputs.update(zip(chunk, tokens))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "w") as handle:
+        handle.write(json.dumps({"candidate": trace.meta["candidate"], "depth": int(depth),
+                                 "exit_config": dataclasses.asdict(exit_config), "new_tokens": new_tokens,
+                                 "outputs": {str(rid): tokens for rid, tokens in outputs.items()}}))
+    return outputs

@@ -129,22 +129,25 @@ def spy_on_accuracy(backend: Any, prompt_of: Callable[[Hashable], str]) -> list[
     def spy(request_id: Hashable, arm: Any, token_ids: Sequence[int]) -> float | None:
         prompt = prompt_of(request_id)  # before the call: live forgets the request once scored
         value = inner(request_id, arm, token_ids)
-        seen.append({"prompt": prompt, "candidate": arm.candidate, "tokens": list(token_ids), "value": value})
+        seen.append({"prompt": prompt, "candidate": arm.candidate, "depth": int(arm.depth), "request_id": request_id,
+                     "tokens": list(token_ids), "value": value})
         return value
 
     backend._accuracy = spy
     return seen
 
 
-def check_epochs(env: gymnasium.Env, seen: list[dict[str, Any]], reference: ReferenceJudge) -> int:
-    """Serve ARMS, one epoch each; every request's score equals the reference's, the epoch's accuracy their mean."""
+def check_epochs(env: gymnasium.Env, seen: list[dict[str, Any]], reference: ReferenceJudge,
+                 written: Callable[[dict[str, Any]], Sequence[int]] = lambda entry: entry["tokens"]) -> int:
+    """Serve ARMS, one epoch each; every request's score equals the reference's on what `written(entry)` says the
+    arm wrote, the epoch's accuracy their mean."""
     checked = 0
     for arm in ARMS:
         seen.clear()
         _, _, _, _, info = env.step(arm)
         assert len(seen) == info["requests"] == WORKLOAD["arrival"]["batch_size"]
         for entry in seen:
-            want = reference(entry["prompt"], entry["candidate"], entry["tokens"])
+            want = reference(entry["prompt"], entry["candidate"], written(entry))
             assert entry["value"] == pytest.approx(want, rel=1e-4, abs=1e-7), entry
             checked += 1
         assert info["metrics"]["accuracy"] == pytest.approx(float(np.mean([e["value"] for e in seen])), rel=1e-12)
@@ -153,14 +156,29 @@ def check_epochs(env: gymnasium.Env, seen: list[dict[str, Any]], reference: Refe
 
 @pytest.mark.parametrize("judge", _judges())
 def test_replay_judge_score_matches_an_independent_computation(trace_dir, judge_cache, judge: str) -> None:
-    """Replay scores the teacher-forced tokens; requests without a reference are scored too."""
+    """Replay serves the trace's teacher-forced tokens (they set each request's length) and scores what the truncated
+    arm writes free-running: Hugging Face generate (greedy) on the truncated model from the trace's prompt, stopped
+    at EOS, cut to the served length. Requests without a reference are scored too."""
+    from tests.conftest import load_cached
+
     env = replay_env(trace_dir, judge=judge)
     backend = env.unwrapped.backend
     pool = workload_from_config(WORKLOAD).pool(PER_SOURCE)
     assert [r.request_id for r in pool] == backend.replayers["tiny-llama"].trace.meta["request_names"]
     env.reset(seed=0)
     seen = spy_on_accuracy(backend, lambda request_id: pool[int(request_id[-1])].prompt)
-    assert check_epochs(env, seen, ReferenceJudge(judge)) == 2 * 3
+
+    def free_running(entry: dict[str, Any]) -> list[int]:
+        meta = backend.replayers[entry["candidate"]].trace.meta
+        loaded = load_cached(entry["candidate"], entry["depth"])
+        ids = torch.tensor([meta["prompts"][int(entry["request_id"][-1])]])
+        with torch.inference_mode():
+            out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(meta["new_tokens"]),
+                                        do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id,
+                                        eos_token_id=list(meta["eos_ids"]))
+        return out[0, ids.shape[1]:].tolist()[: len(entry["tokens"])]
+
+    assert check_epochs(env, seen, ReferenceJudge(judge), free_running) == 2 * 3
     assert backend.judge.name == judge and backend.judge.forwards > 0
     env.close()
 

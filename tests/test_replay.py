@@ -159,6 +159,39 @@ def test_pricing_beyond_the_calibrated_batches_is_named() -> None:
     assert "at most 8 (not recorded" in legacy.batch_extrapolation(17)
 
 
+def test_free_running_outputs_are_what_transformers_generate_writes_and_are_cached(tiny_trace, monkeypatch) -> None:
+    """Replay judges a truncated arm's free-running output: Hugging Face generate (greedy) on the same truncated model
+    writes the same tokens (up to its EOS, where it stops). Full depth without exits is the trace's own output, and a
+    second call reads the cache beside the trace without loading a model."""
+    import torch
+
+    import helios.models
+    from helios.profiling import free_running_outputs, free_running_path
+
+    trace = read_trace(tiny_trace)
+    outputs = free_running_outputs(tiny_trace, trace, 3, ExitConfig())
+    assert free_running_path(tiny_trace, 3, ExitConfig()).exists() and sorted(outputs) == trace.requests()
+    loaded = load_cached("tiny-llama", 3)
+    new_tokens = int(trace.meta["new_tokens"])
+    for rid in trace.requests():
+        ids = torch.tensor([trace.meta["prompts"][rid]])
+        with torch.inference_mode():
+            out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                        do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
+        reference = out[0, ids.shape[1]:].tolist()
+        assert len(outputs[rid]) == new_tokens and outputs[rid][: len(reference)] == reference, rid
+    # Teacher-forced predictions at depth 3 are not this text (the trace's own caveat), else the test proves nothing.
+    forced = {rid: trace.pred[trace.request_id == rid, 2].tolist() for rid in trace.requests()}
+    assert any(forced[rid] != outputs[rid] for rid in trace.requests())
+
+    monkeypatch.setattr(helios.models, "load_candidate", lambda *a, **k: pytest.fail("the cache was not read"))
+    assert free_running_outputs(tiny_trace, trace, 3, ExitConfig()) == outputs
+    full = free_running_outputs(tiny_trace, trace, 6, ExitConfig())  # full depth: no generation either
+    assert all(full[rid] == trace.full_token[trace.request_id == rid].tolist() for rid in trace.requests())
+    assert free_running_path(tiny_trace, 3, ExitConfig("max_prob", 0.9, (1,))) != free_running_path(tiny_trace, 3,
+                                                                                                       ExitConfig())
+
+
 def test_trace_round_trip_and_metadata(tiny_trace) -> None:
     trace = read_trace(tiny_trace)
     assert trace.meta["candidate"] == "tiny-llama" and trace.num_layers == 6
