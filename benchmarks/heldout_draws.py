@@ -11,7 +11,7 @@ env with twice the variants, the yardstick ladder (agents/yardsticks.py: best fi
 coordinate ascent, both in hindsight ON THE HELD-OUT EPISODES) and the frozen greedy agent play `--eval-episodes`
 episodes on variants 8..15 only (`reset(options={"variant": k})`): draws of arrival times, sources and output lengths
 that training never saw. gap = (R_agent - R_best_fixed) / (R_phase_oracle - R_best_fixed) on those episodes, mean ±
-95% t over seeds. Replay only; accuracy teacher-forced; SLO accuracy_under_latency by default.
+95% t over seeds. Replay only; accuracy judges each arm's free-running output; SLO accuracy_under_latency by default.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/heldout_draws.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "slo": args.slo, "episodes": args.episodes, "eval_episodes": args.eval_episodes,
         "train_variants": list(range(TRAIN_VARIANTS)), "heldout_variants": list(range(TRAIN_VARIANTS, 2 * TRAIN_VARIANTS)),
-        "replay": "accuracy teacher-forced (judge: SmolLM2-135M at full depth); energy modelled", "scenarios": {},
+        "replay": "accuracy: each arm's free-running output at the trace's served length "
+                  "(judge: SmolLM2-135M at full depth); energy modelled", "scenarios": {},
     }
     agents = [a for a in args.agents.split(",") if a]
     for scenario in [s for s in args.scenarios.split(",") if s]:

@@ -7,8 +7,8 @@ For each load (a multiple of the measured saturation capacity of the scenario's 
 of `--epochs` epochs on the scenario's request pool, arrival process and output lengths, with a fixed source mix
 (`--mix`), is served by every arm of the replay env's default table, for `--seeds` episodes. Reported per (load,
 arm): the mean over epochs 2.. (the first two fill the system) of the SLO reward and the epoch metrics (attainment,
-goodput, TTFT/TPOT p95, judge-scored accuracy, tokens per busy second, mean batch). Replay's accuracy is
-teacher-forced; energy is the `model` estimate.
+goodput, TTFT/TPOT p95, judge-scored accuracy, tokens per busy second, mean batch). Replay's accuracy judges
+each arm's free-running output (at the length the teacher-forced trace serves); energy is the `model` estimate.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         with atomic_file(args.json, "w") as handle:
             json.dump({"command": "python benchmarks/load_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                       "replay": "accuracy teacher-forced (judge: SmolLM2-135M at full depth); energy modelled",
+                       "replay": "accuracy: each arm's free-running output at the trace's served length "
+                                 "(judge: SmolLM2-135M at full depth); energy modelled",
                        "rows": rows}, handle, indent=1)
     return rows
 

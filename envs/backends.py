@@ -601,15 +601,6 @@ class ReplayBackend(SchedulerBackend):
         self._judge: Judge | None = None  # built when first needed
         self._judge_contexts: dict[int, list[int]] = {}  # trace request -> its prompt's judge ids
         self.tokenizers = {c.name: load_tokenizer(c.name, progress=False) for c in spec.candidates}
-        # Per candidate and trace request: its tokens until the trace's first full-depth EOS (inclusive), which is
-        # where the replay executor ends it (helios.replay_executor), for the paired reference accuracy.
-        self._eos_len: dict[str, dict[int, int]] = {}
-        for name, replayer in self.replayers.items():
-            eos = np.array(replayer.trace.meta.get("eos_ids") or [], dtype=np.int64)
-            self._eos_len[name] = {}
-            for rid, rows in replayer.request_rows.items():
-                hits = np.flatnonzero(np.isin(replayer.trace.full_token[rows], eos))
-                self._eos_len[name][rid] = int(hits[0]) + 1 if len(hits) else len(rows)
         self._accuracy_cache: dict[tuple[str, int, tuple[int, ...]], float | None] = {}
         self._free_running: dict[tuple[str, int, ExitConfig], dict[int, list[int]]] = {}  # per arm: rid -> output
         self._stepper: _ReplayStepper | None = None
@@ -839,9 +830,10 @@ class ReplayBackend(SchedulerBackend):
             arm = self._reference_arm
             scores = []
             for (_, _, max_tokens), rid in zip(self._lengths[self._variant][epoch], self._ids[self._variant][epoch]):
-                full = self._full_output(arm, rid)  # the reference's own output: the trace's, free-running already
-                score = self._score(arm.candidate, rid, full[: min(max_tokens, self._eos_len[arm.candidate][rid])],
-                                    full)
+                # The reference's output is the trace's own (free-running already), cut at its EOS, where the replay
+                # executor ends the request too (helios.replay_executor).
+                full = self._full_output(arm, rid)
+                score = self._score(arm.candidate, rid, full[:max_tokens], full)
                 if score is not None:
                     scores.append(score)
             self._paired[key] = sum(scores) / len(scores) if scores else None
