@@ -5,12 +5,13 @@
     python benchmarks/heldout_draws.py --scenarios diurnal --seeds 1 --explain-seeds 0    # where the gap is lost
 
 agent_bench.py scores a learned policy frozen on episodes after its training ones, but replay draws every episode's
-arrivals among the env's `variants` (8), so those episodes' draws were met in training. Here, per scenario and seed:
-the agent trains for `--episodes` on the training env (variants 0..7, drawn per episode as in training); then, on an
-env with twice the variants, the yardstick ladder (agents/yardsticks.py: best fixed arm, phase oracle refined by
-coordinate ascent, both in hindsight ON THE HELD-OUT EPISODES) and the frozen greedy agent play `--eval-episodes`
-episodes on variants 8..15 only (`reset(options={"variant": k})`): draws of arrival times, sources and output lengths
-that training never saw. gap = (R_agent - R_best_fixed) / (R_phase_oracle - R_best_fixed) on those episodes, mean ±
+arrivals among the env's `variants` (conf/env/replay.yaml: 32), so those episodes' draws were met in training. Here,
+per scenario and seed: the agent trains for `--episodes` on the training env (variants 0..N-1, N = --train-variants,
+drawn per episode as in training); then, on an env with 8 more variants, the yardstick ladder (agents/yardsticks.py:
+best fixed arm, phase oracle refined by coordinate ascent, both in hindsight ON THE HELD-OUT EPISODES) and the frozen
+greedy agent play `--eval-episodes` episodes on 8 draws from --heldout-first (default N) only
+(`reset(options={"variant": k})`): draws of arrival times, sources and output lengths that training never saw. The
+same held-out draws compare training sets: `--train-variants 8 --heldout-first 32` against `--train-variants 32`. gap = (R_agent - R_best_fixed) / (R_phase_oracle - R_best_fixed) on those episodes, mean ±
 95% t over seeds. Replay only; accuracy judges each arm's free-running output; SLO accuracy_under_latency by default.
 """
 
@@ -34,14 +35,17 @@ from agent_bench import ENV_ID, Frozen, agent_config, scenario_workload
 from agents import make_agent
 from agents.rollout import Rollout, play
 from agents.yardsticks import compute_ladder, mean_ci95
+from envs.model_depth import env_config
 from helios.paths import atomic_file
 
-TRAIN_VARIANTS = 8  # conf/env/replay.yaml's default: the draws training meets
+TRAIN_VARIANTS = int(env_config("replay")["variants"])  # conf/env/replay.yaml's default: the draws training meets
+HELDOUT_VARIANTS = 8  # held-out draws per evaluation
 
 
-def heldout(episode: int) -> dict[str, int]:
-    """Evaluation episode e plays draw TRAIN_VARIANTS + e mod TRAIN_VARIANTS: never one training drew."""
-    return {"variant": TRAIN_VARIANTS + episode % TRAIN_VARIANTS}
+def heldout_draws(first: int) -> Any:
+    """Evaluation episode e plays draw first + e mod HELDOUT_VARIANTS: never one training drew (first >= the training
+    env's variants)."""
+    return lambda episode: {"variant": first + episode % HELDOUT_VARIANTS}
 
 
 def explain(ladder: Any, records: list[dict[str, Any]], log: Any) -> None:
@@ -59,10 +63,15 @@ def explain(ladder: Any, records: list[dict[str, Any]], log: Any) -> None:
 
 
 def run(scenario: str, slo: str, agents: list[str], seeds: list[int], episodes: int, eval_episodes: int,
-        log: Any, explain_seeds: tuple[int, ...] = ()) -> dict[str, Any]:
+        log: Any, explain_seeds: tuple[int, ...] = (), train_variants: int = TRAIN_VARIANTS,
+        heldout_first: int | None = None) -> dict[str, Any]:
     name, workload, _ = scenario_workload(scenario)
-    train_env = gymnasium.make(ENV_ID, workload=workload, slo=slo, variants=TRAIN_VARIANTS)
-    eval_env = gymnasium.make(ENV_ID, workload=workload, slo=slo, variants=2 * TRAIN_VARIANTS)
+    first = train_variants if heldout_first is None else heldout_first
+    if first < train_variants:
+        raise ValueError(f"held-out draws start at {first}, inside the training draws 0..{train_variants - 1}")
+    heldout = heldout_draws(first)
+    train_env = gymnasium.make(ENV_ID, workload=workload, slo=slo, variants=train_variants)
+    eval_env = gymnasium.make(ENV_ID, workload=workload, slo=slo, variants=first + HELDOUT_VARIANTS)
     gaps: dict[str, list[float | None]] = {a: [] for a in agents}
     headrooms = []
     try:
@@ -97,15 +106,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--agents", default="seasonal_q")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--episodes", type=int, default=300, help="training episodes")
-    parser.add_argument("--eval-episodes", type=int, default=16, help="held-out episodes (draws 8..15, twice each)")
+    parser.add_argument("--eval-episodes", type=int, default=16, help="held-out episodes (8 draws, twice each)")
+    parser.add_argument("--train-variants", type=int, default=TRAIN_VARIANTS,
+                        help="draws training meets (0..N-1)")
+    parser.add_argument("--heldout-first", type=int, default=None,
+                        help="first held-out draw (default: --train-variants); the held-out draws are it..it+7")
     parser.add_argument("--explain-seeds", default="", help="seeds whose per-epoch table to print, e.g. 0,2")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    first = args.train_variants if args.heldout_first is None else args.heldout_first
     result: dict[str, Any] = {
         "command": "python benchmarks/heldout_draws.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "slo": args.slo, "episodes": args.episodes, "eval_episodes": args.eval_episodes,
-        "train_variants": list(range(TRAIN_VARIANTS)), "heldout_variants": list(range(TRAIN_VARIANTS, 2 * TRAIN_VARIANTS)),
+        "train_variants": list(range(args.train_variants)),
+        "heldout_variants": list(range(first, first + HELDOUT_VARIANTS)),
         "replay": "accuracy: each arm's free-running output at the trace's served length "
                   "(judge: SmolLM2-135M at full depth); energy modelled", "scenarios": {},
     }
@@ -114,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"scenario {scenario}", flush=True)
         result["scenarios"][scenario] = run(scenario, args.slo, agents, list(range(args.seeds)), args.episodes,
                                             args.eval_episodes, lambda m: print(m, flush=True),
-                                            tuple(int(x) for x in args.explain_seeds.split(",") if x))
+                                            tuple(int(x) for x in args.explain_seeds.split(",") if x),
+                                            args.train_variants, first)
     result["wall_s"] = time.perf_counter() - started
     print(json.dumps({s: {a: (v["gap_recovered"], v["gap_recovered_ci95"]) for a, v in r["agents"].items()}
                       | {"headroom": r["headroom"]} for s, r in result["scenarios"].items()}, indent=1))
