@@ -35,7 +35,7 @@ import envs  # noqa: E402,F401  (registers the env ids)
 from agents.live_eval import absolute_rate_workload, play_episode  # noqa: E402
 from agents.yardsticks import FixedArm  # noqa: E402
 from benchmarks.agent_bench import scenario_workload  # noqa: E402
-from benchmarks.sim_to_real import arm_index  # noqa: E402
+from benchmarks.sim_to_real import add_scenario_arguments, arm_index  # noqa: E402
 from envs import ENV_IDS  # noqa: E402
 from helios import engine as engine_module  # noqa: E402
 from helios.costmodel import CostModel  # noqa: E402
@@ -120,12 +120,7 @@ def summarise(calls: Sequence[dict[str, Any]], model: CostModel) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", default="bursts", help="a conf/workload name or a workload YAML file")
-    parser.add_argument("--slo", default="accuracy_under_latency")
-    parser.add_argument("--epochs", type=int, default=12, help="the scenario's first epochs (bursts: 0.4x, 2x, 0.8x)")
-    parser.add_argument("--depths", default="10,30", help="depths of the reference candidate, exits off")
-    parser.add_argument("--capacity-rps", type=float, default=None, help="default: replay's measured capacity")
-    parser.add_argument("--json", default=None)
+    add_scenario_arguments(parser, depths="10,30")
     args = parser.parse_args(argv)
     started, load_start = time.time(), os.getloadavg()[0]
     _, workload, workload_cfg = scenario_workload(args.scenario)

@@ -103,16 +103,22 @@ def recalibrated_traces(trace_file: Path, max_batches: Sequence[int], runs: int,
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_scenario_arguments(parser: argparse.ArgumentParser, depths: str) -> None:
+    """The arguments of a fixed-arm run through the scenario's first epochs (here and benchmarks/cost_residuals.py)."""
     parser.add_argument("--scenario", default="bursts", help="a conf/workload name or a workload YAML file")
     parser.add_argument("--slo", default="accuracy_under_latency")
     parser.add_argument("--epochs", type=int, default=12, help="the scenario's first epochs (bursts: 12 = 0.4x, 2x, 0.8x)")
-    parser.add_argument("--depths", default="30,10", help="depths of the reference candidate, exits off")
+    parser.add_argument("--depths", default=depths, help="depths of the reference candidate, exits off")
+    parser.add_argument("--capacity-rps", type=float, default=None,
+                        help="the absolute rate's unit (default: the capacity replay measures)")
+    parser.add_argument("--json", default=None)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_scenario_arguments(parser, depths="30,10")
     parser.add_argument("--max-batches", default="8,32", help="recalibrate on batches up to each of these")
     parser.add_argument("--calibration-runs", type=int, default=16, help="calibration runs per engine")
-    parser.add_argument("--capacity-rps", type=float, default=None)
-    parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     started, load_start = time.time(), os.getloadavg()[0]
     _, workload, workload_cfg = scenario_workload(args.scenario)
