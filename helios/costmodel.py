@@ -39,6 +39,11 @@ def decision_kind(criterion: str) -> str:
     return criterion if criterion in ("cosine", "probe") else "head"
 
 
+class CalibrationContentionWarning(UserWarning):
+    """A trace's cost model was calibrated while other processes competed for the CPU (CostModel.contention): a
+    warning about the machine the trace was recorded on, not about the code replaying it, so callers can filter it."""
+
+
 @dataclasses.dataclass
 class CostModel:
     """Seconds per unit of each work counter, for one candidate on one device/dtype/thread count."""

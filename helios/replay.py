@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from helios.costmodel import DECODE_FEATURES, CostModel, decision_kind
+from helios.costmodel import DECODE_FEATURES, CalibrationContentionWarning, CostModel, decision_kind
 from helios.exit_config import ExitConfig
 from helios.traces import Trace, read_trace
 
@@ -84,7 +84,7 @@ class Replayer:
         contention = self.cost.contention()
         if contention is not None:
             warnings.warn(f"replay trace of {trace.meta.get('candidate', '?')} was {contention} (delete it to record "
-                          "again; benchmarks/RESULTS.md, 'The main job')", UserWarning, stacklevel=2)
+                          "again; benchmarks/RESULTS.md, 'The main job')", CalibrationContentionWarning, stacklevel=2)
         self.weight_bytes_by_depth = {int(k): int(v) for k, v in trace.meta["weight_bytes_by_depth"].items()}
         self.kv_bytes_per_token_layer = int(trace.meta["kv_bytes_per_token_layer"])
         self.power_w = float(trace.meta["power_w"])

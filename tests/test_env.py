@@ -18,6 +18,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs
 from helios.arms import MemoryBudget
+from helios.costmodel import CalibrationContentionWarning
 from helios.telemetry import EpochOutcome, SwitchCost, epoch_metrics, latency_p95_s
 from envs.model_depth import COMMON_KEYS, REPLAY_KEYS, MaskedActionError, ModelDepthEnv, env_config
 
@@ -104,6 +105,8 @@ def test_gymnasium_check_env(make_env, env_id: str) -> None:
     env = make_env(env_id)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # About the machine the fixture's traces were recorded on (its load then), not the env's conformance.
+        warnings.simplefilter("ignore", CalibrationContentionWarning)
         gymnasium_check_env(env.unwrapped)
     assert [str(w.message) for w in caught] == []  # not even a warning
 
@@ -112,6 +115,7 @@ def test_gymnasium_check_env(make_env, env_id: str) -> None:
 def test_sb3_check_env(make_env, env_id: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        warnings.simplefilter("ignore", CalibrationContentionWarning)
         sb3_check_env(make_env(env_id).unwrapped, warn=True)
     assert [str(w.message) for w in caught] == []
 

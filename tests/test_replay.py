@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helios.costmodel import CostModel, simulate_features
+from helios.costmodel import CalibrationContentionWarning, CostModel, simulate_features
 from helios.engine import EarlyExitEngine, ExitConfig
 from helios.profiling import ensure_trace
 from helios.replay import Replayer, Setting
@@ -123,6 +123,7 @@ def test_a_trace_calibrated_under_contention_warns_when_replayed(tiny_trace) -> 
         return [w for w in caught if "calibrated at load average" in str(w.message)]
 
     assert "load average 5.4 on 2 CPUs" in str(replayer_with(5.4, 2, 2)[0].message)  # 3.4 others > 1
+    assert replayer_with(5.4, 2, 2)[0].category is CalibrationContentionWarning  # filterable by category
     assert replayer_with(2.9, 2, 2) == []  # 0.9 beyond its own 2 threads: within half the CPUs
     assert replayer_with(float("nan"), 0, 2) == []  # an older trace: not recorded, nothing to say
     old = {k: v for k, v in recorded.items() if not k.startswith("calibration_") or k == "calibration_rel_error"}
