@@ -12,7 +12,8 @@ best fixed arm, phase oracle refined by coordinate ascent, both in hindsight ON 
 greedy agent play `--eval-episodes` episodes on 8 draws from --heldout-first (default N) only
 (`reset(options={"variant": k})`): draws of arrival times, sources and output lengths that training never saw. The
 same held-out draws compare training sets: `--train-variants 8 --heldout-first 32` against `--train-variants 32`.
-gap = (R_agent - R_best_fixed) / (R_phase_oracle - R_best_fixed) on those episodes, mean ± 95% t over seeds. Replay only; accuracy judges each arm's free-running output; SLO accuracy_under_latency by default.
+gap = (R_agent - R_best_fixed) / (R_phase_oracle - R_best_fixed) on those episodes, mean ± 95% t over seeds.
+Replay only; accuracy judges each arm's free-running output; SLO accuracy_under_latency by default.
 """
 
 from __future__ import annotations

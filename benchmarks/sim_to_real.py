@@ -107,7 +107,8 @@ def add_scenario_arguments(parser: argparse.ArgumentParser, depths: str) -> None
     """The arguments of a fixed-arm run through the scenario's first epochs (here and benchmarks/cost_residuals.py)."""
     parser.add_argument("--scenario", default="bursts", help="a conf/workload name or a workload YAML file")
     parser.add_argument("--slo", default="accuracy_under_latency")
-    parser.add_argument("--epochs", type=int, default=12, help="the scenario's first epochs (bursts: 12 = 0.4x, 2x, 0.8x)")
+    parser.add_argument("--epochs", type=int, default=12,
+                        help="the scenario's first epochs (bursts: 12 = 0.4x, 2x, 0.8x)")
     parser.add_argument("--depths", default=depths, help="depths of the reference candidate, exits off")
     parser.add_argument("--capacity-rps", type=float, default=None,
                         help="the absolute rate's unit (default: the capacity replay measures)")
