@@ -46,14 +46,18 @@ from helios.traces import read_trace  # noqa: E402
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+def bucket_index(rows: int) -> int:
+    """Index of the first bucket bound at or above `rows` (len(BUCKETS): beyond the last)."""
+    return next((i for i, high in enumerate(BUCKETS) if rows <= high), len(BUCKETS))
+
+
 def bucket(rows: int) -> str:
     """The batch-size bucket of a call: '1', '2', '3-4', '5-8', ..."""
-    low = 1
-    for high in BUCKETS:
-        if rows <= high:
-            return str(high) if high == low else f"{low}-{high}"
-        low = high + 1
-    return f">{BUCKETS[-1]}"
+    i = bucket_index(rows)
+    if i == len(BUCKETS):
+        return f">{BUCKETS[-1]}"
+    low = BUCKETS[i - 1] + 1 if i else 1
+    return str(BUCKETS[i]) if low == BUCKETS[i] else f"{low}-{BUCKETS[i]}"
 
 
 class CallRecorder:
@@ -100,15 +104,15 @@ class CallRecorder:
 
 def summarise(calls: Sequence[dict[str, Any]], model: CostModel) -> dict[str, Any]:
     """Per kind and per (kind, batch bucket): calls, measured and predicted seconds, their ratio, cache growth."""
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)  # (kind, bucket index; -1: all)
     for call in calls:
-        groups[call["kind"]].append(call)
-        groups[f"{call['kind']} rows {bucket(call['rows'])}"].append(call)
+        groups[call["kind"], -1].append(call)
+        groups[call["kind"], bucket_index(call["rows"])].append(call)
     out = {}
-    for name in sorted(groups, key=lambda n: (n.split()[0], BUCKETS.index(int(n.split()[-1].split("-")[-1]))
-                                             if " rows " in n and n.split()[-1][0] != ">" else -1)):
-        group = groups[name]
-        price = model.prefill_s if name.startswith("prefill") else model.decode_s
+    for kind, index in sorted(groups):
+        group = groups[kind, index]
+        name = kind if index < 0 else f"{kind} rows {bucket(group[0]['rows'])}"
+        price = model.prefill_s if kind == "prefill" else model.decode_s
         measured = sum(c["seconds"] for c in group)
         predicted = sum(price(c["features"]) for c in group)
         out[name] = {"calls": len(group), "measured_s": measured, "predicted_s": predicted,

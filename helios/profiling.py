@@ -291,7 +291,8 @@ def free_running_outputs(trace_file: Path, trace: Trace, depth: int, exit_config
     ids = trace.requests()
     if int(depth) == trace.num_layers and not exit_config.enabled:
         order = np.argsort(trace.position, kind="stable")
-        return {rid: trace.full_token[order][trace.request_id[order] == rid].tolist() for rid in ids}
+        tokens, requests = trace.full_token[order], trace.request_id[order]
+        return {rid: tokens[requests == rid].tolist() for rid in ids}
     path = free_running_path(trace_file, depth, exit_config)
     if path.exists():
         return {int(rid): tokens for rid, tokens in json.loads(path.read_text())["outputs"].items()}
