@@ -12,6 +12,7 @@ from agents.epsilon_greedy import EpsilonGreedy
 from agents.exp3 import EXP3
 from agents.helios import HeliosController
 from agents.lin_ucb import LinUCB
+from agents.mpc import MPCPlanner
 from agents.q_load import LoadQLearning
 from agents.seasonal_q import SeasonalLoadQ
 from agents.static import Static
@@ -22,7 +23,7 @@ from agents.ucb import UCB1
 AGENTS: dict[str, type[Agent]] = {
     cls.name: cls
     for cls in (UCB1, GaussianThompson, EpsilonGreedy, EXP3, SlidingWindowUCB, DiscountedUCB, CusumUCB, LinUCB, Static,
-                HeliosController, LoadQLearning, SeasonalLoadQ)
+                HeliosController, LoadQLearning, SeasonalLoadQ, MPCPlanner)
 }
 
 

@@ -85,6 +85,7 @@ SCENARIOS: tuple[str, ...] = ("bursts", "diurnal")
 BANDITS: tuple[str, ...] = ("ucb", "thompson", "epsilon_greedy", "exp3", "sw_ucb", "d_ucb", "cusum_ucb", "lin_ucb",
                             "helios", "q_load", "seasonal_q")
 SB3: tuple[str, ...] = ("ppo", "a2c", "dqn", "maskable_ppo")
+PLANNERS: tuple[str, ...] = ("mpc",)  # learn nothing: they play the evaluation episodes only (agents/mpc.py)
 BASELINES: tuple[str, ...] = ("static", "best_fixed", "phase_oracle", "per_epoch_oracle", "lagged_phase_oracle")
 # vs_static: contract name -> the info["metrics"] keys that may carry it (first present wins; the continuous-batching
 # env may name them differently, so each entry lists the names it is known or expected under).
@@ -181,6 +182,14 @@ def run_agent(env: gymnasium.Env, name: str, seed: int, episodes: int, eval_epis
     else:
         agent = make_agent(name, int(env.action_space.n), seed=seed, arm_table=env.unwrapped.arm_table,
                            observation_names=env.unwrapped.observation_names, **hyper)
+        if callable(getattr(agent, "bind", None)):
+            agent.bind(env)  # a planner plays futures through the env (agents/mpc.py)
+        if not getattr(agent, "learns", True):
+            # Nothing to learn: it plays only the evaluation episodes (the training ones without any).
+            first = total if until > total else 0
+            rollout = Rollout(env, seed, yardsticks=per_epoch, first_epoch=first)
+            play(rollout, agent, until if until > total else total)
+            return rollout.records
         play(rollout, agent, total)
         frozen = Frozen(agent)
     if until > total:
@@ -216,6 +225,12 @@ def score_run(records: list[dict[str, Any]], ladder: Ladder, eval_episodes: int 
     episodes (the last `eval_episodes`; none: the training ones stand in), the training episodes, and the last
     training episode. Dynamic regret and per-epoch regret are over the evaluation epochs too."""
     rewards = [r["reward"] for r in records]
+    if records and int(records[0]["epoch"]) > 0:  # a planner's run: the evaluation episodes alone, nothing learned
+        scored = ladder.score(rewards, first_epoch=int(records[0]["epoch"]))
+        per_epoch = float(sum(r["regret"] for r in records)) if all("regret" in r for r in records) else None
+        return {"reward": float(np.mean(rewards)), "gap_recovered": scored["gap_recovered"],
+                "gap_recovered_learning": None, "gap_recovered_last_episode": None,
+                "regret": scored["dynamic_regret"], "per_epoch_regret": per_epoch}
     split = len(rewards) - eval_episodes * ladder.episode_epochs
     train = ladder.score(rewards[:split])
     last = ladder.score(rewards[split - ladder.episode_epochs:split], first_epoch=split - ladder.episode_epochs)
@@ -456,7 +471,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help="comma-separated conf/workload names or workload YAML files")
     parser.add_argument("--slo", default="accuracy_under_latency", help="a conf/slo name")
-    parser.add_argument("--agents", default=",".join((*BANDITS, *SB3)), help="adaptive agents (yardsticks always run)")
+    parser.add_argument("--agents", default=",".join((*BANDITS, *SB3, *PLANNERS)),
+                        help="adaptive agents (yardsticks always run)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (at least 5 for the 95%% intervals)")
     parser.add_argument("--episodes", type=int, default=20, help="training episodes per run (drift3: 30 epochs each)")
     parser.add_argument("--eval-episodes", type=int, default=3,
@@ -481,9 +497,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--episodes must be >= 1 and --eval-episodes >= 0; got {episodes} and {eval_episodes}")
     scenarios = [s for s in args.scenarios.split(",") if s]
     agents = [a for a in args.agents.split(",") if a]
-    unknown = [a for a in agents if a not in (*BANDITS, *SB3)]
+    unknown = [a for a in agents if a not in (*BANDITS, *SB3, *PLANNERS)]
     if unknown:
-        parser.error(f"unknown agent(s) {unknown}; valid: {[*BANDITS, *SB3]}")
+        parser.error(f"unknown agent(s) {unknown}; valid: {[*BANDITS, *SB3, *PLANNERS]}")
     for scenario in scenarios:
         try:
             scenario_workload(scenario)

@@ -12,7 +12,8 @@ best fixed arm, phase oracle refined by coordinate ascent, both in hindsight ON 
 greedy agent play `--eval-episodes` episodes on 8 draws from --heldout-first (default N) only
 (`reset(options={"variant": k})`): draws of arrival times, sources and output lengths that training never saw. The
 same held-out draws compare training sets: `--train-variants 8 --heldout-first 32` against `--train-variants 32`.
-gap = (R_agent - R_best_fixed) / (R_phase_oracle - R_best_fixed) on those episodes, mean ± 95% t over seeds.
+gap = (R_agent - R_best_fixed) / (R_phase_oracle - R_best_fixed) on those episodes, mean ± 95% t over seeds. A
+planner (agents/mpc.py: learns nothing) skips training and plans on the training draws 0..N-1 alone.
 Replay only; accuracy judges each arm's free-running output; SLO accuracy_under_latency by default.
 """
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # agent_bench, beside 
 
 import envs  # noqa: F401  (registers the helios ids)
 from agent_bench import ENV_ID, Frozen, agent_config, scenario_workload
-from agents import make_agent
+from agents import AGENTS, make_agent
 from agents.rollout import Rollout, play
 from agents.yardsticks import compute_ladder, mean_ci95
 from envs.model_depth import env_config
@@ -80,12 +81,19 @@ def run(scenario: str, slo: str, agents: list[str], seeds: list[int], episodes: 
             ladder = compute_ladder(eval_env, seed, eval_episodes, reset_options=heldout)
             headrooms.append(ladder.headroom)
             for agent_name in agents:
+                hyper = agent_config(agent_name)
+                if not getattr(AGENTS[agent_name], "learns", True):  # a planner: it plans on the training draws
+                    hyper["plan_draws"] = list(range(train_variants))
                 agent = make_agent(agent_name, int(train_env.action_space.n), seed=seed,
                                    arm_table=train_env.unwrapped.arm_table,
-                                   observation_names=train_env.unwrapped.observation_names, **agent_config(agent_name))
-                play(Rollout(train_env, seed, yardsticks=False), agent, episodes * ladder.episode_epochs)
+                                   observation_names=train_env.unwrapped.observation_names, **hyper)
                 rollout = Rollout(eval_env, seed, yardsticks=False, reset_options=heldout)
-                play(rollout, Frozen(agent), eval_episodes * ladder.episode_epochs, learn=False)
+                if getattr(agent, "learns", True):
+                    play(Rollout(train_env, seed, yardsticks=False), agent, episodes * ladder.episode_epochs)
+                    play(rollout, Frozen(agent), eval_episodes * ladder.episode_epochs, learn=False)
+                else:
+                    agent.bind(eval_env)
+                    play(rollout, agent, eval_episodes * ladder.episode_epochs)
                 gaps[agent_name].append(ladder.score([r["reward"] for r in rollout.records])["gap_recovered"])
                 if seed in explain_seeds:
                     log(f"  {name} seed {seed}, {agent_name}, per epoch over the held-out episodes:")

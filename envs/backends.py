@@ -64,6 +64,7 @@ per (candidate, request, tokens) and, for the judge, on disk. Capacity runs are 
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -71,7 +72,7 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -877,6 +878,21 @@ class ReplayBackend(SchedulerBackend):
             return self.serve(epoch, arm_index)
         finally:
             self._episode, self._evaluating = saved, False
+
+    @contextlib.contextmanager
+    def planning(self, variant: int) -> Iterator[None]:
+        """Serve on a fork of the episode as it stands (queue, running sequences, loaded arm, clock) with the arrivals
+        of draw `variant` from the next epoch on; on exit the episode and its draw are as they were. Nested calls fork
+        the fork (a plan's branches share their prefix). What a model-based agent plans with (ModelDepthEnv.simulate):
+        switches are charged as in the episode, unlike `evaluate`."""
+        if not 0 <= variant < self.variants:
+            raise ValueError(f"variant {variant} outside 0..{self.variants - 1}")
+        saved = self._episode, self._variant
+        self._episode, self._variant = self.fork(), int(variant)
+        try:
+            yield
+        finally:
+            self._episode, self._variant = saved
 
     def begin_episode(self, rng: np.random.Generator) -> None:
         super().begin_episode(rng)

@@ -19,8 +19,9 @@ observation (helios.observation, with load features).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -322,6 +323,11 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
         return getattr(self.backend, "variant", None)
 
     @property
+    def epoch(self) -> int:
+        """Epochs served in this episode: the index of the coming one."""
+        return self._epoch
+
+    @property
     def reference_arm_index(self) -> int | None:
         """The arm that is the reference run (reference candidate, full depth, no exits), if it is in the table."""
         return self._reference_arm
@@ -340,6 +346,36 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
             result = self.backend.evaluate(self._epoch, int(index))  # type: ignore[attr-defined]
             rewards[index] = self.slo.evaluate(self._values(result, reference), reference).total
         return rewards
+
+    def simulate(self, actions: Sequence[int], variant: int) -> np.ndarray:
+        """Replay only: the rewards `actions` would earn, played one per epoch from the episode as it stands (queue,
+        running sequences, loaded arm, clock), with the arrivals of workload draw `variant` from the coming epoch on
+        (a planner passes a draw other than the episode's: the future it does not know). Played by `step` itself on a
+        fork of the scheduler (switches, queues and rewards as the episode would have them); the episode is
+        left as it was. Stops at the episode's end. Calls nest inside `planning(variant)`, which forks the fork."""
+        rewards = []
+        with self.planning(variant):
+            for action in actions:
+                if self._epoch >= self.episode_epochs:
+                    break
+                rewards.append(self.step(action)[1])
+        return np.array(rewards, dtype=float)
+
+    @contextlib.contextmanager
+    def planning(self, variant: int) -> Iterator[None]:
+        """Replay only: inside, `step` serves a fork of the episode on draw `variant`'s arrivals; on exit the episode
+        (epoch, loaded arm, last info, queue, clock) is as it was. A planner steps a shared prefix once and branches
+        from it with nested calls (agents/mpc.py)."""
+        if not hasattr(self.backend, "planning"):
+            raise NotImplementedError("planning needs the replay backend (live cannot serve an epoch it will not keep)")
+        if self._references is None:
+            raise RuntimeError("call reset() before planning")
+        saved = self._epoch, self._loaded, self._last
+        try:
+            with self.backend.planning(int(variant)):  # type: ignore[attr-defined]
+                yield
+        finally:
+            self._epoch, self._loaded, self._last = saved
 
     def _epoch_reference(self, epoch: int) -> dict[str, float]:
         """The reward's reference for `epoch`: the reference run's profile mixed by the epoch's workload; on replay,

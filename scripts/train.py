@@ -227,6 +227,8 @@ def train_bandit(cfg: DictConfig, backend: str, run_dir: Path, checkpoint: dict[
     hyper["arm_table"] = base_env.arm_table  # make_agent hands it to the agents that read it (helios, static)
     agent = make_agent(cfg.agent.name, int(env.action_space.n), seed=int(cfg.seed),
                        observation_names=base_env.observation_names, **hyper)
+    if callable(getattr(agent, "bind", None)):
+        agent.bind(env)  # a planner plays futures through the env (agents/mpc.py)
     start = int(checkpoint["epochs_done"]) if checkpoint is not None else 0
     rollout = Rollout(env, int(cfg.seed), yardsticks=bool(cfg.oracle), first_epoch=start, on_record=on_record)
     obs = None
@@ -398,6 +400,9 @@ def main(cfg: DictConfig) -> None:
     if backend not in ENV_IDS:
         raise ValueError(f"env={backend!r}: valid backends are {sorted(ENV_IDS)}")
     validate_agent(cfg)  # before any model loads
+    if not getattr(AGENTS.get(cfg.agent.name), "learns", True) and (backend != "replay" or cfg.get("live_eval", False)):
+        raise ValueError(f"agent={cfg.agent.name} plans through replay's simulator (it forks the episode): run it "
+                         f"with env=replay live_eval=false (got env={backend}, live_eval={cfg.get('live_eval')})")
     started = time.perf_counter()
     logger = Logger(cfg, run_dir)
     epoch_log = EpochLog(run_dir, logger)

@@ -25,13 +25,54 @@ def toy_arm_table(n_arms: int) -> list[dict]:
     return [arm(i, f"m{i % 2}", 2 + i // 2, 2 + (n_arms - 1) // 2) for i in range(n_arms)]
 
 
+class BanditSimulator:
+    """What agents/mpc.py plans through (ModelDepthEnv's planning interface), for a stateless bandit: arm a earns
+    0.1 x a every epoch, on every draw. The generic tests below never step it, so its episode stays at epoch 0."""
+
+    backend_kind = "replay"
+    episode_epochs = 4
+    episode_variant = 0
+
+    class backend:  # noqa: N801 (the env's backend attribute)
+        variants = 8
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.unwrapped = self
+
+    def planning(self, variant: int):
+        import contextlib
+
+        saved = self.epoch
+
+        @contextlib.contextmanager
+        def fork():
+            try:
+                yield
+            finally:
+                self.epoch = saved
+
+        return fork()
+
+    def step(self, action: int):
+        self.epoch += 1
+        return None, 0.1 * action, False, False, {}
+
+    def simulate(self, actions, variant: int) -> np.ndarray:
+        with self.planning(variant):
+            return np.array([self.step(a)[1] for a in actions[: self.episode_epochs - self.epoch]])
+
+
 def build(name: str, n_arms: int, seed: int = 0, **hyper):
     # The toy observations are 2-vectors; an agent that reads entries by name (q_load) reads them as these two, and
     # seasonal_q reads its clock from the second.
     if name == "seasonal_q":
         hyper.setdefault("clock_index", 1)
-    return make_agent(name, n_arms, seed=seed, arm_table=toy_arm_table(n_arms),
-                      observation_names=["arrival_ratio", "queue_ratio"], **hyper)
+    agent = make_agent(name, n_arms, seed=seed, arm_table=toy_arm_table(n_arms),
+                       observation_names=["arrival_ratio", "queue_ratio"], **hyper)
+    if name == "mpc":
+        agent.bind(BanditSimulator())
+    return agent
 
 
 def run(agent, means_at, steps: int, noise: float = 0.2, seed: int = 0, context=None):

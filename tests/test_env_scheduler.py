@@ -441,3 +441,100 @@ def test_open_loop_rungs_serve_each_replayed_draw_once_and_match_playing_every_e
         assert [(r["epoch"], r["episode"], r["action"], r["reward"], r["metrics"]) for r in run.records] == \
             [(r["epoch"], r["episode"], r["action"], r["reward"], r["metrics"]) for r in reference.records]
     env.close()
+
+
+# ----------------------------------------------------------------------------------------------- planning
+
+
+def test_simulate_equals_stepping_and_leaves_the_episode_as_it_was(trace_dir) -> None:
+    """ModelDepthEnv.simulate on the episode's own draw gives the rewards that stepping the same arms gives, from a
+    queue built under overload, switches included; afterwards the episode continues exactly as an untouched twin
+    does. Nested planning forks the fork."""
+    planned, twin = replay_env(trace_dir), replay_env(trace_dir)
+    for env in (planned, twin):
+        env.reset(seed=0, options={"variant": 1})
+        for action in (8, 6):
+            env.step(action)
+    base = planned.unwrapped
+    assert base.state_dict()["queued"] + base.state_dict()["running"] > 0  # there is a queue to fork
+    plan = [0, 2, 1]  # depth changes (drain) and an exit-only change
+    simulated = base.simulate(plan, variant=1)
+    with base.planning(1):
+        first = base.step(plan[0])[1]
+        rest = base.simulate(plan[1:], variant=1)
+        assert base.epoch == 3
+    assert base.epoch == 2
+    stepped = [twin.step(a)[1] for a in plan]
+    assert simulated.tolist() == stepped
+    assert [first, *rest.tolist()] == stepped
+    continued = [planned.step(a) for a in plan]
+    assert [r[1] for r in continued] == stepped
+    assert continued[-1][4]["load"] == twin.unwrapped._last["load"]
+    assert base.simulate([0] * 10, variant=1).size == 6 - 5  # stops at the episode's end
+    for env in (planned, twin):
+        env.close()
+
+
+def test_simulate_plays_the_other_draw_arrivals(trace_dir) -> None:
+    """From the start of an episode on draw 0, simulating on draw 1 is a fresh episode on draw 1."""
+    env, other = replay_env(trace_dir), replay_env(trace_dir)
+    env.reset(seed=0, options={"variant": 0})
+    simulated = env.unwrapped.simulate([8, 0, 2], variant=1)
+    other.reset(seed=0, options={"variant": 1})
+    assert simulated.tolist() == [other.step(a)[1] for a in (8, 0, 2)]
+    assert env.unwrapped.simulate([8, 0, 2], variant=0).tolist() != simulated.tolist()
+    with pytest.raises(ValueError, match="outside 0..1"):
+        env.unwrapped.simulate([0], variant=2)
+    env.close()
+    other.close()
+
+
+def test_mpc_plays_an_episode_through_the_replay_env(trace_dir, monkeypatch) -> None:
+    """agents/mpc.py bound to the replay env: a whole episode, planned on the other draw only, the episode's records
+    unchanged by planning (its rewards are what stepping its own actions gives)."""
+    from agents import make_agent
+
+    env, twin = replay_env(trace_dir), replay_env(trace_dir)
+    agent = make_agent("mpc", int(env.action_space.n), seed=0, draws=1, hold_epochs=(1, 2), horizon_epochs=3)
+    agent.bind(env)
+    backend = env.unwrapped.backend
+    drawn = []
+    planning = backend.planning
+    monkeypatch.setattr(backend, "planning", lambda variant: drawn.append(variant) or planning(variant))
+    obs, _ = env.reset(seed=0, options={"variant": 0})
+    actions, rewards = [], []
+    for _ in range(6):
+        actions.append(agent.select(obs, env.unwrapped.action_masks()))
+        obs, reward, *_ = env.step(actions[-1])
+        rewards.append(reward)
+    assert set(drawn) == {1}
+    twin.reset(seed=0, options={"variant": 0})
+    assert [twin.step(a)[1] for a in actions] == rewards
+    env.close()
+    twin.close()
+
+
+def test_agent_bench_scores_a_planner_on_its_evaluation_episodes_alone(trace_dir, monkeypatch) -> None:
+    """benchmarks/agent_bench.py gives a planner (learns nothing) the evaluation episodes only: its records start
+    after the training episodes, and its gap and regret are the rungs' on exactly those epochs, by hand."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import agent_bench
+    from agents.yardsticks import compute_ladder
+
+    monkeypatch.setattr(agent_bench, "agent_config", lambda name: {"draws": 1, "hold_epochs": [1], "horizon_epochs": 2})
+    env = replay_env(trace_dir)
+    ladder = compute_ladder(env, 0, 3)
+    records = agent_bench.run_agent(env, "mpc", 0, episodes=2, eval_episodes=1, per_epoch=False)
+    assert [r["epoch"] for r in records] == list(range(12, 18))
+    scores = agent_bench.score_run(records, ladder, eval_episodes=1)
+    agent = np.array([r["reward"] for r in records])
+    best, oracle = ladder.best_fixed.rewards[12:], ladder.phase_oracle.rewards[12:]
+    assert scores["regret"] == pytest.approx(float((oracle - agent).sum()))
+    if oracle.mean() - best.mean() > math.log2(1.01):
+        assert scores["gap_recovered"] == pytest.approx((agent.mean() - best.mean()) / (oracle.mean() - best.mean()))
+    else:
+        assert scores["gap_recovered"] is None
+    assert scores["gap_recovered_learning"] is None  # nothing was learned
+    env.close()

@@ -128,6 +128,7 @@ BAD_INPUT: tuple[tuple[tuple[str, ...], str], ...] = (
     (("agent=d_ucb", "agent.discount=0"), "discount must be in (0.0, 1.0]; got 0"),
     (("agent=d_ucb", "agent.discount=1.2"), "discount must be in (0.0, 1.0]; got 1.2"),
     (("agent=ppo", "agent.gamma=1.5"), "ppo.gamma must be in (0.0, 1.0]; got 1.5"),
+    (("agent=mpc",), "plans through replay's simulator (it forks the episode): run it with env=replay live_eval=false"),
 )
 
 
@@ -346,3 +347,15 @@ def test_replay_training_then_a_live_evaluation_episode_on_the_same_arrivals(tin
         sum(r["metrics"]["goodput_rps"] for r in live) / n)
     assert agreement["capacity_rps"] > 0
     assert (run_dir / "live_eval_arms.png").stat().st_size > 0
+
+
+def test_mpc_plans_a_replay_episode(tiny_train_env, tmp_path):
+    """agent=mpc (a planner: no learning, replay only) runs through the same loop and writes the same summary."""
+    run_dir = tmp_path / "mpc"
+    result = subprocess.run(train_cmd(tiny_train_env, run_dir, "agent=mpc", "agent.draws=1", "agent.hold_epochs=[1]",
+                                      "agent.horizon_epochs=2"), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == EPISODE_EPOCHS == len(records(run_dir))
+    assert "gap_recovered" in summary and "mean_reward" in summary
