@@ -32,7 +32,8 @@ train with model.learn for the same episodes (hyper-parameters: conf/agent/<name
 `--eval-episodes` more episodes FROZEN: its greedy policy (Agent.greedy: exploration off, no updates; SB3:
 deterministic predict), on the episodes after the training ones (new reset seeds; replay draws their arrivals among
 the same `variants` training met: benchmarks/heldout_draws.py scores draws training never saw). The yardsticks cover
-the same epochs.
+the same epochs. A planner (PLANNERS: agents/mpc.py) learns nothing: it plays the evaluation episodes alone, planning
+each epoch through replay on draws other than the episode's own.
 
 Definitions (R = mean SLO reward per epoch; rewards are log2 ratios, helios/slo.py):
   gap_recovered  = (R - R_best_fixed) / (R_phase_oracle - R_best_fixed) per seed, then mean ± 95% CI (Student t) over

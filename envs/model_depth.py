@@ -160,6 +160,14 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
     workload's own requests, draw 0 (replay's variant 0). `state_dict()` / `load_state_dict()` resume an episode: replay re-serves the recorded epochs and so
     rebuilds the queue exactly; live resumes cold with an empty queue (see `load_state_dict`).
 
+    ## Planning (replay only)
+
+    `env.simulate(actions, variant)` returns the rewards `actions` would earn, one per epoch, from the episode as it
+    stands (queue, running sequences, loaded arm, clock) with draw `variant`'s arrivals, played by `step` on a fork of
+    the scheduler; the episode is left as it was. `with env.planning(variant): env.step(...)` does the same step by
+    step and nests (a planner branches from a shared prefix). agents/mpc.py plans with it on draws other than the
+    episode's own. `env.epoch` is the coming epoch's index.
+
     ## Episode End
 
     Terminates after `workload.episode_epochs` steps (drift3: 30), when the workload's schedule (and its drift)
@@ -214,7 +222,7 @@ class ModelDepthEnv(gym.Env[np.ndarray, np.int64]):
       decode steps, goodput/attainment metrics, load features); before, an epoch was a fixed batch served
       statically with a batch latency model. Later in v0: a prefill-token cap per call (`max_prefill_tokens`), the
       judge's score as the default accuracy (`accuracy_metric=judge_score`, `judge`), a `concurrency` metric, and
-      replay defaults equal to the live arm table (SmolLM2 alone).
+      replay defaults equal to the live arm table (SmolLM2 alone); replay's `simulate` / `planning` and `epoch`.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
