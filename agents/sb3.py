@@ -20,7 +20,6 @@ half-collected PPO/A2C rollout are not part of the checkpoint. The checkpoint .z
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -107,7 +106,7 @@ def train_sb3(cfg: Any, backend: str, run_dir: Path, make_env: Callable[[Any, st
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm.auto import tqdm
 
-    from helios.paths import atomic_file
+    from helios.paths import write_json
 
     hyper = OmegaConf.to_container(cfg.agent, resolve=True)
     name = hyper.pop("name")
@@ -129,8 +128,7 @@ def train_sb3(cfg: Any, backend: str, run_dir: Path, make_env: Callable[[Any, st
             epochs = rollout.next_epoch
             if epochs % episode_epochs == 0 and epochs < total:
                 save_checkpoint(self.model, run_dir)
-                with atomic_file(run_dir / "checkpoint.json", "w") as handle:
-                    json.dump({"epochs_done": epochs, "backend": backend, "agent": name}, handle)
+                write_json(run_dir / "checkpoint.json", {"epochs_done": epochs, "backend": backend, "agent": name})
             return epochs < total
 
     try:
@@ -143,7 +141,6 @@ def train_sb3(cfg: Any, backend: str, run_dir: Path, make_env: Callable[[Any, st
               "observation_names": list(getattr(base_env, "observation_names", [])),
               "hyperparameters": hyper, "model_zip": f"{name}_model.zip",
               "note": "the SB3 .zip is converted to ONNX + JSON by scripts/export.py (no pickle at load time)"}
-    with atomic_file(run_dir / "policy.json", "w") as handle:
-        json.dump(policy, handle, indent=1)
+    write_json(run_dir / "policy.json", policy, indent=1)
     rollout.close()
     return rollout

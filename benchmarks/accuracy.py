@@ -67,7 +67,7 @@ import torch
 from helios.engine import EarlyExitEngine, ExitConfig
 from helios.metrics import contains_answer, exact_match, rouge_l, token_agreement
 from helios.models import load_candidate, load_tokenizer, memory_profile, resolve_checkpoint
-from helios.paths import atomic_file
+from helios.paths import atomic_file, write_json
 from helios.workloads import Arrival, Phase, Request, Workload, encode_requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,8 +166,7 @@ def generations(candidate: str, depths: Sequence[int], requests: Sequence[Reques
             forced = arms[ArmKey(candidate, full, "free")] if key.mode == "forced" else None
             arms[key] = generate_arm(engine, prompts, batches, new_tokens, forced)
             seconds = time.perf_counter() - start
-            with atomic_file(paths[key], "w") as handle:
-                json.dump({"checkpoint": checkpoint, "seconds": seconds, "tokens": arms[key]}, handle)
+            write_json(paths[key], {"checkpoint": checkpoint, "seconds": seconds, "tokens": arms[key]})
             log(f"{key.label}: {sum(map(len, arms[key]))} tokens in {seconds:.0f} s "
                 f"({sum(map(len, arms[key])) / seconds:.1f} tok/s), load average {os.getloadavg()[0]:.1f}")
         del engine, loaded
@@ -246,8 +245,7 @@ def judge_scores(judge_name: str, requests: Sequence[Request], texts: dict[tuple
         f"{time.perf_counter() - start:.0f} s, load average {os.getloadavg()[0]:.1f}")
     out.update(results)
     stored.update({f"{k[0].label}#{k[1]}": v for k, v in results.items()})
-    with atomic_file(path, "w") as handle:
-        json.dump(stored, handle)
+    write_json(path, stored)
     return out
 
 
@@ -517,8 +515,7 @@ def forced_error(args: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                     start = time.perf_counter()
                     free = generate_arm(engine, prompts, batches, args.new_tokens, exit_config=config)
                     forced = replay_exit_tokens(engine, prompts, arms[ArmKey(name, full, "free")], config)
-                    with atomic_file(path, "w") as handle:
-                        json.dump({"checkpoint": checkpoint, "free": free, "forced": forced}, handle)
+                    write_json(path, {"checkpoint": checkpoint, "free": free, "forced": forced})
                     log(f"{name}@{full} {text}: generated and replayed in {time.perf_counter() - start:.0f} s")
                 pairs.append((f"{name}@{full} {text} (exit points {list(config.exit_points)})", free, forced))
         for label, free, forced in pairs:
@@ -590,8 +587,7 @@ def main() -> None:
         result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         print(forced_markdown(result))
         if args.json:
-            with atomic_file(args.json, "w") as handle:
-                json.dump(result, handle, indent=1)
+            write_json(args.json, result, indent=1)
         return
 
     candidates = {}
@@ -646,8 +642,7 @@ def main() -> None:
     table = markdown(result, args.md_sources)
     print(table)
     if args.json:
-        with atomic_file(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+        write_json(args.json, result, indent=1)
     if args.md:
         with atomic_file(args.md, "w") as handle:
             handle.write(table + "\n")

@@ -77,7 +77,7 @@ import envs  # noqa: F401  (registers the helios ids)
 from agents import make_agent
 from agents.rollout import Rollout, play
 from agents.yardsticks import Ladder, compute_ladder, mean_ci95
-from helios.paths import atomic_file
+from helios.paths import atomic_file, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_ID = "helios/ModelDepthReplay-v0"
@@ -544,8 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with atomic_file(args.md, "w") as handle:
             handle.write(text)
     if args.json:
-        with atomic_file(args.json, "w") as handle:
-            json.dump(finite_or_null(result), handle, indent=1, allow_nan=False)
+        write_json(args.json, finite_or_null(result), indent=1, allow_nan=False)
     return result
 
 

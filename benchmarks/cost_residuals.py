@@ -17,7 +17,6 @@ A ratio above 1 is work replay under-prices. Measured clock: CPU wall time of ea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ from envs import ENV_IDS  # noqa: E402
 from helios import engine as engine_module  # noqa: E402
 from helios.costmodel import CostModel  # noqa: E402
 from helios.engine_executor import EngineExecutor  # noqa: E402
-from helios.paths import atomic_file  # noqa: E402
+from helios.paths import write_json  # noqa: E402
 from helios.traces import read_trace  # noqa: E402
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -157,8 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "machine": f"{os.uname().machine} {os.cpu_count()} cpus", "load_avg_1m_start": load_start,
            "load_avg_1m_end": os.getloadavg()[0], "wall_s": time.time() - started}
     if args.json:
-        with atomic_file(Path(args.json), "w") as handle:
-            handle.write(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out, indent=2)
     return out
 
 

@@ -32,7 +32,7 @@ from helios.corpus import passages
 from helios.engine import EarlyExitEngine, ExitConfig
 from helios.exits import load_exit_heads
 from helios.models import LoadedModel, load_candidate
-from helios.paths import atomic_file
+from helios.paths import atomic_file, write_json
 from helios.probes import load_exit_probes
 from helios.speculative import generate_speculative
 
@@ -378,8 +378,7 @@ def main() -> None:
     for name in (n for n in args.models.split(",") if n):
         results.append(bench_model(name, args))
         if args.json:  # after every model, so that a failure later loses nothing measured
-            with atomic_file(args.json.with_suffix(".partial.json"), "w") as handle:
-                json.dump({"partial": True, "per_model": results}, handle, indent=1)
+            write_json(args.json.with_suffix(".partial.json"), {"partial": True, "per_model": results}, indent=1)
 
     main_result = results[0]
     ee = [p for r in results if r["model"].startswith("helios-ee") for p in r["points"] if p["agreement"] >= 0.9]
@@ -409,8 +408,7 @@ def main() -> None:
             print(f"  {p['speedup']:.2f}x  {p['agreement']:.3f}  depth={p['depth']} {p['criterion']} "
                   f"{p['threshold']} {p['exit_points']} {p['heads']}")
     if args.json:
-        with atomic_file(args.json, "w") as handle:
-            json.dump(summary, handle, indent=1)
+        write_json(args.json, summary, indent=1)
         args.json.with_suffix(".partial.json").unlink(missing_ok=True)  # the whole result supersedes it
         plot(results, args.plot or args.json.with_suffix(".png"))
     print(json.dumps({k: summary[k] for k in ("full_depth_ratio", "oracle_speedup", "exit_decision_cost_fraction",

@@ -27,7 +27,6 @@ check_env: gymnasium's and stable-baselines3's checkers pass on both (replay and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -43,7 +42,7 @@ import torch
 
 import envs
 from envs.model_depth import ModelDepthEnv, _group, env_config
-from helios.paths import atomic_file
+from helios.paths import write_json
 
 # 8 MiB and 2048-token contexts: the tiny models' byte-level tokenizer makes HumanEval prompts ~1,000 tokens long,
 # which a smaller budget would refuse (the scheduler reserves prompt + max_tokens of K/V per sequence).
@@ -230,8 +229,7 @@ def main() -> None:
     print(f"check_env (gymnasium + stable-baselines3, replay + live): {results['check_env']}")
     results["load_avg_1m_at_end"] = os.getloadavg()[0]
     if args.json:
-        with atomic_file(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+        write_json(args.json, results, indent=1)
         print(f"wrote {args.json}")
 
 

@@ -38,7 +38,7 @@ from agents import AGENTS, make_agent
 from agents.rollout import Rollout, play
 from agents.yardsticks import compute_ladder, mean_ci95
 from envs.model_depth import env_config
-from helios.paths import atomic_file
+from helios.paths import write_json
 
 TRAIN_VARIANTS = int(env_config("replay")["variants"])  # conf/env/replay.yaml's default: the draws training meets
 HELDOUT_VARIANTS = 8  # held-out draws per evaluation
@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps({s: {a: (v["gap_recovered"], v["gap_recovered_ci95"]) for a, v in r["agents"].items()}
                       | {"headroom": r["headroom"]} for s, r in result["scenarios"].items()}, indent=1))
     if args.json:
-        with atomic_file(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+        write_json(args.json, result, indent=1)
     return result
 
 

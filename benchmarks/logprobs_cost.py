@@ -26,7 +26,7 @@ import torch
 
 from helios.engine import EarlyExitEngine
 from helios.models import load_candidate
-from helios.paths import atomic_file
+from helios.paths import write_json
 from helios.sampling import SamplingParams
 
 
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["ratio"] = result["logprobs_s"] / result["greedy_s"]
     print(json.dumps(result, indent=1))
     if args.json:
-        with atomic_file(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+        write_json(args.json, result, indent=1)
     return result
 
 

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from helios.engine import EarlyExitEngine, ExitConfig
 from helios.models import load_candidate
-from helios.paths import atomic_file
+from helios.paths import write_json
 from helios.profiling import ensure_trace
 from helios.replay import Replayer, Setting
 from helios.traces import read_trace
@@ -175,8 +175,7 @@ def main() -> None:
     }
     print(json.dumps(summary["max_rel_error"]))
     if args.json:
-        with atomic_file(args.json, "w") as handle:
-            json.dump(summary, handle, indent=1)
+        write_json(args.json, summary, indent=1)
 
 
 if __name__ == "__main__":

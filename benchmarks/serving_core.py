@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helios.paths import atomic_file
+from helios.paths import write_json
 from helios.scheduler import MemoryBudget, RequestRecord, Scheduler, SequenceRequest, VirtualClock
 
 CANDIDATE = "smollm2-135m"
@@ -240,8 +240,7 @@ def main() -> None:
     out["wall_s"] = time.time() - started
     out["load_average_1min_end"] = os.getloadavg()[0]
     if args.json:
-        with atomic_file(Path(args.json), "w") as handle:
-            handle.write(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out, indent=2)
     print(json.dumps({k: out[k] for k in ("truncation_vs_full",)}, indent=2))
     print(f"continuous/static throughput at saturation: {cvs['throughput_ratio']:.2f}x; "
           f"p95 at 80% load static/continuous: {cvs['p95_ratio_at_80pct_load']:.2f}x")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from agents.live_eval import absolute_rate_workload, play_episode  # noqa: E402
 from agents.yardsticks import FixedArm  # noqa: E402
 from benchmarks.agent_bench import load_level, scenario_workload  # noqa: E402
 from envs import ENV_IDS  # noqa: E402
-from helios.paths import atomic_file  # noqa: E402
+from helios.paths import write_json  # noqa: E402
 
 METRICS = ("goodput_rps", "attainment", "ttft_p95_s", "tpot_p95_s", "latency_p95_s", "throughput_tok_s",
            "concurrency", "accuracy")
@@ -182,8 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              if levels["all"][m]["rel_error"] is not None)
             print(f"{arm} replay[{name}] vs live, all epochs: {line}", flush=True)
     if args.json:
-        with atomic_file(Path(args.json), "w") as handle:
-            handle.write(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out, indent=2)
     return out
 
 

@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from helios.paths import atomic_file, cache_dir
+from helios.paths import cache_dir, write_json
 
 METHOD = "saturation-middle-half/v1"  # bump when measure_capacity changes what it measures
 REFERENCE_METHOD = "reference-run/v1"  # bump when reference_profile changes what it measures
@@ -141,8 +141,7 @@ def _cached(path: Path, fields: Mapping[str, Any], measure: Any) -> dict[str, An
     start = time.perf_counter()
     record = {**measure(), "key": fields, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "measure_s": time.perf_counter() - start}
-    with atomic_file(path, "w") as handle:
-        json.dump(record, handle, indent=1)
+    write_json(path, record, indent=1)
     record["path"], record["cached"] = str(path), False
     return record
 

@@ -193,10 +193,9 @@ class Judge:
             with torch.inference_mode():
                 nlls = token_nlls(self.model, [output], [context] if context else None)[0]
             if path is not None:
-                from helios.paths import atomic_file
+                from helios.paths import write_json
 
-                with atomic_file(path, "w") as handle:
-                    json.dump({"judge": self.name, "nll": nlls}, handle)
+                write_json(path, {"judge": self.name, "nll": nlls})
         self._judged.setdefault(tuple(context), []).append((list(output), nlls))
         return nlls
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from helios.paths import atomic_file
+from helios.paths import atomic_file, write_json
 
 HEADS_FILE = "exit_heads.safetensors"
 META_FILE = "exit_heads.json"
@@ -86,8 +86,7 @@ class TunedExitHeads(nn.Module):
         # Heads first, metadata last: a reader only trusts heads whose metadata exists and matches.
         with atomic_file(checkpoint_dir / HEADS_FILE) as handle:
             handle.write(_safetensors_bytes(state))
-        with atomic_file(checkpoint_dir / META_FILE, "w") as handle:
-            json.dump(meta, handle, indent=2)
+        write_json(checkpoint_dir / META_FILE, meta, indent=2)
         return checkpoint_dir / HEADS_FILE
 
 

@@ -6,6 +6,7 @@ Nothing here downloads: the cache only holds what helios derives from installed 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -84,3 +85,10 @@ def atomic_file(final_path: Path, mode: str = "wb") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def write_json(final_path: Path, data: object, **dumps_kwargs: object) -> None:
+    """`data` as JSON (json.dumps with `dumps_kwargs`, e.g. indent), newline-terminated, written atomically."""
+    text = json.dumps(data, **dumps_kwargs) + "\n"  # serialise first: a value JSON cannot hold leaves no file
+    with atomic_file(Path(final_path), "w") as handle:
+        handle.write(text)

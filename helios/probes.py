@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
 
-from helios.paths import atomic_file
+from helios.paths import atomic_file, write_json
 
 PROBES_FILE = "exit_probes.safetensors"
 PROBES_META = "exit_probes.json"
@@ -104,8 +104,7 @@ class ExitProbes(nn.Module):
                 "exit_layers": self.exit_layers, **metadata}
         with atomic_file(checkpoint_dir / PROBES_FILE) as handle:  # tensors first: metadata vouches for them
             handle.write(save(state))
-        with atomic_file(checkpoint_dir / PROBES_META, "w") as handle:
-            json.dump(meta, handle, indent=2)
+        write_json(checkpoint_dir / PROBES_META, meta, indent=2)
         return checkpoint_dir / PROBES_FILE
 
 

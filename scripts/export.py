@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from agents import make_agent
-from helios.paths import atomic_file
+from helios.paths import write_json
 from helios.policy import ONNX_INPUT, ONNX_OUTPUT, SCHEMA, load_policy, observation_layout
 
 SB3_AGENTS = ("ppo", "a2c", "dqn", "maskable_ppo")
@@ -195,8 +195,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, samples: int = 256, 
         document = export_sb3(trained, run_dir, out_dir, samples, tolerance)
     else:
         document = export_bandit(trained, run_dir)
-    with atomic_file(out_dir / "policy.json", "w") as handle:
-        json.dump(document, handle, indent=1)
+    write_json(out_dir / "policy.json", document, indent=1)
     load_policy(out_dir, make_agent=make_agent)  # fail here, not in the server, if the artifact does not load
     log_wandb_artifact(run_dir, out_dir, document)
     return out_dir / "policy.json"

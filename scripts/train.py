@@ -41,7 +41,7 @@ from agents.rollout import Rollout, play, summarise
 from agents.yardsticks import Ladder, compute_ladder, ladder_unavailable, ladder_unavailable_on
 from helios.arms import Arm
 from helios.exit_config import ExitConfig
-from helios.paths import atomic_file
+from helios.paths import atomic_file, write_json
 
 if TYPE_CHECKING:
     import gymnasium
@@ -190,8 +190,7 @@ class EpochLog:
 
 
 def write_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
-    with atomic_file(run_dir / "checkpoint.json", "w") as handle:
-        json.dump(state, handle)
+    write_json(run_dir / "checkpoint.json", state)
 
 
 def load_resume(resume: str) -> tuple[Path, DictConfig, dict[str, Any], list[dict[str, Any]]]:
@@ -253,8 +252,7 @@ def train_bandit(cfg: DictConfig, backend: str, run_dir: Path, checkpoint: dict[
         progress.close()
     policy = {"schema": "helios.policy/v1", "arm_table": base_env.arm_table, "slo": OmegaConf.to_container(cfg.slo),
               "config": OmegaConf.to_container(cfg, resolve=True), **agent.export()}
-    with atomic_file(run_dir / "policy.json", "w") as handle:
-        json.dump(policy, handle, indent=1)
+    write_json(run_dir / "policy.json", policy, indent=1)
     env.close()
     return rollout, agent
 
@@ -381,8 +379,7 @@ def write_outputs(cfg: DictConfig, backend: str, run_dir: Path, records: list[di
         summary["live_eval"] = live_eval[0]
     elif why_no_live_eval is not None:
         summary["why_no_live_eval"] = why_no_live_eval
-    with atomic_file(run_dir / "summary.json", "w") as handle:
-        json.dump(summary, handle, indent=1)
+    write_json(run_dir / "summary.json", summary, indent=1)
     logger.finish(plots, run_dir / "policy.json", summary)
     print(json.dumps(summary, indent=1))
 

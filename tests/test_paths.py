@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helios.paths import atomic_dir, atomic_file
+from helios.paths import atomic_dir, atomic_file, write_json
 
 WRITER = """
 import sys, time
@@ -63,3 +63,16 @@ def test_a_failed_block_leaves_nothing(tmp_path: Path) -> None:
             handle.write(b"partial")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_json_round_trips_and_a_value_json_cannot_hold_leaves_nothing(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "out" / "result.json"
+    write_json(path, {"a": [1, 2.5, None]}, indent=1)
+    assert json.loads(path.read_text()) == {"a": [1, 2.5, None]}
+    assert path.read_text().endswith("}\n")
+    with pytest.raises(ValueError, match="Out of range float"):
+        write_json(path, {"a": float("nan")}, allow_nan=False)
+    assert json.loads(path.read_text()) == {"a": [1, 2.5, None]}  # the old file stands
+    assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]  # no temporary left
