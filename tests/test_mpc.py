@@ -137,3 +137,41 @@ def test_bind_refuses_an_env_without_a_simulator() -> None:
 
     with pytest.raises(ValueError, match="env=replay"):
         MPCPlanner(2).bind(Live())
+
+
+class NoisyDetour(ToyQueue):
+    """Arm 0 earns 0. Arm 1 earns 0.5 + 10 s_d on its first epoch in a row (s_d = +1 on even draws, -1 on odd ones:
+    a detour worth 0.5 on average over draws, but +-10 on any one) and -5 on later ones."""
+
+    def __init__(self) -> None:
+        super().__init__(episode_variant=0)
+        self.backend.variants = 5  # plans on draws 1..4: two +1, two -1
+        self.draw, self.run = 0, 0
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.run = self.run + 1 if action == 1 else 0
+        reward = 0.0 if action == 0 else (0.5 + 10.0 * (1 if self.draw % 2 == 0 else -1) if self.run == 1 else -5.0)
+        self.epoch += 1
+        return np.zeros(1), reward, self.epoch >= self.episode_epochs, False, {}
+
+    @contextlib.contextmanager
+    def planning(self, variant: int) -> Iterator[None]:
+        saved = self.epoch, self.draw, self.run
+        self.draw = int(variant)
+        try:
+            yield
+        finally:
+            self.epoch, self.draw, self.run = saved
+
+
+def test_a_detour_whose_gain_is_within_its_noise_is_not_taken() -> None:
+    """Over the 4 draws the detour's mean gain is +0.5 and its standard error 5.8: the base arm (0) is kept at
+    switch_z 1; without the test (switch_z 0) the planner takes every detour the mean favours."""
+    gated = make_agent("mpc", 2, seed=0, draws=4, hold_epochs=(1,), switch_z=1.0)
+    env = NoisyDetour()
+    gated.bind(env)
+    assert play_episode(gated, env)[0] == [0] * 6
+    ungated = make_agent("mpc", 2, seed=0, draws=4, hold_epochs=(1,), switch_z=0.0)
+    env = NoisyDetour()
+    ungated.bind(env)
+    assert play_episode(ungated, env)[0][0] == 1
