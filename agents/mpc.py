@@ -25,10 +25,11 @@ incumbent is last epoch's plan one epoch on (a for k-1 epochs then b; b througho
 start, b throughout), and the best plan replaces it only when its paired gain on the n draws exceeds `switch_z`
 standard errors, mean(g) > switch_z * sd(g) / sqrt(n). The maximum over ~30 noisy plan values is biased upwards (the
 optimizer's curse: Smith & Winkler, Management Science 2006), so without the test the planner takes detours that
-only the sample favours, and it abandons a plan half-way through a burst. Rewards are the env's own: `ModelDepthEnv.planning(d)` forks the
-episode's scheduler (queue, running sequences, loaded arm, clock) and `step` serves the fork with draw d's arrivals,
-switch costs and queue carry-over included; the episode is left untouched. Every plan of an arm meets the same
-draws (common random numbers), and the plans of one arm share their prefix (one fork per branch point).
+only the sample favours, and it abandons a plan half-way through a burst. Rewards are the env's own:
+`ModelDepthEnv.planning(d)` forks the episode's scheduler (queue, running sequences, loaded arm, clock) and `step`
+serves the fork with draw d's arrivals, switch costs and queue carry-over included; the episode is left untouched.
+Every plan meets the same draws (common random numbers), and the plans of one arm share their prefix (one fork per
+branch point).
 
 What it knows that a learner does not: the simulator, i.e. the replay cost model and the scenario's schedule (its
 other draws). What it does not know: the episode's own draw (arrival times, sources, lengths) and the workload's
