@@ -402,6 +402,15 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
+def planner_note(result: dict[str, Any]) -> str:
+    """The header's word on planners (PLANNERS) among the agents: they play the evaluation episodes alone."""
+    planners = sorted({a for s in result["scenarios"].values() for a in s["agents"] if a in PLANNERS})
+    if not planners:
+        return ""
+    return (f" Planners ({', '.join(planners)}) learn nothing: they play the evaluation episodes alone, so their "
+            "training columns are empty.")
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"`{result['command']}`", "",
              f"Replay, SLO {result['slo']}; {len(result['seeds'])} seeds x ({result['episodes']} training + "
@@ -409,8 +418,8 @@ def markdown(result: dict[str, Any]) -> str:
              "CI (t) over seeds. gap = (R - R_best_fixed) / (R_phase_oracle - R_best_fixed) (RouteLLM's APGR form) "
              "over the evaluation episodes (the learned greedy policy; R too), learning = over the training ones; "
              "regret = dynamic regret vs the played phase oracle (sum over epochs); per-epoch regret vs the "
-             "per-epoch oracle's price (reported, never a target); headroom = 2 ** (R_phase_oracle - R_best_fixed).",
-             ""]
+             "per-epoch oracle's price (reported, never a target); headroom = 2 ** (R_phase_oracle - R_best_fixed)."
+             + planner_note(result), ""]
     for name, s in result["scenarios"].items():
         lines += [f"### {name}: headroom {fmt(s['headroom'])}x (target {HEADROOM_TARGET}x), best fixed arm "
                   f"`{s['best_fixed_arm']}`, best agent `{s['best_agent']}` gap {fmt(s['best_gap_recovered'], 2)}"

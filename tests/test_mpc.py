@@ -175,3 +175,15 @@ def test_a_detour_whose_gain_is_within_its_noise_is_not_taken() -> None:
     env = NoisyDetour()
     ungated.bind(env)
     assert play_episode(ungated, env)[0][0] == 1
+
+
+def test_agent_bench_markdown_says_when_planners_skip_training() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import agent_bench
+
+    with_planner = {"scenarios": {"bursts": {"agents": {"mpc": {}, "ucb": {}}}}}
+    assert "Planners (mpc) learn nothing" in agent_bench.planner_note(with_planner)
+    assert agent_bench.planner_note({"scenarios": {"bursts": {"agents": {"ucb": {}}}}}) == ""
