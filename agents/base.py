@@ -23,6 +23,7 @@ class Agent(abc.ABC):
     name: str = "agent"
     needs_arm_table: bool = False  # True: make_agent passes the env's arm table (`arm_table=`) to the constructor
     needs_observation_names: bool = False  # True: make_agent passes the env's observation layout (`observation_names=`)
+    learns: bool = True  # False: a planner, which updates nothing (agent_bench and heldout_draws skip its training)
 
     def __init__(self, n_arms: int, seed: int = 0) -> None:
         if isinstance(n_arms, bool) or not isinstance(n_arms, int) or n_arms < 1:

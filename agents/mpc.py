@@ -63,7 +63,7 @@ class MPCPlanner(Agent):
     """Receding-horizon rollout planning over sampled workload draws (module docstring)."""
 
     name = "mpc"
-    learns = False  # no update: agent_bench gives it evaluation episodes only
+    learns = False
 
     def __init__(self, n_arms: int, seed: int = 0, draws: int = 6, hold_epochs: Sequence[int] = (1, 2, 3, 4),
                  horizon_epochs: int = 12, switch_z: float = 1.0, plan_draws: Sequence[int] | None = None) -> None:

@@ -185,11 +185,9 @@ def run_agent(env: gymnasium.Env, name: str, seed: int, episodes: int, eval_epis
                            observation_names=env.unwrapped.observation_names, **hyper)
         if callable(getattr(agent, "bind", None)):
             agent.bind(env)  # a planner plays futures through the env (agents/mpc.py)
-        if not getattr(agent, "learns", True):
-            # Nothing to learn: it plays only the evaluation episodes (the training ones without any).
-            first = total if until > total else 0
-            rollout = Rollout(env, seed, yardsticks=per_epoch, first_epoch=first)
-            play(rollout, agent, until if until > total else total)
+        if not agent.learns:  # nothing to learn: the evaluation episodes alone (the training ones without any)
+            rollout = Rollout(env, seed, yardsticks=per_epoch, first_epoch=total if until > total else 0)
+            play(rollout, agent, until)
             return rollout.records
         play(rollout, agent, total)
         frozen = Frozen(agent)

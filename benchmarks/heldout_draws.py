@@ -82,13 +82,14 @@ def run(scenario: str, slo: str, agents: list[str], seeds: list[int], episodes: 
             headrooms.append(ladder.headroom)
             for agent_name in agents:
                 hyper = agent_config(agent_name)
-                if not getattr(AGENTS[agent_name], "learns", True):  # a planner: it plans on the training draws
+                learns = AGENTS[agent_name].learns if agent_name in AGENTS else True
+                if not learns:  # a planner: it plans on the training draws
                     hyper["plan_draws"] = list(range(train_variants))
                 agent = make_agent(agent_name, int(train_env.action_space.n), seed=seed,
                                    arm_table=train_env.unwrapped.arm_table,
                                    observation_names=train_env.unwrapped.observation_names, **hyper)
                 rollout = Rollout(eval_env, seed, yardsticks=False, reset_options=heldout)
-                if getattr(agent, "learns", True):
+                if learns:
                     play(Rollout(train_env, seed, yardsticks=False), agent, episodes * ladder.episode_epochs)
                     play(rollout, Frozen(agent), eval_episodes * ladder.episode_epochs, learn=False)
                 else:

@@ -397,7 +397,8 @@ def main(cfg: DictConfig) -> None:
     if backend not in ENV_IDS:
         raise ValueError(f"env={backend!r}: valid backends are {sorted(ENV_IDS)}")
     validate_agent(cfg)  # before any model loads
-    if not getattr(AGENTS.get(cfg.agent.name), "learns", True) and (backend != "replay" or cfg.get("live_eval", False)):
+    planner = cfg.agent.name in AGENTS and not AGENTS[cfg.agent.name].learns
+    if planner and (backend != "replay" or cfg.get("live_eval", False)):
         raise ValueError(f"agent={cfg.agent.name} plans through replay's simulator (it forks the episode): run it "
                          f"with env=replay live_eval=false (got env={backend}, live_eval={cfg.get('live_eval')})")
     started = time.perf_counter()
