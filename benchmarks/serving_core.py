@@ -79,28 +79,36 @@ def summarise(records: list[RequestRecord], scheduler: Scheduler) -> dict:
 
 
 class Live:
-    """Engines per depth, and runs of a load on the measured virtual clock."""
+    """Engines per depth, and runs of a load on the measured virtual clock (CUDA: synchronised per call).
 
-    def __init__(self, prompts: list[list[int]], budget_bytes: int) -> None:
+    `max_prefill_tokens` caps one prefill call's padded tokens (helios.scheduler.MemoryBudget); None: no cap."""
+
+    def __init__(self, prompts: list[list[int]], budget_bytes: int, candidate: str = CANDIDATE, *,
+                 device: str = "cpu", dtype: str = "float32", max_prefill_tokens: int | None = None) -> None:
         from helios.models import memory_profile
 
         self.prompts = prompts
         self.budget_bytes = budget_bytes
-        self.profile = memory_profile(CANDIDATE, progress=False)
+        self.candidate, self.device, self.dtype = candidate, device, dtype
+        self.max_prefill_tokens = max_prefill_tokens
+        self.profile = memory_profile(candidate, dtype=dtype, progress=False)
         self.engines: dict[int, object] = {}
+        self.meter = None  # an helios.energy meter around each run (the GPU script sets NVML's); None: no energy
 
     def engine(self, depth: int):
         from helios.engine import EarlyExitEngine
         from helios.models import load_candidate
 
         if depth not in self.engines:
-            self.engines[depth] = EarlyExitEngine(load_candidate(CANDIDATE, depth, progress=False))
+            loaded = load_candidate(self.candidate, depth, device=self.device, dtype=self.dtype, progress=False)
+            self.engines[depth] = EarlyExitEngine(loaded)
             self.engines[depth].generate([self.prompts[0]], 2)  # warm-up
         return self.engines[depth]
 
     def budget(self, depth: int) -> MemoryBudget:
         return MemoryBudget(self.budget_bytes, self.profile.weight_bytes_by_depth[depth],
-                            self.profile.kv_bytes_per_token_layer * depth)
+                            self.profile.kv_bytes_per_token_layer * depth,
+                            max_prefill_tokens=self.max_prefill_tokens)
 
     def run(self, load: Load, depth: int, exit_config, mode: str = "continuous") -> dict:
         from helios.engine_executor import EngineExecutor, EnginePayload
@@ -111,7 +119,13 @@ class Live:
         for i, (p, t, m) in enumerate(load.requests):
             reason = scheduler.submit(SequenceRequest(i, t, len(self.prompts[p]), m, EnginePayload(self.prompts[p])))
             assert reason is None, reason
-        return summarise(scheduler.run_until(math.inf), scheduler)
+        if self.meter is None:
+            return summarise(scheduler.run_until(math.inf), scheduler)
+        self.meter.start()
+        summary = summarise(scheduler.run_until(math.inf), scheduler)
+        reading = self.meter.stop()  # the run's wall time: compute and host work (the virtual clock skips idle)
+        return {**summary, "energy_j": reading.energy_j, "energy_source": reading.source,
+                "energy_j_per_token": reading.energy_j / summary["output_tokens"]}
 
 
 class Replay:

@@ -64,3 +64,28 @@ def test_prompt_length_precheck_is_a_lower_bound() -> None:
     for text in ("", "a", "hello world", "é" * 50, "<s>" * 20, "x" * 1000):
         tokens = len(tokenizer(text, add_special_tokens=True)["input_ids"])
         assert min_prompt_tokens(len(text), k) <= tokens, (text[:10], k, tokens)
+
+
+def test_gpu_benchmark_dry_runs_on_cpu(tmp_path) -> None:
+    """benchmarks/serving_core_gpu.py (run on a lent GPU) at its small test shape on the CPU: the step API's tokens
+    equal HF greedy `generate` when sequences join and leave mid-way, and truncation admits more sequences under the
+    same budget (weights and per-sequence K/V both shrink), so the script cannot rot between GPU sessions."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "serving_core_gpu.py"), "--shape", "test", "--device",
+                    "cpu", "--dtype", "float32", "--depths", "8,4", "--memory-budget-gib", "0.02", "--requests", "12",
+                    "--flood", "40", "--repeats", "1", "--sections", "exactness,continuous_vs_static,truncation_capacity",
+                    "--json", str(out)], check=True, cwd=root, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert all(row["all_equal"] for row in result["exactness"]), result["exactness"]
+    deep, shallow = result["truncation_capacity"]
+    assert (deep["depth"], shallow["depth"]) == (8, 4)
+    assert shallow["max_concurrent"] > deep["max_concurrent"]
+    budget = 0.02 * 2**30
+    assert deep["max_resident_bytes"] <= budget and shallow["max_resident_bytes"] <= budget
+    assert result["continuous_vs_static"]["saturation"]["continuous"]["requests"] == 12
