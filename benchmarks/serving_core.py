@@ -119,10 +119,15 @@ class Live:
         for i, (p, t, m) in enumerate(load.requests):
             reason = scheduler.submit(SequenceRequest(i, t, len(self.prompts[p]), m, EnginePayload(self.prompts[p])))
             assert reason is None, reason
-        if self.meter is None:
-            return summarise(scheduler.run_until(math.inf), scheduler)
-        self.meter.start()
+        if self.meter is not None:
+            self.meter.start()
         summary = summarise(scheduler.run_until(math.inf), scheduler)
+        # The K/V the engine physically holds at the end (its dense slots only grow) beside the most the scheduler
+        # reserved: the budget is accounting, and this says how far physical memory strays from it.
+        summary["kv_allocated_bytes"] = executor.batch.cache.nbytes
+        summary["kv_reserved_peak_bytes"] = summary["max_resident_bytes"] - self.budget(depth).weight_bytes
+        if self.meter is None:
+            return summary
         reading = self.meter.stop()  # the run's wall time: compute and host work (the virtual clock skips idle)
         return {**summary, "energy_j": reading.energy_j, "energy_source": reading.source,
                 "energy_j_per_token": reading.energy_j / summary["output_tokens"]}

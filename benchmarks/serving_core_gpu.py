@@ -217,7 +217,8 @@ def main() -> None:
             live.run(flood, depth, full)  # discarded: warm-up (see above)
             rs = [live.run(flood, depth, full) for _ in range(args.repeats)]
             row = {"depth": depth, **{k: med(rs)[k] for k in ("max_concurrent", "tokens_per_s", "requests_per_s",
-                                                              "e2e_p95_s", "max_resident_bytes")},
+                                                              "e2e_p95_s", "max_resident_bytes",
+                                                              "kv_reserved_peak_bytes", "kv_allocated_bytes")},
                    "weight_bytes": live.profile.weight_bytes_by_depth[depth]}
             if "energy_j_per_token" in rs[0]:
                 row["energy_j_per_token"] = med(rs)["energy_j_per_token"]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import sys
 import time
 from pathlib import Path
@@ -124,12 +125,17 @@ class EngineKVCache:
         self.keys[layer_idx] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.values[layer_idx] = torch.zeros(shape, dtype=like.dtype, device=like.device)
 
+    # Growth factor of slots and positions. Amortised O(1) per slot either way; 2 (doubling) left up to 2x idle in each
+    # dimension, which on a GPU put physical K/V at ~7x what the scheduler reserved (benchmarks/RESULTS.md, the serving
+    # core on a GPU); 1.25 copies ~2.5x more bytes over a run's growth, and bounds the idle share to 1.25x each.
+    GROWTH = 1.25
+
     def grow(self, slots: int, max_len: int) -> None:
-        """At least `slots` slots of `max_len` positions (amortised: sizes at least double when they grow)."""
+        """At least `slots` slots of `max_len` positions (amortised: a size that grows grows by >= GROWTH)."""
         if slots <= self.batch_size and max_len <= self.max_len:
             return
-        new_slots = max(slots, min(2 * self.batch_size, slots + self.batch_size)) if slots > self.batch_size else self.batch_size
-        new_len = max(max_len, 2 * self.max_len) if max_len > self.max_len else self.max_len
+        new_slots = max(slots, math.ceil(self.GROWTH * self.batch_size)) if slots > self.batch_size else self.batch_size
+        new_len = max(max_len, math.ceil(self.GROWTH * self.max_len)) if max_len > self.max_len else self.max_len
         for store in (self.keys, self.values):
             for layer_idx, old in store.items():
                 grown = old.new_zeros((new_slots, old.shape[1], new_len, old.shape[3]))
@@ -530,7 +536,7 @@ class DecodeBatch:
     head_dim] cache) and keeps its own positions: token t of a sequence is at cache index t and RoPE position t, so
     no sequence is padded against another. Running sequences always occupy slots 0..n-1 (a leaving sequence's slot
     is refilled by moving the last one into it), so a decode step reads a view of the cache, never a gather. Slots
-    and capacity grow by doubling. Why not pages (vLLM): paging saves the memory that one long sequence forces on
+    and capacity grow geometrically (EngineKVCache.GROWTH). Why not pages (vLLM): paging saves the memory that one long sequence forces on
     every slot, but attention over pages needs a kernel that reads them; HF's attention modules read one dense
     tensor. The memory budget is the scheduler's (it reserves prompt + max_tokens per sequence); `cache.nbytes`
     is what is physically allocated.

@@ -107,3 +107,26 @@ def test_step_api_rejects_bad_membership() -> None:
         batch.add(["d"], [[]], 4)
     batch.remove(["a"])
     assert len(batch) == 0 and batch.step().tokens == []
+
+
+def test_cache_growth_keeps_physical_kv_near_what_is_needed() -> None:
+    """Sequences join one at a time, each longer than the last: the dense cache must hold every one of them, and a
+    dimension that grows grows by EngineKVCache.GROWTH (1.25), not by doubling. By hand: slots go 1, 2, 3, 4, 5, 7, 9,
+    12, 15, 19, 24 (ceil(1.25 x) or the need, whichever is larger) for 20 sequences, so 24 slots (doubling: 32);
+    positions go to 8 + 3 = 11 for the first, then ceil(1.25 x 11) = 14, ... each time the need exceeds capacity."""
+    from helios.engine import EngineKVCache
+    from helios.models import load_candidate
+
+    engine = EarlyExitEngine(load_candidate("tiny-llama"))
+    batch = engine.batch(ExitConfig())
+    need_len = 0
+    for i in range(20):
+        prompt = [5 + (j % 50) for j in range(8 + i)]
+        batch.add([i], [prompt], 3)
+        need_len = max(need_len, len(prompt) + 3)
+        assert batch.cache.batch_size >= i + 1 and batch.cache.max_len >= need_len  # everything fits
+    assert EngineKVCache.GROWTH == 1.25
+    assert batch.cache.batch_size == 24
+    assert need_len == 30 and 30 <= batch.cache.max_len < 1.25 * 30 + 1
+    layers, kv_heads, head_dim = engine.depth, engine.config.num_key_value_heads, engine.config.hidden_size // engine.config.num_attention_heads
+    assert batch.cache.nbytes == 2 * layers * 24 * kv_heads * batch.cache.max_len * head_dim * 4  # fp32 K and V
