@@ -14,6 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+# The process's umask, read once at import (reading it means setting it, which is not thread-safe later): files and
+# folders written atomically get the permissions a plain open() / mkdir() would have given them.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def cache_dir() -> Path:
     """`$HELIOS_CACHE_DIR`, else `~/.cache/helios`; created on demand."""
     root = Path(os.environ.get("HELIOS_CACHE_DIR", Path.home() / ".cache" / "helios")).expanduser()
@@ -60,6 +66,7 @@ def atomic_dir(final_path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.tmp-{os.getpid()}-", dir=final_path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0700 would make the result private to its writer
         if final_path.exists():
             shutil.rmtree(final_path)
         os.replace(tmp, final_path)
@@ -80,6 +87,7 @@ def atomic_file(final_path: Path, mode: str = "wb") -> Iterator:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp's 0600 would make the result private to its writer
         os.replace(tmp_name, final_path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

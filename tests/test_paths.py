@@ -76,3 +76,22 @@ def test_write_json_round_trips_and_a_value_json_cannot_hold_leaves_nothing(tmp_
         write_json(path, {"a": float("nan")}, allow_nan=False)
     assert json.loads(path.read_text()) == {"a": [1, 2.5, None]}  # the old file stands
     assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]  # no temporary left
+
+
+def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path: Path) -> None:
+    """mkstemp / mkdtemp create 0600 / 0700; the final file and folder must instead follow the umask, like open()
+    and mkdir() (a researcher's results and cached checkpoints are read by others on a shared server)."""
+    import os
+
+    from helios.paths import atomic_dir, write_json
+
+    umask = os.umask(0)
+    os.umask(umask)
+    (tmp_path / "plain.json").write_text("{}")
+    (tmp_path / "plain_dir").mkdir()
+    write_json(tmp_path / "atomic.json", {})
+    with atomic_dir(tmp_path / "atomic_dir") as folder:
+        (folder / "x").write_text("x")
+    assert (tmp_path / "atomic.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777
+    assert (tmp_path / "atomic_dir").stat().st_mode & 0o777 == (tmp_path / "plain_dir").stat().st_mode & 0o777
+    assert (tmp_path / "atomic.json").stat().st_mode & 0o777 == 0o666 & ~umask
