@@ -1,7 +1,7 @@
 """The serving core on a GPU: continuous vs static batching and truncation -> capacity, in bf16 with random weights
 at a real model's shapes (Llama-3.1-8B), plus a CUDA exactness check of the step API against Hugging Face `generate`.
 
-    python benchmarks/serving_core_gpu.py --json benchmarks/serving_core_gpu.json    # CUDA; ~5 min on one H200
+    python benchmarks/serving_core_gpu.py --json benchmarks/serving_core_gpu.json    # CUDA; ~9-10 min on one H200
     python benchmarks/serving_core_gpu.py --shape test --device cpu --dtype float32 --json /tmp/gpu_check.json
 
 The same code path as benchmarks/serving_core.py (helios.scheduler on the measured virtual clock, helios.engine_executor
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=16384)
     parser.add_argument("--depths", default="32,24,16", help="full depth first")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--requests", type=int, default=384, help="saturation and Poisson runs at full depth")
+    parser.add_argument("--requests", type=int, default=256, help="saturation and Poisson runs at full depth")
     parser.add_argument("--flood", type=int, default=768, help="requests at once for truncation -> capacity")
     parser.add_argument("--sections", default="exactness,continuous_vs_static,poisson,truncation_capacity",
                         help="comma-separated subset to run")
