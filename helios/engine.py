@@ -127,7 +127,8 @@ class EngineKVCache:
 
     # Growth factor of slots and positions. Amortised O(1) per slot either way; 2 (doubling) left up to 2x idle in each
     # dimension, which on a GPU put physical K/V at ~7x what the scheduler reserved (benchmarks/RESULTS.md, the serving
-    # core on a GPU); 1.25 copies ~2.5x more bytes over a run's growth, and bounds the idle share to 1.25x each.
+    # core on a GPU). 1.25 copies at most 4x the final cache over a run's growth (doubling: 1x) and bounds each
+    # dimension's idle share to 1.25x; measured 1.11x faster on a CPU (less memory to zero; benchmarks/kv_growth.py).
     GROWTH = 1.25
 
     def grow(self, slots: int, max_len: int) -> None:
@@ -536,9 +537,9 @@ class DecodeBatch:
     head_dim] cache) and keeps its own positions: token t of a sequence is at cache index t and RoPE position t, so
     no sequence is padded against another. Running sequences always occupy slots 0..n-1 (a leaving sequence's slot
     is refilled by moving the last one into it), so a decode step reads a view of the cache, never a gather. Slots
-    and capacity grow geometrically (EngineKVCache.GROWTH). Why not pages (vLLM): paging saves the memory that one long sequence forces on
-    every slot, but attention over pages needs a kernel that reads them; HF's attention modules read one dense
-    tensor. The memory budget is the scheduler's (it reserves prompt + max_tokens per sequence); `cache.nbytes`
+    and capacity grow geometrically (EngineKVCache.GROWTH). Why not pages (vLLM): paging saves the memory that one
+    long sequence forces on every slot, but attention over pages needs a kernel that reads them; HF's attention
+    modules read one dense tensor. The memory budget is the scheduler's (it reserves prompt + max_tokens per sequence); `cache.nbytes`
     is what is physically allocated.
 
     Host syncs: one per step (the tokens, which the caller needs for EOS, stop strings and streaming), plus one per
