@@ -78,6 +78,12 @@ def summarise(records: list[RequestRecord], scheduler: Scheduler) -> dict:
     }
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Per key, the median over runs of a numeric field (a label, e.g. the energy source, is the first run's)."""
+    return {k: statistics.median(r[k] for r in runs) if isinstance(runs[0][k], (int, float)) else runs[0][k]
+            for k in runs[0]}
+
+
 class Live:
     """Engines per depth, and runs of a load on the measured virtual clock (CUDA: synchronised per call).
 
@@ -125,12 +131,12 @@ class Live:
         # The K/V the engine physically holds at the end (its dense slots only grow) beside the most the scheduler
         # reserved: the budget is accounting, and this says how far physical memory strays from it.
         summary["kv_allocated_bytes"] = executor.batch.cache.nbytes
-        summary["kv_reserved_peak_bytes"] = summary["max_resident_bytes"] - self.budget(depth).weight_bytes
-        if self.meter is None:
-            return summary
-        reading = self.meter.stop()  # the run's wall time: compute and host work (the virtual clock skips idle)
-        return {**summary, "energy_j": reading.energy_j, "energy_source": reading.source,
-                "energy_j_per_token": reading.energy_j / summary["output_tokens"]}
+        summary["kv_reserved_peak_bytes"] = summary["max_resident_bytes"] - self.profile.weight_bytes_by_depth[depth]
+        if self.meter is not None:
+            reading = self.meter.stop()  # the run's wall time: compute and host work (the virtual clock skips idle)
+            summary.update(energy_j=reading.energy_j, energy_source=reading.source,
+                           energy_j_per_token=reading.energy_j / summary["output_tokens"])
+        return summary
 
 
 class Replay:
@@ -209,7 +215,7 @@ def main() -> None:
             runs[mode].append(live.run(saturation, 30, full, mode))
             print(f"saturation {mode}: {runs[mode][-1]['tokens_per_s']:.1f} tok/s, "
                   f"concurrency {runs[mode][-1]['max_concurrent']}", flush=True)
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
+    med = {m: median_run(rs) for m, rs in runs.items()}
     capacity_rps = med["continuous"]["requests_per_s"]
     cvs: dict = {"saturation": med, "capacity_rps": capacity_rps,
                  "throughput_ratio": med["continuous"]["tokens_per_s"] / med["static"]["tokens_per_s"]}
@@ -219,7 +225,7 @@ def main() -> None:
         for _ in range(repeats):
             for mode in ("continuous", "static"):
                 at[mode].append(live.run(load, 30, full, mode))
-        cvs[f"load_{fraction:g}"] = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in at.items()}
+        cvs[f"load_{fraction:g}"] = {m: median_run(rs) for m, rs in at.items()}
         print(f"{fraction:.0%} load: p95 e2e continuous {cvs[f'load_{fraction:g}']['continuous']['e2e_p95_s']:.2f} s, "
               f"static {cvs[f'load_{fraction:g}']['static']['e2e_p95_s']:.2f} s", flush=True)
     cvs["p95_ratio_at_80pct_load"] = cvs["load_0.8"]["static"]["e2e_p95_s"] / cvs["load_0.8"]["continuous"]["e2e_p95_s"]

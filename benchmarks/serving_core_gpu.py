@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # serving_core, beside this file
-from serving_core import Live, make_load  # noqa: E402
+from serving_core import Live, make_load, median_run  # noqa: E402
 
 from helios.engine import ExitConfig  # noqa: E402
 from helios.paths import write_json  # noqa: E402
@@ -117,11 +116,6 @@ def exactness(device: str) -> list[dict]:
     return out
 
 
-def med(runs: list[dict]) -> dict:
-    return {k: statistics.median(r[k] for r in runs) if isinstance(runs[0][k], (int, float)) else runs[0][k]
-            for k in runs[0]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None)
@@ -189,7 +183,7 @@ def main() -> None:
                 runs[mode].append(live.run(saturation, depths[0], full, mode))
                 print(f"saturation {mode}: {runs[mode][-1]['tokens_per_s']:.0f} tok/s, "
                       f"concurrency {runs[mode][-1]['max_concurrent']}", flush=True)
-        sat = {m: med(rs) for m, rs in runs.items()}
+        sat = {m: median_run(rs) for m, rs in runs.items()}
         capacity_rps = sat["continuous"]["requests_per_s"]
         cvs: dict = {"saturation": sat, "capacity_rps": capacity_rps,
                      "throughput_ratio": sat["continuous"]["tokens_per_s"] / sat["static"]["tokens_per_s"]}
@@ -201,7 +195,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for mode in at:
                     at[mode].append(live.run(load, depths[0], full, mode))
-            cvs[f"load_{fraction:g}"] = {m: med(rs) for m, rs in at.items()}
+            cvs[f"load_{fraction:g}"] = {m: median_run(rs) for m, rs in at.items()}
             cvs[f"p95_ratio_at_{round(fraction * 100)}pct_load"] = (
                 cvs[f"load_{fraction:g}"]["static"]["e2e_p95_s"] / cvs[f"load_{fraction:g}"]["continuous"]["e2e_p95_s"])
             print(f"{fraction:.0%} load: p95 e2e continuous {cvs[f'load_{fraction:g}']['continuous']['e2e_p95_s']:.2f} s,"
@@ -215,13 +209,13 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             live.run(flood, depth, full)  # discarded: warm-up (see above)
-            rs = [live.run(flood, depth, full) for _ in range(args.repeats)]
-            row = {"depth": depth, **{k: med(rs)[k] for k in ("max_concurrent", "tokens_per_s", "requests_per_s",
+            median = median_run([live.run(flood, depth, full) for _ in range(args.repeats)])
+            row = {"depth": depth, **{k: median[k] for k in ("max_concurrent", "tokens_per_s", "requests_per_s",
                                                               "e2e_p95_s", "max_resident_bytes",
                                                               "kv_reserved_peak_bytes", "kv_allocated_bytes")},
                    "weight_bytes": live.profile.weight_bytes_by_depth[depth]}
-            if "energy_j_per_token" in rs[0]:
-                row["energy_j_per_token"] = med(rs)["energy_j_per_token"]
+            if "energy_j_per_token" in median:
+                row["energy_j_per_token"] = median["energy_j_per_token"]
             if args.device.startswith("cuda"):
                 row["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
             capacity.append(row)
